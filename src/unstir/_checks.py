@@ -1,0 +1,32 @@
+"""Validation and broadcasting helpers shared by the public boundary of every layer."""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+_T_TOL = 1e-12  # float64 round-off allowance when a grid lands on t_min or T
+
+
+def as_time(t, t_min: float, T: float, batch: int | None = None) -> Tensor:
+    """t as a float64 tensor (scalar or shape (batch,)), raising ValueError outside [t_min, T]."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if t.ndim > 1 or (batch is not None and t.ndim == 1 and t.shape[0] != batch):
+        raise ValueError(f"t must be a scalar or have shape ({batch if batch is not None else 'batch'},), "
+                         f"got shape {tuple(t.shape)}")
+    if t.numel() and (torch.isnan(t).any() or t.min() < t_min - _T_TOL or t.max() > T + _T_TOL):
+        raise ValueError(f"t must lie in [t_min, T] = [{t_min:g}, {T:g}], got "
+                         f"{t.item() if t.ndim == 0 else f'values in [{t.min().item():g}, {t.max().item():g}]'}")
+    return t.clamp(t_min, T)
+
+
+def expand_as(coef: Tensor, x: Tensor) -> Tensor:
+    """A scalar or per-sample coefficient reshaped to broadcast against x, in x's dtype and device."""
+    coef = coef.to(dtype=x.dtype, device=x.device)
+    return coef.reshape(-1, *([1] * (x.ndim - 1))) if coef.ndim == 1 else coef
+
+
+def check_choice(kind: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(allowed)}")

@@ -1,0 +1,209 @@
+"""The Gaussian-mixture oracle: data whose noised marginals, score, eps and x0 are exact.
+
+If p_0 = sum_k w_k N(mu_k, Sigma_k), then under any process
+p_t = sum_k w_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I), so
+
+    score(x, t) = sum_k r_k(x) C_k^{-1} (alpha mu_k - x),    C_k = alpha^2 Sigma_k + sigma^2 I,
+    r_k(x)      = p(k | x_t) = w_k N(x; alpha mu_k, C_k) / p_t(x),
+
+and eps = -sigma score, x0 = E[x0 | x_t] = (x - sigma eps)/alpha (Tweedie). Each Sigma_k is
+diagonalised once (Sigma_k = U_k diag(l_k) U_k^T), so C_k = U_k diag(alpha^2 l_k + sigma^2) U_k^T costs
+nothing per call, even with a different t for every sample. All arithmetic is float64.
+
+A mixture is used like a trained network: ``mixture.denoiser(process)`` returns the same wrapper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import as_time, expand_as
+from .parametrization import Denoiser
+from .processes import Process
+
+Tensor = torch.Tensor
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class GaussianMixture:
+    """sum_k w_k N(mu_k, Sigma_k) in R^d. ``weights`` (K,), ``means`` (K, d), ``covs`` (K, d, d),
+    or (K, d) for diagonal covariances, or a scalar / (K,) for isotropic ones."""
+
+    def __init__(self, weights, means, covs):
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        if mu.ndim != 2:
+            raise ValueError(f"means must have shape (K, d), got {tuple(mu.shape)}")
+        K, d = mu.shape
+        if w.shape != (K,):
+            raise ValueError(f"weights must have shape ({K},) to match means {tuple(mu.shape)}, got {tuple(w.shape)}")
+        if not (torch.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"weights must be positive and finite, got {w.tolist()}")
+        cov = torch.as_tensor(covs, dtype=torch.float64)
+        if cov.ndim == 0 or cov.shape == (K,):
+            cov = cov.reshape(-1, 1, 1) * torch.eye(d, dtype=torch.float64).expand(K, d, d)
+        elif cov.shape == (K, d):
+            cov = torch.diag_embed(cov)
+        if cov.shape != (K, d, d):
+            raise ValueError(f"covs must have shape ({K}, {d}, {d}), ({K}, {d}), ({K},) or be a scalar; "
+                             f"got {tuple(cov.shape)}")
+        if not torch.allclose(cov, cov.transpose(1, 2), rtol=1e-10, atol=1e-12):
+            raise ValueError("covs must be symmetric")
+        evals, evecs = torch.linalg.eigh(cov)
+        if not (evals > 0).all():
+            k = int((evals <= 0).any(1).nonzero()[0])
+            raise ValueError(f"covariance {k} is not positive definite: smallest eigenvalue {evals[k].min().item():.3g}")
+        self.weights = w / w.sum()
+        self.means, self.covs = mu, cov
+        self._evals, self._evecs = evals, evecs
+        self._chol = torch.linalg.cholesky(cov)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={self.n_components}, d={self.dim})"
+
+    # data ------------------------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False):
+        """n exact samples of p_0 (float64), optionally with their component labels."""
+        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        x = self.means[labels] + torch.einsum("nij,nj->ni", self._chol[labels], z)
+        return (x, labels) if return_labels else x
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p_0(x)."""
+        return self._terms(x, None, None)[0]
+
+    def condition(self, observed: Tensor, values: Tensor) -> "GaussianMixture":
+        """The mixture of the unobserved coordinates given x[observed] = values (for inpainting checks).
+
+        ``observed`` is a boolean mask of shape (d,) and ``values`` the observed coordinates."""
+        m = torch.as_tensor(observed, dtype=torch.bool)
+        if m.shape != (self.dim,) or m.all() or not m.any():
+            raise ValueError(f"observed must be a boolean mask of shape ({self.dim},) with some but not all True")
+        v = torch.as_tensor(values, dtype=torch.float64)
+        if v.shape != (int(m.sum()),):
+            raise ValueError(f"values must have shape ({int(m.sum())},), got {tuple(v.shape)}")
+        o, u = m, ~m
+        S_oo = self.covs[:, o][:, :, o]
+        S_uo = self.covs[:, u][:, :, o]
+        S_uu = self.covs[:, u][:, :, u]
+        diff = v - self.means[:, o]
+        gain = torch.linalg.solve(S_oo, S_uo.transpose(1, 2)).transpose(1, 2)  # S_uo S_oo^{-1}
+        means = self.means[:, u] + torch.einsum("kij,kj->ki", gain, diff)
+        covs = S_uu - gain @ S_uo.transpose(1, 2)
+        covs = 0.5 * (covs + covs.transpose(1, 2))
+        logw = torch.log(self.weights) + _log_normal(v[None], self.means[:, o], S_oo)[0]
+        return GaussianMixture(torch.softmax(logw, 0), means, covs)
+
+    # noised marginals ------------------------------------------------------------------------
+    def _terms(self, x: Tensor, t, process: Process | None):
+        """(log p_t(x), responsibilities r (B, K), score (B, d)) in float64."""
+        x = torch.as_tensor(x).to(torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
+        if process is None:
+            a, s2 = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        else:
+            tt = as_time(t, process.t_min, process.T, x.shape[0])
+            a, s2 = process.alpha(tt), process.sigma(tt) ** 2
+        a, s2 = a.reshape(-1, 1, 1), s2.reshape(-1, 1, 1)  # (B or 1, 1, 1)
+        var = a**2 * self._evals + s2  # (B|1, K, d)
+        diff = x[:, None, :] - a * self.means  # (B, K, d)
+        z = torch.einsum("bkd,kde->bke", diff, self._evecs)
+        logn = -0.5 * ((z**2 / var).sum(-1) + torch.log(var).sum(-1) + self.dim * _LOG_2PI)
+        logjoint = torch.log(self.weights) + logn
+        logp = torch.logsumexp(logjoint, -1)
+        r = torch.softmax(logjoint, -1)
+        score = -torch.einsum("bk,bke,kde->bd", r, z / var, self._evecs)
+        return logp, r, score
+
+    def _flat(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    def marginal_log_prob(self, x: Tensor, t, process: Process) -> Tensor:
+        """log p_t(x) under ``process``."""
+        return self._terms(self._flat(x), t, process)[0]
+
+    def posterior(self, x: Tensor, t, process: Process) -> Tensor:
+        """p(k | x_t), shape (batch, K): an exact classifier of the noised data."""
+        return self._terms(self._flat(x), t, process)[1]
+
+    def score(self, x: Tensor, t, process: Process) -> Tensor:
+        """grad_x log p_t(x), in x's dtype and shape."""
+        return self._terms(self._flat(x), t, process)[2].to(x.dtype).reshape(x.shape)
+
+    def eps(self, x: Tensor, t, process: Process) -> Tensor:
+        """E[eps | x_t] = -sigma(t) score."""
+        tt = as_time(t, process.t_min, process.T, x.shape[0])
+        score = self._terms(self._flat(x), tt, process)[2]
+        return (-expand_as(process.sigma(tt), score) * score).to(x.dtype).reshape(x.shape)
+
+    def x0(self, x: Tensor, t, process: Process) -> Tensor:
+        """E[x0 | x_t] = (x + sigma^2 score) / alpha."""
+        tt = as_time(t, process.t_min, process.T, x.shape[0])
+        xf = self._flat(x).to(torch.float64)
+        score = self._terms(xf, tt, process)[2]
+        a, s = expand_as(process.alpha(tt), xf), expand_as(process.sigma(tt), xf)
+        return ((xf + s**2 * score) / a).to(x.dtype).reshape(x.shape)
+
+    def denoiser(self, process: Process) -> Denoiser:
+        """The exact model of this data under ``process``, as the same wrapper a network gets."""
+        model = Denoiser(lambda x, t: self.eps(x, t, process), process, "eps", time_dtype=torch.float64)
+        model.data_shape = (self.dim,)
+        return model
+
+
+def _log_normal(x: Tensor, means: Tensor, covs: Tensor) -> Tensor:
+    """log N(x_b; mu_k, S_k), shape (B, K)."""
+    L = torch.linalg.cholesky(covs)
+    diff = (x[:, None, :] - means).unsqueeze(-1)  # (B, K, d, 1)
+    sol = torch.linalg.solve_triangular(L, diff, upper=False).squeeze(-1)
+    logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * ((sol**2).sum(-1) + logdet + means.shape[1] * _LOG_2PI)
+
+
+# --- ready-made examples ------------------------------------------------------------------------
+
+
+def ring(n_modes: int = 8, radius: float = 2.0, std: float = 0.05) -> GaussianMixture:
+    """n_modes sharp isotropic modes, equally weighted, evenly spaced on a circle in 2-D."""
+    angle = 2 * math.pi * torch.arange(n_modes, dtype=torch.float64) / n_modes
+    means = radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    return GaussianMixture(torch.ones(n_modes), means, torch.full((n_modes,), std**2, dtype=torch.float64))
+
+
+def unequal_2d() -> GaussianMixture:
+    """Three 2-D modes with weights 0.6/0.3/0.1 and correlated, anisotropic covariances."""
+    means = [[-1.0, -0.5], [1.2, 0.8], [0.0, 1.6]]
+    covs = [[[0.15, 0.08], [0.08, 0.10]], [[0.05, -0.02], [-0.02, 0.08]], [[0.02, 0.0], [0.0, 0.02]]]
+    return GaussianMixture([0.6, 0.3, 0.1], means, covs)
+
+
+def smooth_2d() -> GaussianMixture:
+    """Two broad, overlapping 2-D modes: a smooth score field, for convergence-order studies."""
+    return GaussianMixture([0.5, 0.5], [[-0.6, 0.0], [0.6, 0.2]], [[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.05], [-0.05, 0.25]]])
+
+
+def random_mixture(dim: int = 8, n_components: int = 4, *, scale: float = 1.0, seed: int = 0) -> GaussianMixture:
+    """A reproducible mixture in ``dim`` dimensions with random means and full covariances."""
+    if dim < 1 or n_components < 1:
+        raise ValueError(f"dim and n_components must be >= 1, got dim={dim}, n_components={n_components}")
+    g = torch.Generator().manual_seed(seed)
+    means = scale * torch.randn(n_components, dim, generator=g, dtype=torch.float64)
+    A = torch.randn(n_components, dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+    covs = 0.1 * scale**2 * (A @ A.transpose(1, 2) + 0.2 * torch.eye(dim, dtype=torch.float64))
+    weights = torch.rand(n_components, generator=g, dtype=torch.float64) + 0.5
+    return GaussianMixture(weights, means, covs)
+
+
+EXAMPLES = {"ring": ring, "unequal_2d": unequal_2d, "smooth_2d": smooth_2d, "random": random_mixture}

@@ -1,0 +1,65 @@
+"""Shared pieces of every sampler: the grid loop, the PF-ODE velocity, noise and the Langevin corrector.
+
+A *step* is ``step(x, t, s) -> (x_s, out)``: it moves x from time t to time s < t and returns the
+model output it evaluated at t (``out.x0`` feeds the callback). ``integrate`` runs a step over a grid
+and owns the one convention every sampler shares: an interval that ends at 0 is the denoising step,
+x <- E[x0 | x_t] = out.x0 (see ``unstir.grids``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..parametrization import ModelOutput
+from ..processes import Coefficients, coefficients
+
+Tensor = torch.Tensor
+Step = Callable[[Tensor, float, float], "tuple[Tensor, ModelOutput]"]
+
+
+def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tensor:
+    """Apply ``step`` over consecutive grid points; the interval to a final 0 returns the x0 prediction.
+
+    ``callback``, if given, receives a dict with the step index ``i``, the time ``t``, the state ``x``
+    at t and the model's prediction ``x0`` there.
+    """
+    times = grid.tolist()
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+        if s == 0.0:
+            out = model(x, t)
+            x_next = out.x0
+        else:
+            x_next, out = step(x, t, s)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": out.x0})
+        x = x_next
+    return x
+
+
+def coef(model, t: float) -> Coefficients:
+    """Schedule quantities of the model's process at t (memoised floats)."""
+    return coefficients(model.process, t)
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def pf_velocity(out: ModelOutput, c: Coefficients) -> Tensor:
+    """dx/dt of the probability-flow ODE, f(x, t) - 1/2 g(t)^2 score (Song et al. 2021, eq. 13)."""
+    return c.drift * out.x - 0.5 * c.g2 * out.score
+
+
+def langevin(model, x: Tensor, t: float, *, snr: float, generator) -> Tensor:
+    """One Langevin corrector step at t with the signal-to-noise step rule (Song et al. 2021, Alg. 4-5):
+
+        eps = 2 (snr ||z|| / ||score||)^2,    x <- x + eps score + sqrt(2 eps) z   (norms per sample).
+    """
+    score = model(x, t).score
+    z = noise_like(x, generator)
+    dims = tuple(range(1, x.ndim))
+    ratio = z.square().sum(dims, keepdim=True) / score.square().sum(dims, keepdim=True).clamp_min(1e-30)
+    step = 2 * snr**2 * ratio
+    return x + step * score + torch.sqrt(2 * step) * z

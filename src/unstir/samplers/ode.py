@@ -1,0 +1,150 @@
+"""Solvers of the probability-flow ODE.
+
+The same ODE in three sets of coordinates:
+
+* in t:                       dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t)     (ode_euler, ode_heun, ode_rk45)
+* in xbar = x/alpha,
+  sbar = sigma/alpha:         d xbar / d sbar = eps(x, t)                  (ddim, deis, edm)
+* in lambda = log(alpha/sigma),
+  exact in its linear part:   x_s = (sigma_s/sigma_t) x_t + sigma_s int e^lambda x0 d lambda   (dpm++)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .base import coef, integrate, pf_velocity
+
+Tensor = torch.Tensor
+
+
+def ode_euler(model, x, grid, *, generator=None, callback=None):
+    """Euler on dx/dt = f - 1/2 g^2 score. First order."""
+    def step(x, t, s):
+        out = model(x, t)
+        return x + pf_velocity(out, coef(model, t)) * (s - t), out
+
+    return integrate(model, x, grid, step, callback)
+
+
+def ode_heun(model, x, grid, *, generator=None, callback=None):
+    """Heun (explicit trapezoid) on dx/dt = f - 1/2 g^2 score. Second order, two evaluations per step."""
+    def step(x, t, s):
+        out = model(x, t)
+        d1 = pf_velocity(out, coef(model, t))
+        x_euler = x + d1 * (s - t)
+        d2 = pf_velocity(model(x_euler, s), coef(model, s))
+        return x + 0.5 * (d1 + d2) * (s - t), out
+
+    return integrate(model, x, grid, step, callback)
+
+
+def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
+             generator=None, callback=None):
+    """Adaptive Runge-Kutta (Dormand-Prince 5(4) by default) on dx/dt = f - 1/2 g^2 score, through
+    torchdiffeq. The grid's positive points are the output times (for the callback); a final 0 adds
+    the denoising step. The evaluations used are counted by ``unstir.sample``."""
+    from torchdiffeq import odeint
+
+    times = grid[grid > 0]
+    last = {}
+
+    def velocity(t, x):
+        out = model(x, t.item())
+        last["out"] = out
+        return pf_velocity(out, coef(model, t.item()))
+
+    if times.numel() > 1:
+        # step_t makes the solver land on t_min instead of stepping past it (where the process ends),
+        # and first_step skips the initial-step probe, which can also leave [t_min, T].
+        options = {"step_t": times[-1:], "first_step": 0.02 * (times[0] - times[-1]).item()}
+        xs = odeint(velocity, x, times.to(x.device), rtol=rtol, atol=atol, method=method, options=options)
+    else:
+        xs = x[None]
+    if callback is not None:
+        for i, (t, xi) in enumerate(zip(times.tolist(), xs)):
+            callback({"i": i, "t": t, "x": xi, "x0": model(xi, t).x0})
+    x = xs[-1]
+    return model(x, times[-1].item()).x0 if grid[-1] == 0 else x
+
+
+def dpmpp(model, x, grid, *, order: int = 2, generator=None, callback=None):
+    """DPM-Solver++ multistep (Lu et al. 2022, Alg. 2 and its third-order extension), data prediction.
+
+    With h = lambda_s - lambda_t, phi_1 = e^{-h} - 1, phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2:
+
+        x_s = (sigma_s/sigma_t) x_t - alpha_s phi_1 D0 + alpha_s phi_2 D1 - alpha_s phi_3 D2,
+
+    where D0 is the current x0 prediction and D1, D2 the first and second divided differences of the
+    previous predictions in lambda (scaled by h). The first steps warm up at lower order.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    hist: list[tuple[float, Tensor]] = []  # (lambda, x0) of previous evaluations, newest last
+
+    def step(x, t, s):
+        out = model(x, t)
+        ct, cs = coef(model, t), coef(model, s)
+        h = cs.log_snr - ct.log_snr
+        phi1 = math.expm1(-h)
+        phi2 = phi1 / h + 1
+        phi3 = phi2 / h - 0.5
+        m0 = out.x0
+        x_s = (cs.sigma / ct.sigma) * x - (cs.alpha * phi1) * m0
+        k = min(order, len(hist) + 1)
+        if k >= 2:
+            lam1, m1 = hist[-1]
+            r0 = (ct.log_snr - lam1) / h
+            d1_0 = (m0 - m1) / r0
+            if k == 2:
+                x_s = x_s + (cs.alpha * phi2) * d1_0
+            else:
+                lam2, m2 = hist[-2]
+                r1 = (lam1 - lam2) / h
+                d1_1 = (m1 - m2) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x_s = x_s + (cs.alpha * phi2) * d1 - (cs.alpha * phi3) * d2
+        hist.append((ct.log_snr, m0))
+        del hist[:-2]
+        return x_s, out
+
+    return integrate(model, x, grid, step, callback)
+
+
+def _lagrange_integrals(nodes: list[float], a: float, b: float) -> list[float]:
+    """int_a^b l_j(u) du for the Lagrange basis polynomials l_j on ``nodes``."""
+    weights = []
+    for j, nj in enumerate(nodes):
+        others = nodes[:j] + nodes[j + 1:]
+        roots = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
+        poly = roots / np.prod([nj - o for o in others])
+        prim = poly.integ()
+        weights.append(float(prim(b) - prim(a)))
+    return weights
+
+
+def deis(model, x, grid, *, order: int = 3, generator=None, callback=None):
+    """DEIS in its rho-AB form (Zhang & Chen 2023): variable-step Adams-Bashforth on
+    d xbar / d sbar = eps, integrating exactly the polynomial through the last ``order`` eps values:
+
+        xbar_s = xbar_t + sum_j w_j eps_j,   w_j = int_{sbar_t}^{sbar_s} l_j(u) du.
+
+    Order 1 is DDIM."""
+    if order not in (1, 2, 3, 4):
+        raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
+    hist: list[tuple[float, Tensor]] = []  # (sbar, eps), newest last
+
+    def step(x, t, s):
+        out = model(x, t)
+        ct, cs = coef(model, t), coef(model, s)
+        hist.append((ct.sigma_bar, out.eps))
+        del hist[:-order]
+        weights = _lagrange_integrals([n for n, _ in hist], ct.sigma_bar, cs.sigma_bar)
+        xbar = x / ct.alpha + sum(w * e for w, (_, e) in zip(weights, hist))
+        return cs.alpha * xbar, out
+
+    return integrate(model, x, grid, step, callback)

@@ -1,0 +1,177 @@
+"""Samplers of the reverse SDE and its relatives (DDPM, DDIM, Euler-Maruyama, PC, Langevin, EDM).
+
+All work in the process's own (alpha, sigma); a step from t down to s uses
+
+    a = alpha_t / alpha_s,  b^2 = sigma_t^2 - a^2 sigma_s^2     (the forward kernel x_t | x_s),
+    sigma_post = sigma_s b / sigma_t                           (std of the posterior q(x_s | x_t, x0)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import coef, integrate, langevin, noise_like
+
+Tensor = torch.Tensor
+
+
+def _kernel(model, t: float, s: float) -> tuple[float, float, float]:
+    """(a, b, sigma_post) for the step t -> s; see the module docstring."""
+    ct, cs = coef(model, t), coef(model, s)
+    a = ct.alpha / cs.alpha
+    b2 = max(ct.sigma**2 - (a * cs.sigma) ** 2, 0.0)
+    return a, math.sqrt(b2), cs.sigma * math.sqrt(b2) / ct.sigma
+
+
+def ddim_update(out, alpha_s: float, sigma_s: float, std_dir: float, std_noise: float, z: Tensor | None) -> Tensor:
+    """DDIM, Song et al. (2021a) eq. 12:  x_s = alpha_s x0 + sqrt(sigma_s^2 - std^2) eps + std z.
+
+    With std = 0 this is alpha_s x0 + sigma_s eps, which is exactly one Euler step of the probability-flow
+    ODE written in xbar = x / alpha and sbar = sigma / alpha, where it reads d xbar / d sbar = eps:
+    xbar_s = xbar_t + (sbar_s - sbar_t) eps (reference text 003; tested in tests/test_samplers.py).
+    """
+    x = alpha_s * out.x0 + math.sqrt(max(sigma_s**2 - std_dir**2, 0.0)) * out.eps
+    return x if std_noise == 0.0 else x + std_noise * z
+
+
+def ddim_step(model, x, t, s, *, eta: float = 0.0, generator=None):
+    out = model(x, t)
+    cs = coef(model, s)
+    std = eta * _kernel(model, t, s)[2]
+    return ddim_update(out, cs.alpha, cs.sigma, std, std, noise_like(x, generator) if std else None), out
+
+
+def ddpm_step(model, x, t, s, *, variance: str = "posterior", generator=None):
+    out = model(x, t)
+    cs = coef(model, s)
+    _, b, post = _kernel(model, t, s)
+    # The mean is always the posterior mean; 'beta' only widens the noise to the forward std b (Ho et al. 2020).
+    return ddim_update(out, cs.alpha, cs.sigma, post, post if variance == "posterior" else b,
+                       noise_like(x, generator)), out
+
+
+def euler_maruyama_step(model, x, t, s, *, generator=None):
+    """dx = [f - g^2 score] dt + g dw, integrated backwards with dt = s - t < 0."""
+    out = model(x, t)
+    c = coef(model, t)
+    dt = s - t
+    return x + (c.drift * x - c.g2 * out.score) * dt + math.sqrt(c.g2 * -dt) * noise_like(x, generator), out
+
+
+def reverse_diffusion_step(model, x, t, s, *, generator=None):
+    """Song et al.'s reverse-diffusion predictor: x_s = x - f_i + G_i^2 score + G_i z with the forward
+    discretisation x_t = a x_s + b z (f_i = (a - 1) x, G_i = b)."""
+    out = model(x, t)
+    a, b, _ = _kernel(model, t, s)
+    return (2 - a) * x + b**2 * out.score + b * noise_like(x, generator), out
+
+
+PREDICTORS = {
+    "euler_maruyama": euler_maruyama_step,
+    "reverse_diffusion": reverse_diffusion_step,
+    "ddpm": ddpm_step,
+    "ddim": ddim_step,
+}
+
+
+def ddpm(model, x, grid, *, variance: str = "posterior", generator=None, callback=None):
+    """DDPM ancestral sampling: x_s ~ q(x_s | x_t, x0 = E[x0 | x_t]), with the posterior variance or,
+    with ``variance='beta'``, the forward variance b^2 (beta_t on the discrete schedule)."""
+    if variance not in ("posterior", "beta"):
+        raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
+    return integrate(model, x, grid, lambda x, t, s: ddpm_step(model, x, t, s, variance=variance,
+                                                              generator=generator), callback)
+
+
+def ddim(model, x, grid, *, eta: float = 0.0, generator=None, callback=None):
+    """DDIM with eta in [0, 1]: eta = 0 is the deterministic PF-ODE Euler step, eta = 1 is DDPM."""
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    return integrate(model, x, grid, lambda x, t, s: ddim_step(model, x, t, s, eta=float(eta),
+                                                              generator=generator), callback)
+
+
+def euler_maruyama(model, x, grid, *, generator=None, callback=None):
+    """Euler-Maruyama on the reverse SDE (Anderson 1982; Song et al. 2021 eq. 6)."""
+    return integrate(model, x, grid, lambda x, t, s: euler_maruyama_step(model, x, t, s, generator=generator),
+                     callback)
+
+
+def reverse_diffusion(model, x, grid, *, generator=None, callback=None):
+    """The reverse-diffusion predictor on its own (Song et al. 2021, eq. 46)."""
+    return integrate(model, x, grid, lambda x, t, s: reverse_diffusion_step(model, x, t, s, generator=generator),
+                     callback)
+
+
+def pc(model, x, grid, *, predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16,
+       generator=None, callback=None):
+    """Predictor-corrector (Song et al. 2021, Alg. 1): at each noise level the predictor moves t -> s, then
+    ``corrector_steps`` Langevin steps correct at s. The step to a final 0 is the denoising step."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}; choose one of {sorted(PREDICTORS)}")
+    if not (isinstance(corrector_steps, int) and corrector_steps >= 0):
+        raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
+    if not snr > 0:
+        raise ValueError(f"snr must be positive, got {snr!r}")
+    predict = PREDICTORS[predictor]
+
+    def step(x, t, s):
+        x, out = predict(model, x, t, s, generator=generator)
+        for _ in range(corrector_steps):
+            x = langevin(model, x, s, snr=snr, generator=generator)
+        return x, out
+
+    return integrate(model, x, grid, step, callback)
+
+
+def annealed_langevin(model, x, grid, *, steps_each: int = 5, step_scale: float = 0.1, generator=None,
+                      callback=None):
+    """NCSN's annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) over the grid's noise levels:
+    at each level sigma_i, ``steps_each`` steps x <- x + (a_i/2) score + sqrt(a_i) z with
+    a_i = step_scale sigma_i^2 (NCSN's epsilon sigma_i^2 / sigma_L^2 with epsilon = step_scale sigma_L^2).
+    Levels t_1 .. t_N are relaxed on arrival (x_T from the prior already has level t_0 = T); a final 0
+    is the denoising step at the last level."""
+    if not (isinstance(steps_each, int) and steps_each >= 1):
+        raise ValueError(f"steps_each must be an integer >= 1, got {steps_each!r}")
+    if not step_scale > 0:
+        raise ValueError(f"step_scale must be positive, got {step_scale!r}")
+
+    def step(x, t, s):
+        a = step_scale * coef(model, s).sigma ** 2
+        for _ in range(steps_each):
+            out = model(x, s)
+            x = x + 0.5 * a * out.score + math.sqrt(a) * noise_like(x, generator)
+        return x, out
+
+    return integrate(model, x, grid, step, callback)
+
+
+def edm(model, x, grid, *, churn: float = 10.0, s_tmin: float = 0.05, s_tmax: float = 50.0,
+        s_noise: float = 1.003, generator=None, callback=None):
+    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): Heun on the PF ODE in xbar = x/alpha and
+    sbar = sigma/alpha, after raising the noise level by gamma = min(churn/N, sqrt(2) - 1) on levels in
+    [s_tmin, s_tmax]. ``churn=0`` gives the deterministic Heun sampler (Alg. 1)."""
+    if not churn >= 0 or not s_noise > 0:
+        raise ValueError(f"need churn >= 0 and s_noise > 0, got churn={churn}, s_noise={s_noise}")
+    process = model.process
+    n = grid.numel() - 1
+    gamma_max = min(churn / n, math.sqrt(2) - 1)
+    sbar_T = coef(model, process.T).sigma_bar
+
+    def step(x, t, s):
+        ct, cs = coef(model, t), coef(model, s)
+        xbar, t_hat, sbar_hat = x / ct.alpha, t, ct.sigma_bar
+        if gamma_max > 0 and s_tmin <= ct.sigma_bar <= s_tmax:
+            sbar_hat = min(ct.sigma_bar * (1 + gamma_max), sbar_T)
+            t_hat = process.t_from_log_snr(-math.log(sbar_hat)).item()
+            xbar = xbar + math.sqrt(sbar_hat**2 - ct.sigma_bar**2) * s_noise * noise_like(x, generator)
+        c_hat = coef(model, t_hat)
+        out = model(c_hat.alpha * xbar, t_hat)
+        d = out.eps
+        xbar_s = xbar + (cs.sigma_bar - sbar_hat) * d
+        d2 = model(cs.alpha * xbar_s, s).eps
+        return cs.alpha * (xbar + (cs.sigma_bar - sbar_hat) * 0.5 * (d + d2)), out
+
+    return integrate(model, x, grid, step, callback)
