@@ -1,0 +1,58 @@
+"""The time-grid convention: first point exactly T, last point t_min (then an optional 0)."""
+
+import pytest
+import torch
+
+import unstir
+from unstir.grids import GRIDS
+
+from .conftest import ALL_PROCESSES
+
+
+@pytest.mark.parametrize("name", ALL_PROCESSES)
+@pytest.mark.parametrize("kind", GRIDS)
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 17, 100, 1000])
+@pytest.mark.parametrize("denoise", [True, False])
+def test_grid_end_points_and_length(name, kind, steps, denoise):
+    p = unstir.make_process(name)
+    grid = unstir.time_grid(p, steps, kind, denoise=denoise)
+    assert grid.dtype == torch.float64
+    assert grid.shape == (steps + 1,), "steps counts intervals: steps + 1 points"
+    assert grid[0].item() == p.T, "the first point is exactly T"
+    assert (torch.diff(grid) < 0).all(), "strictly decreasing"
+    if denoise:
+        assert grid[-1].item() == 0.0, "denoise ends with the step to 0"
+        if steps >= 2:
+            assert grid[-2].item() == p.t_min
+        inner = grid[:-1]
+    else:
+        assert grid[-1].item() == p.t_min
+        inner = grid
+    assert inner.min() >= p.t_min and inner.max() <= p.T
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "ddpm"])
+def test_grid_spacings(name):
+    p = unstir.make_process(name)
+    n = 12
+    lam = p.log_snr(unstir.time_grid(p, n, "log_snr", denoise=False))
+    torch.testing.assert_close(torch.diff(lam), torch.full((n,), torch.diff(lam).mean().item(), dtype=torch.float64),
+                               rtol=1e-8, atol=1e-9)
+    t = unstir.time_grid(p, n, "uniform", denoise=False)
+    torch.testing.assert_close(torch.diff(t), torch.full((n,), (p.t_min - p.T) / n, dtype=torch.float64))
+    q = unstir.time_grid(p, n, "quadratic", denoise=False)
+    u = torch.sqrt((q - p.t_min) / (p.T - p.t_min))
+    torch.testing.assert_close(torch.diff(u), torch.full((n,), -1.0 / n, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    e = unstir.time_grid(p, n, "edm", denoise=False)
+    sbar = torch.exp(-p.log_snr(e)) ** (1 / 7)
+    torch.testing.assert_close(torch.diff(sbar), torch.full((n,), torch.diff(sbar).mean().item(), dtype=torch.float64),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_nfe_equals_steps_for_first_order_samplers():
+    p = unstir.make_process("vp")
+    model = unstir.oracle.ring().denoiser(p)
+    for steps in (1, 2, 7):
+        for sampler in ("ddim", "ddpm", "dpm++2m", "euler_maruyama"):
+            r = unstir.sample(model, p, (4, 2), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+            assert r.nfe == steps, (sampler, steps, r.nfe)
