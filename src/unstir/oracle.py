@@ -134,8 +134,9 @@ class GaussianMixture:
         """log p_t(x) under ``process``."""
         return self._terms(self._flat(x), t, process)[0]
 
-    def posterior(self, x: Tensor, t, process: Process) -> Tensor:
-        """p(k | x_t), shape (batch, K): an exact classifier of the noised data."""
+    def posterior(self, x: Tensor, t=None, process: Process | None = None) -> Tensor:
+        """p(k | x_t), shape (batch, K): an exact classifier of the noised data (of the data itself
+        when t and process are omitted)."""
         return self._terms(self._flat(x), t, process)[1]
 
     def score(self, x: Tensor, t, process: Process) -> Tensor:

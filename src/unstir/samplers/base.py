@@ -8,6 +8,7 @@ x <- E[x0 | x_t] = out.x0 (see ``unstir.grids``).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -55,11 +56,16 @@ def pf_velocity(out: ModelOutput, c: Coefficients) -> Tensor:
 def langevin(model, x: Tensor, t: float, *, snr: float, generator) -> Tensor:
     """One Langevin corrector step at t with the signal-to-noise step rule (Song et al. 2021, Alg. 4-5):
 
-        eps = 2 (snr ||z|| / ||score||)^2,    x <- x + eps score + sqrt(2 eps) z   (norms per sample).
+        eps = 2 (snr ||z|| / ||score||)^2,    x <- x + eps score + sqrt(2 eps) z,
+
+    with the norms averaged over the batch as in score_sde: per-sample norms in low dimension make
+    the step explode wherever the score vanishes (at the modes).
     """
     score = model(x, t).score
     z = noise_like(x, generator)
-    dims = tuple(range(1, x.ndim))
-    ratio = z.square().sum(dims, keepdim=True) / score.square().sum(dims, keepdim=True).clamp_min(1e-30)
-    step = 2 * snr**2 * ratio
-    return x + step * score + torch.sqrt(2 * step) * z
+    step = 2 * (snr * _mean_norm(z) / max(_mean_norm(score), 1e-30)) ** 2
+    return x + step * score + math.sqrt(2 * step) * z
+
+
+def _mean_norm(v: Tensor) -> float:
+    return v.flatten(1).norm(dim=1).mean().item()

@@ -105,7 +105,7 @@ def reverse_diffusion(model, x, grid, *, generator=None, callback=None):
                      callback)
 
 
-def pc(model, x, grid, *, predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16,
+def pc(model, x, grid, *, predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.075,
        generator=None, callback=None):
     """Predictor-corrector (Song et al. 2021, Alg. 1): at each noise level the predictor moves t -> s, then
     ``corrector_steps`` Langevin steps correct at s. The step to a final 0 is the denoising step."""
@@ -126,7 +126,7 @@ def pc(model, x, grid, *, predictor: str = "reverse_diffusion", corrector_steps:
     return integrate(model, x, grid, step, callback)
 
 
-def annealed_langevin(model, x, grid, *, steps_each: int = 5, step_scale: float = 0.1, generator=None,
+def annealed_langevin(model, x, grid, *, steps_each: int = 5, step_scale: float = 0.5, generator=None,
                       callback=None):
     """NCSN's annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) over the grid's noise levels:
     at each level sigma_i, ``steps_each`` steps x <- x + (a_i/2) score + sqrt(a_i) z with

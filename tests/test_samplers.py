@@ -1,0 +1,193 @@
+"""Samplers against the exact score: one-step identities, convergence orders, distributions, errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import unstir
+from unstir.oracle import smooth_2d, unequal_2d
+from unstir.samplers import SAMPLERS
+
+from .conftest import ALL_PROCESSES, sliced_w2
+
+
+def _one_step(model, p, sampler, x, t, s, **kw):
+    grid = torch.tensor([t, s], dtype=torch.float64)
+    return unstir.sample(model, p, x, sampler=sampler, grid=grid, **kw).x
+
+
+@pytest.mark.parametrize("name", ALL_PROCESSES)
+def test_ddim_step_is_pf_ode_euler_in_scaled_variables(name):
+    """DDIM (eta = 0) from t to s equals one Euler step of the PF ODE written in xbar = x/alpha and
+    sbar = sigma/alpha, d xbar/d sbar = eps(x, t), to float64 rounding."""
+    p = unstir.make_process(name)
+    gm = unequal_2d()
+    model = gm.denoiser(p)
+    x = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1.3
+    for t, s in [(p.T, 0.5 * p.T), (0.6, 0.2), (0.05, p.t_min)]:
+        a_t, a_s, sb_t, sb_s = p.alpha(t), p.alpha(s), p.sigma(t) / p.alpha(t), p.sigma(s) / p.alpha(s)
+        euler = a_s * (x / a_t + (sb_s - sb_t) * gm.eps(x, t, p))
+        ddim = _one_step(model, p, "ddim", x, t, s)
+        torch.testing.assert_close(ddim, euler, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "ddpm"])
+def test_ddim_eta_one_has_ddpm_posterior_mean_and_variance(name):
+    """One DDIM step with eta = 1 (and one DDPM step) from a fixed x_t draws from
+    q(x_s | x_t, x0_hat) = N(mu, sigma_post^2): mean and variance within 4 standard errors."""
+    p = unstir.make_process(name)
+    gm = unequal_2d()
+    model = gm.denoiser(p)
+    t, s = 0.5, 0.3
+    a_t, a_s, sg_t, sg_s = (v.item() for v in (p.alpha(t), p.alpha(s), p.sigma(t), p.sigma(s)))
+    a = a_t / a_s
+    b2 = sg_t**2 - a**2 * sg_s**2
+    x_t = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
+    x0 = gm.x0(x_t, t, p)
+    mu = (a * sg_s**2 / sg_t**2) * x_t + (a_s * b2 / sg_t**2) * x0  # Ho et al. (2020), eq. 7
+    var = sg_s**2 * b2 / sg_t**2
+    n = 40000
+    xs = x_t.expand(n, 2).clone()
+    for sampler, kw in [("ddim", {"eta": 1.0}), ("ddpm", {})]:
+        out = _one_step(model, p, sampler, xs, t, s, generator=torch.Generator().manual_seed(1), **kw)
+        assert ((out.mean(0) - mu[0]).abs() < 4 * math.sqrt(var / n)).all(), sampler
+        assert ((out.var(0) - var).abs() < 4 * var * math.sqrt(2 / n)).all(), sampler
+    # variance='beta' keeps the mean and widens the variance to the forward b^2.
+    out = _one_step(model, p, "ddpm", xs, t, s, generator=torch.Generator().manual_seed(2), variance="beta")
+    assert ((out.mean(0) - mu[0]).abs() < 4 * math.sqrt(b2 / n)).all()
+    assert ((out.var(0) - b2).abs() < 4 * b2 * math.sqrt(2 / n)).all()
+
+
+# (sampler, options, steps, theoretical order)
+ORDERS = [
+    ("ddim", {}, [20, 40, 80, 160], 1),
+    ("ode_euler", {}, [20, 40, 80, 160], 1),
+    ("ode_heun", {}, [40, 80, 160], 2),
+    ("dpm++2m", {}, [20, 40, 80], 2),
+    ("edm", {"churn": 0.0}, [20, 40, 80], 2),
+    ("dpm++3m", {}, [40, 80, 160], 3),
+    ("deis", {}, [80, 160, 320], 3),
+]
+
+
+@pytest.fixture(scope="module")
+def reference_solve():
+    p = unstir.make_process("vp")
+    model = smooth_2d().denoiser(p)
+    x_T = p.prior_sample((32, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", steps=1, denoise=False, rtol=1e-12, atol=1e-12)
+    return p, model, x_T, ref.x
+
+
+@pytest.mark.parametrize("sampler,options,steps,order", ORDERS, ids=[o[0] for o in ORDERS])
+def test_convergence_order(reference_solve, sampler, options, steps, order):
+    """Endpoint error at t_min against a tight RK45 solve falls as steps^-order (fitted slope within 0.3)."""
+    p, model, x_T, ref = reference_solve
+    errors = []
+    for n in steps:
+        x = unstir.sample(model, p, x_T, sampler=sampler, steps=n, grid="log_snr", denoise=False, **options).x
+        errors.append((x - ref).norm(dim=1).max().item())
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope + order) <= 0.3, (sampler, slope, errors)
+    assert errors[-1] > 1e-10, "the reference must be tighter than the finest solve"
+
+
+def test_rk45_reports_its_evaluations_and_meets_tolerance(reference_solve):
+    p, model, x_T, ref = reference_solve
+    loose = unstir.sample(model, p, x_T, sampler="ode_rk45", steps=1, denoise=False, rtol=1e-4, atol=1e-4)
+    tight = unstir.sample(model, p, x_T, sampler="ode_rk45", steps=1, denoise=False, rtol=1e-7, atol=1e-7)
+    assert 10 < loose.nfe < tight.nfe
+    assert (loose.x - ref).abs().max() < 1e-2
+    assert (tight.x - ref).abs().max() < 1e-5
+
+
+N_STAT = 20000
+
+
+@pytest.fixture(scope="module")
+def exact_samples():
+    gm = unequal_2d()
+    ref = gm.sample(N_STAT, torch.Generator().manual_seed(100))
+    floors = [sliced_w2(gm.sample(N_STAT, torch.Generator().manual_seed(200 + 2 * i)),
+                        gm.sample(N_STAT, torch.Generator().manual_seed(201 + 2 * i))) for i in range(8)]
+    return gm, ref, float(np.mean(floors)), float(np.std(floors))
+
+
+STOCHASTIC = [
+    ("vp", "ddpm", {}), ("vp", "ddpm", {"variance": "beta"}), ("vp", "ddim", {"eta": 1.0}),
+    ("vp", "ddim", {"eta": 0.5}), ("vp", "euler_maruyama", {}), ("vp", "reverse_diffusion", {}),
+    ("vp", "pc", {}), ("vp", "edm", {}), ("ve", "ddpm", {}), ("ve", "euler_maruyama", {}), ("ve", "pc", {}),
+    ("ve", "annealed_langevin", {}), ("subvp", "euler_maruyama", {}), ("ddpm", "ddpm", {}),
+]
+
+
+@pytest.mark.parametrize("name,sampler,options", STOCHASTIC, ids=[f"{a}-{b}-{c}" for a, b, c in STOCHASTIC])
+def test_stochastic_samplers_approach_exact_samples(exact_samples, name, sampler, options):
+    """Sliced-W2 to exact samples of p0 falls with the number of steps and reaches the two-sample floor
+    (its mean + 4 sd over 8 exact pairs); mode weights land within 4 binomial standard errors."""
+    gm, ref, floor, floor_sd = exact_samples
+    p = unstir.make_process(name)
+    model = gm.denoiser(p)
+    dist = {}
+    for steps in (8, 200):
+        r = unstir.sample(model, p, (N_STAT, 2), sampler=sampler, steps=steps, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(7), **options)
+        dist[steps] = sliced_w2(r.x, ref)
+    assert dist[200] < dist[8], dist
+    assert dist[200] < floor + 4 * floor_sd, (dist, floor, floor_sd)
+    weights = torch.bincount(gm.posterior(r.x).argmax(1), minlength=3).double() / N_STAT
+    assert ((weights - gm.weights).abs() < 4 * torch.sqrt(gm.weights * (1 - gm.weights) / N_STAT)).all(), weights
+
+
+@pytest.mark.parametrize("name", ALL_PROCESSES)
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_on_every_process_it_supports(name, sampler):
+    p = unstir.make_process(name)
+    model = unequal_2d().denoiser(p)
+    spec = SAMPLERS[sampler]
+    if spec.needs is not None and not isinstance(p, spec.needs):
+        with pytest.raises(ValueError, match=rf"sampler '{sampler}' needs a process of type.*got '{p.name}'"):
+            unstir.sample(model, p, (8, 2), sampler=sampler, steps=4)
+        return
+    seen = []
+    r = unstir.sample(model, p, (8, 2), sampler=sampler, steps=4, generator=torch.Generator().manual_seed(0),
+                      callback=seen.append)
+    assert r.x.shape == (8, 2) and torch.isfinite(r.x).all()
+    assert r.nfe >= 4
+    assert [s["i"] for s in seen] == list(range(len(seen))) and len(seen) >= 4
+    assert all(set(s) == {"i", "t", "x", "x0"} for s in seen)
+
+
+def test_same_seed_same_samples():
+    p = unstir.make_process("vp")
+    model = unequal_2d().denoiser(p)
+    a = unstir.sample(model, p, (16, 2), sampler="pc", steps=5, generator=torch.Generator().manual_seed(3)).x
+    b = unstir.sample(model, p, (16, 2), sampler="pc", steps=5, generator=torch.Generator().manual_seed(3)).x
+    assert torch.equal(a, b)
+
+
+def test_bad_sampler_input():
+    p = unstir.make_process("vp")
+    model = unequal_2d().denoiser(p)
+    with pytest.raises(ValueError, match=r"unknown sampler 'dpm\+\+4m'; choose one of .*'ddim'"):
+        unstir.sample(model, p, (4, 2), sampler="dpm++4m")
+    with pytest.raises(ValueError, match=r"unknown grid 'karras'; choose one of .*'edm'"):
+        unstir.sample(model, p, (4, 2), grid="karras")
+    for steps in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=rf"steps must be an integer >= 1, got {steps}"):
+            unstir.sample(model, p, (4, 2), steps=steps)
+    for eta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"eta must be in \[0, 1\], got {eta}"):
+            unstir.sample(model, p, (4, 2), sampler="ddim", eta=eta)
+    with pytest.raises(ValueError, match=r"x_T has per-sample shape \(3,\), the model expects \(2,\)"):
+        unstir.sample(model, p, torch.zeros(4, 3))
+    bad = torch.zeros(4, 2)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_T contains NaN or inf"):
+        unstir.sample(model, p, bad)
+    with pytest.raises(ValueError, match=r"unknown predictor 'heun'"):
+        unstir.sample(model, p, (4, 2), sampler="pc", predictor="heun")
+    with pytest.raises(ValueError, match=r"a time grid must be strictly decreasing"):
+        unstir.sample(model, p, (4, 2), grid=torch.tensor([0.5, 0.7]))
