@@ -33,20 +33,22 @@ class Sampler:
     doc: str = field(default="", compare=False)
 
 
+# Default grids: the lowest geometric-mean error at 10-20 NFE over the oracle cases and vp/ve/ddpm,
+# measured by benchmarks/default_grids.py (table in benchmarks/RESULTS.md).
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm, "uniform", True, doc="DDPM ancestral sampling"),
-    "ddim": Sampler(ddim, "log_snr", False, doc="DDIM, eta in [0, 1] (eta=0: PF-ODE Euler in sigma/alpha)"),
-    "euler_maruyama": Sampler(euler_maruyama, "uniform", True, doc="reverse SDE, Euler-Maruyama"),
-    "reverse_diffusion": Sampler(reverse_diffusion, "uniform", True, doc="reverse-diffusion predictor"),
-    "pc": Sampler(pc, "uniform", True, doc="predictor-corrector with Langevin corrector"),
-    "annealed_langevin": Sampler(annealed_langevin, "uniform", True, (VE,), doc="NCSN annealed Langevin"),
-    "ode_euler": Sampler(ode_euler, "log_snr", False, doc="PF ODE, Euler in t"),
-    "ode_heun": Sampler(ode_heun, "log_snr", False, doc="PF ODE, Heun in t"),
+    "ddim": Sampler(ddim, "quadratic", False, doc="DDIM, eta in [0, 1] (eta=0: PF-ODE Euler in sigma/alpha)"),
+    "euler_maruyama": Sampler(euler_maruyama, "edm", True, doc="reverse SDE, Euler-Maruyama"),
+    "reverse_diffusion": Sampler(reverse_diffusion, "quadratic", True, doc="reverse-diffusion predictor"),
+    "pc": Sampler(pc, "log_snr", True, doc="predictor-corrector with Langevin corrector"),
+    "annealed_langevin": Sampler(annealed_langevin, "edm", True, (VE,), doc="NCSN annealed Langevin"),
+    "ode_euler": Sampler(ode_euler, "quadratic", False, doc="PF ODE, Euler in t"),
+    "ode_heun": Sampler(ode_heun, "edm", False, doc="PF ODE, Heun in t"),
     "ode_rk45": Sampler(ode_rk45, "log_snr", False, doc="PF ODE, adaptive RK45 (torchdiffeq)"),
-    "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "log_snr", False, doc="DPM-Solver++(2M)"),
+    "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "quadratic", False, doc="DPM-Solver++(2M)"),
     "dpm++3m": Sampler(functools.partial(dpmpp, order=3), "log_snr", False, doc="DPM-Solver++(3M)"),
-    "deis": Sampler(deis, "log_snr", False, doc="DEIS rho-AB, order 3"),
-    "edm": Sampler(edm, "edm", True, doc="EDM Heun with churn"),
+    "deis": Sampler(deis, "quadratic", False, doc="DEIS rho-AB, order 3"),
+    "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn"),
 }
 
 

@@ -1,0 +1,39 @@
+"""Shared pieces of the benchmarks: oracle cases, reference solves and distances."""
+
+from __future__ import annotations
+
+import torch
+
+import unstir
+from unstir import oracle
+
+
+def cases():
+    """Oracle cases: (name, mixture)."""
+    return [("ring8", oracle.ring()), ("unequal3", oracle.unequal_2d()), ("mix8d", oracle.random_mixture(8, 4, seed=0))]
+
+
+def reference(model, process, x_T, rtol=1e-9):
+    """A tight adaptive solve of the PF ODE from T to t_min, then the denoising step: the limit every
+    deterministic sampler converges to on a grid that ends at t_min and 0."""
+    grid = torch.tensor([process.T, process.t_min, 0.0], dtype=torch.float64)
+    return unstir.sample(model, process, x_T, sampler="ode_rk45", grid=grid, rtol=rtol, atol=rtol).x
+
+
+def endpoint_error(x, ref) -> float:
+    """Mean Euclidean distance to the reference endpoints."""
+    return (x.double() - ref.double()).norm(dim=1).mean().item()
+
+
+def sliced_w2(x, y, n_proj=256, seed=0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
+    d = d / d.norm(dim=0)
+    px, _ = torch.sort(x.double() @ d, 0)
+    py, _ = torch.sort(y.double() @ d, 0)
+    return ((px - py) ** 2).mean().sqrt().item()
+
+
+def mode_weight_error(gm, x) -> float:
+    w = torch.bincount(gm.posterior(x.double()).argmax(1), minlength=gm.n_components).double() / x.shape[0]
+    return (w - gm.weights).abs().max().item()
