@@ -2,9 +2,9 @@
 
 The same ODE in three sets of coordinates:
 
-* in t:                       dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t)     (ode_euler, ode_heun, ode_rk45)
+* in t:                       dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t)     (ode_euler, ode_heun)
 * in xbar = x/alpha,
-  sbar = sigma/alpha:         d xbar / d sbar = eps(x, t)                  (ddim, deis, edm)
+  sbar = sigma/alpha:         d xbar / d sbar = eps(x, t)                  (ddim, deis, edm; ode_rk45 in lambda)
 * in lambda = log(alpha/sigma),
   exact in its linear part:   x_s = (sigma_s/sigma_t) x_t + sigma_s int e^lambda x0 d lambda   (dpm++)
 """
@@ -44,31 +44,39 @@ def ode_heun(model, x, grid, *, generator=None, callback=None):
 
 def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
              generator=None, callback=None):
-    """Adaptive Runge-Kutta (Dormand-Prince 5(4) by default) on dx/dt = f - 1/2 g^2 score, through
-    torchdiffeq. The grid's positive points are the output times (for the callback); a final 0 adds
-    the denoising step. The evaluations used are counted by ``unstir.sample``."""
+    """Adaptive Runge-Kutta (Dormand-Prince 5(4) by default, through torchdiffeq) on the PF ODE in
+    log-SNR time, d xbar / d lambda = -sbar eps(alpha xbar, t(lambda)) with xbar = x/alpha, sbar = sigma/alpha.
+
+    In lambda the vector field is as smooth as the data allows on every process, including the discrete
+    DDPM schedule whose coefficients have kinks in t at every integer step. The grid's positive points are
+    the output times (for the callback); a final 0 adds the denoising step. ``unstir.sample`` counts the
+    evaluations used.
+    """
     from torchdiffeq import odeint
 
-    times = grid[grid > 0]
-    last = {}
+    process = model.process
+    times = grid[grid > 0].tolist()
+    lams = torch.tensor([coef(model, t).log_snr for t in times], dtype=torch.float64, device=x.device)
 
-    def velocity(t, x):
-        out = model(x, t.item())
-        last["out"] = out
-        return pf_velocity(out, coef(model, t.item()))
+    def velocity(lam, xbar):
+        t = process.t_from_log_snr(lam).item()
+        c = coef(model, t)
+        return -c.sigma_bar * model((c.alpha * xbar).to(x.dtype), t).eps.to(torch.float64)
 
-    if times.numel() > 1:
-        # step_t makes the solver land on t_min instead of stepping past it (where the process ends),
-        # and first_step skips the initial-step probe, which can also leave [t_min, T].
-        options = {"step_t": times[-1:], "first_step": 0.02 * (times[0] - times[-1]).item()}
-        xs = odeint(velocity, x, times.to(x.device), rtol=rtol, atol=atol, method=method, options=options)
+    # The solver state and its time stay in float64 (torchdiffeq casts time to the state's dtype).
+    xbar = x.to(torch.float64) / coef(model, times[0]).alpha
+    if len(times) > 1:
+        # step_t lands the solver on the last time instead of stepping past the end of the process, and
+        # first_step skips the initial-step probe, which could also leave it.
+        options = {"step_t": lams[-1:], "first_step": 0.02 * (lams[-1] - lams[0]).item()}
+        xbars = odeint(velocity, xbar, lams, rtol=rtol, atol=atol, method=method, options=options)
     else:
-        xs = x[None]
+        xbars = xbar[None]
+    xs = [(coef(model, t).alpha * xb).to(x.dtype) for t, xb in zip(times, xbars)]
     if callback is not None:
-        for i, (t, xi) in enumerate(zip(times.tolist(), xs)):
+        for i, (t, xi) in enumerate(zip(times, xs)):
             callback({"i": i, "t": t, "x": xi, "x0": model(xi, t).x0})
-    x = xs[-1]
-    return model(x, times[-1].item()).x0 if grid[-1] == 0 else x
+    return model(xs[-1], times[-1]).x0 if grid[-1] == 0 else xs[-1]
 
 
 def dpmpp(model, x, grid, *, order: int = 2, generator=None, callback=None):
@@ -120,15 +128,14 @@ def dpmpp(model, x, grid, *, order: int = 2, generator=None, callback=None):
 
 
 def _lagrange_integrals(nodes: list[float], a: float, b: float) -> list[float]:
-    """int_a^b l_j(u) du for the Lagrange basis polynomials l_j on ``nodes``."""
-    weights = []
-    for j, nj in enumerate(nodes):
-        others = nodes[:j] + nodes[j + 1:]
-        roots = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
-        poly = roots / np.prod([nj - o for o in others])
-        prim = poly.integ()
-        weights.append(float(prim(b) - prim(a)))
-    return weights
+    """int_a^b l_j(u) du for the Lagrange basis polynomials l_j on ``nodes``.
+
+    In y = (u - a)/(b - a) the weights solve sum_j w_j y_j^k = (b - a)/(k + 1), k < len(nodes): the
+    rule integrates every polynomial of that degree exactly. A small, well-scaled Vandermonde system."""
+    y = (np.asarray(nodes) - a) / (b - a)
+    vander = np.vander(y, increasing=True).T
+    moments = (b - a) / np.arange(1, len(nodes) + 1)
+    return np.linalg.solve(vander, moments).tolist()
 
 
 def deis(model, x, grid, *, order: int = 3, generator=None, callback=None):

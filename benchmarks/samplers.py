@@ -1,0 +1,241 @@
+"""unstir's samplers against diffusers' schedulers, side by side, on the exact score of oracle cases.
+
+Both sides are driven by the exact eps of the discrete DDPM schedule (linear betas 1e-4..0.02, 1000
+steps) and start from the same noise. For each case and NFE it reports the endpoint error against a
+tight reference solve of the PF ODE, the sliced-W2 to exact samples (with the two-sample floor) and the
+mode-weight error; then the per-step overhead of each sampler loop with a near-free model.
+
+    make bench            # or: .venv/bin/python benchmarks/samplers.py [--quick]
+
+diffusers' DDIM and DDPM clip x0 to [-1, 1] by default (clip_sample=True), which is wrong for unbounded
+data: it is turned off here. Each diffusers scheduler runs in every configuration it offers that a user
+would pick (spacings, Karras sigmas, uniform-lambda steps); the best per NFE is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import unstir  # noqa: E402
+from common import cases, endpoint_error, mode_weight_error, reference, sliced_w2  # noqa: E402
+
+warnings.filterwarnings("ignore")
+NFES = (5, 8, 10, 15, 20, 50)
+PROCESS = unstir.make_process("ddpm")
+COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+
+# --- diffusers side ---------------------------------------------------------------------------------
+
+
+def diffusers_configs():
+    """name -> (factory(), evaluations per step, deterministic?)."""
+    import diffusers as d
+
+    cfg = {}
+    for sp in ("leading", "trailing", "linspace"):
+        cfg[f"DDIM {sp}"] = (lambda sp=sp: d.DDIMScheduler(**COMMON, clip_sample=False, set_alpha_to_one=True,
+                                                           timestep_spacing=sp), 1, True)
+        cfg[f"DDPM {sp}"] = (lambda sp=sp: d.DDPMScheduler(**COMMON, clip_sample=False, timestep_spacing=sp), 1, False)
+        cfg[f"Euler {sp}"] = (lambda sp=sp: d.EulerDiscreteScheduler(**COMMON, timestep_spacing=sp), 1, True)
+        cfg[f"Heun {sp}"] = (lambda sp=sp: d.HeunDiscreteScheduler(**COMMON, timestep_spacing=sp), 2, True)
+    cfg["Euler karras"] = (lambda: d.EulerDiscreteScheduler(**COMMON, use_karras_sigmas=True), 1, True)
+    cfg["Heun karras"] = (lambda: d.HeunDiscreteScheduler(**COMMON, use_karras_sigmas=True), 2, True)
+    for order in (2, 3):
+        for label, kw in (("", {}), (" trailing", {"timestep_spacing": "trailing"}),
+                          (" karras", {"use_karras_sigmas": True}), (" lu", {"use_lu_lambdas": True})):
+            cfg[f"DPM++{order}M{label}"] = (lambda o=order, kw=kw: d.DPMSolverMultistepScheduler(
+                **COMMON, solver_order=o, algorithm_type="dpmsolver++", final_sigmas_type="zero", **kw), 1, True)
+    for label, kw in (("", {}), (" trailing", {"timestep_spacing": "trailing"}), (" karras", {"use_karras_sigmas": True})):
+        cfg[f"UniPC{label}"] = (lambda kw=kw: d.UniPCMultistepScheduler(**COMMON, solver_order=2,
+                                                                        final_sigmas_type="zero", **kw), 1, True)
+    return cfg
+
+
+def run_diffusers(factory, eps_fn, z, nfe, per_step, generator=None):
+    """The standard diffusers loop; returns (x0, model calls)."""
+    sched = factory()
+    steps = (nfe + 1) // 2 if per_step == 2 else nfe
+    sched.set_timesteps(steps)
+    x = z * sched.init_noise_sigma
+    calls = 0
+    kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+    for t in sched.timesteps:
+        xin = sched.scale_model_input(x, t)
+        eps = eps_fn(xin, t)
+        calls += 1
+        x = sched.step(eps, t, x, **kw).prev_sample
+    return x, calls
+
+
+def exact_eps_for_diffusers(gm):
+    def eps(x, label):
+        t = (float(label) + 1) / PROCESS.num_steps  # label i sits at t = (i + 1)/N (unstir.DDPM)
+        return gm.eps(x, min(max(t, PROCESS.t_min), PROCESS.T), PROCESS)
+    return eps
+
+
+# --- unstir side ------------------------------------------------------------------------------------
+
+UNSTIR = {  # name -> (sampler, options, evaluations per step, deterministic?)
+    "ddim": ("ddim", {}, 1, True),
+    "ode_euler": ("ode_euler", {}, 1, True),
+    "ode_heun": ("ode_heun", {}, 2, True),
+    "edm (churn 0)": ("edm", {"churn": 0.0}, 2, True),
+    "dpm++2m": ("dpm++2m", {}, 1, True),
+    "dpm++3m": ("dpm++3m", {}, 1, True),
+    "deis": ("deis", {}, 1, True),
+    "ddpm": ("ddpm", {}, 1, False),
+    "euler_maruyama": ("euler_maruyama", {}, 1, False),
+    "edm (churn)": ("edm", {}, 2, False),
+}
+
+
+def run_unstir(model, x_T, name, nfe, generator=None):
+    sampler, opts, per_step, _ = UNSTIR[name]
+    steps = (nfe + 1) // 2 if per_step == 2 else nfe
+    r = unstir.sample(model, PROCESS, x_T, sampler=sampler, steps=steps, generator=generator, **opts)
+    return r.x, r.nfe
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+
+def fmt(v):
+    return f"{v:9.2e}" if math.isfinite(v) else "      nan"
+
+
+def quality(n: int, nfes) -> list[str]:
+    lines = []
+    dcfg = diffusers_configs()
+    for cname, gm in cases():
+        model = gm.denoiser(PROCESS)
+        z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x_T = PROCESS.prior_std * z
+        ref = reference(model, PROCESS, x_T)
+        exact = gm.sample(n, torch.Generator().manual_seed(1))
+        floors = [sliced_w2(gm.sample(n, torch.Generator().manual_seed(10 + i)), exact) for i in range(5)]
+        floor = sum(floors) / len(floors)
+        rows = {}
+        for name, (sampler, opts, per_step, det) in UNSTIR.items():
+            for nfe in nfes:
+                x, calls = run_unstir(model, x_T, name, nfe, torch.Generator().manual_seed(3))
+                rows.setdefault(("unstir", name, det), {})[nfe] = (calls, x)
+        eps_fn = exact_eps_for_diffusers(gm)
+        for name, (factory, per_step, det) in dcfg.items():
+            for nfe in nfes:
+                try:
+                    x, calls = run_diffusers(factory, eps_fn, z, nfe, per_step, torch.Generator().manual_seed(3))
+                except Exception as err:  # a configuration diffusers rejects at this step count
+                    x, calls = torch.full_like(z, float("nan")), -1
+                    print(f"  diffusers {name} at NFE {nfe}: {type(err).__name__}: {err}", file=sys.stderr)
+                rows.setdefault(("diffusers", name, det), {})[nfe] = (calls, x)
+        first = len(lines)
+        lines.append(f"\n### {cname} (d={gm.dim}, n={n}); sliced-W2 floor {floor:.3e}\n")
+        for metric in ("endpoint error", "sliced-W2", "mode-weight error"):
+            lines.append(f"{metric}:\n```")
+            lines.append(f"{'side':9s} {'sampler':20s} " + " ".join(f"{'NFE ' + str(k):>9s}" for k in nfes))
+            best = {}
+            for (side, name, det), by_nfe in rows.items():
+                if metric == "endpoint error" and not det:
+                    continue
+                vals = []
+                for nfe in nfes:
+                    calls, x = by_nfe[nfe]
+                    if not torch.isfinite(x).all():
+                        v = float("nan")
+                    elif metric == "endpoint error":
+                        v = endpoint_error(x, ref)
+                    elif metric == "sliced-W2":
+                        v = sliced_w2(x, exact)
+                    else:
+                        v = mode_weight_error(gm, x)
+                    vals.append(v)
+                    if det and metric == "endpoint error" and math.isfinite(v):
+                        key = (side, nfe)
+                        if v < best.get(key, (math.inf, ""))[0]:
+                            best[key] = (v, name)
+                lines.append(f"{side:9s} {name:20s} " + " ".join(fmt(v) for v in vals))
+            lines.append("```")
+            if metric == "endpoint error":
+                lines.append("best deterministic per NFE (unstir / diffusers = ratio):")
+                for nfe in nfes:
+                    u, dd = best.get(("unstir", nfe)), best.get(("diffusers", nfe))
+                    if u and dd:
+                        lines.append(f"- NFE {nfe}: unstir {u[1]} {u[0]:.3e} / diffusers {dd[1]} {dd[0]:.3e} "
+                                     f"= {u[0] / dd[0]:.2f}")
+        print("\n".join(lines[first:]), flush=True)
+    return lines
+
+
+def overhead(steps: int = 50, repeats: int = 5) -> list[str]:
+    """Per-step time of each loop with a near-free model (returns its input), batch 1 and 4096."""
+    import diffusers as d
+
+    lines = ["\n### per-step sampler overhead (near-free model, 50 steps, best of 5)\n", "```",
+             f"{'pair':34s} {'batch':>6s} {'unstir us':>10s} {'diffusers us':>13s} {'ratio':>6s}"]
+    model = unstir.Denoiser(lambda x, t: x, PROCESS)
+    pairs = [
+        ("ddim / DDIMScheduler", "ddim", {}, lambda: d.DDIMScheduler(**COMMON, clip_sample=False)),
+        ("ddpm / DDPMScheduler", "ddpm", {}, lambda: d.DDPMScheduler(**COMMON, clip_sample=False)),
+        ("ode_euler / EulerDiscrete", "ode_euler", {}, lambda: d.EulerDiscreteScheduler(**COMMON)),
+        ("dpm++2m / DPMSolverMultistep", "dpm++2m", {}, lambda: d.DPMSolverMultistepScheduler(**COMMON)),
+        ("dpm++3m / DPMSolverMultistep(3)", "dpm++3m", {},
+         lambda: d.DPMSolverMultistepScheduler(**COMMON, solver_order=3)),
+        ("deis / UniPCMultistep", "deis", {}, lambda: d.UniPCMultistepScheduler(**COMMON)),
+    ]
+    for batch in (1, 4096):
+        z = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0))
+        for label, sampler, opts, factory in pairs:
+            def ours():
+                unstir.sample(model, PROCESS, z, sampler=sampler, steps=steps, generator=torch.Generator(), **opts)
+
+            def theirs():
+                run_diffusers(factory, lambda x, t: x, z, steps, 1, torch.Generator())
+
+            t_u = _best_time(ours, repeats) / steps * 1e6
+            t_d = _best_time(theirs, repeats) / steps * 1e6
+            lines.append(f"{label:34s} {batch:6d} {t_u:10.1f} {t_d:13.1f} {t_u / t_d:6.2f}")
+    lines.append("```")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def _best_time(fn, repeats):
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer samples and NFEs (a smoke run)")
+    ap.add_argument("--n", type=int, default=2000, help="samples per case")
+    ap.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    n, nfes = (200, (5, 10)) if args.quick else (args.n, NFES)
+    import diffusers
+    header = [f"unstir {unstir.__version__} vs diffusers {diffusers.__version__}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads"]
+    print(header[0])
+    lines = header + overhead() + quality(n, nfes)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
