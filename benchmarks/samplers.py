@@ -86,14 +86,15 @@ def exact_eps_for_diffusers(gm):
 
 # --- unstir side ------------------------------------------------------------------------------------
 
-UNSTIR = {  # name -> (sampler, options, evaluations per step, deterministic?)
+UNSTIR = {  # name -> (sampler, options, evaluations per step, deterministic?); default grids unless named
     "ddim": ("ddim", {}, 1, True),
     "ode_euler": ("ode_euler", {}, 1, True),
     "ode_heun": ("ode_heun", {}, 2, True),
     "edm (churn 0)": ("edm", {"churn": 0.0}, 2, True),
-    "dpm++2m": ("dpm++2m", {}, 1, True),
-    "dpm++3m": ("dpm++3m", {}, 1, True),
-    "deis": ("deis", {}, 1, True),
+    **{f"{s} {g}": (s, {"grid": g}, 1, True) for s in ("dpm++2m", "dpm++3m", "deis", "unipc")
+       for g in unstir.GRIDS},
+    "unipc2 log_snr": ("unipc", {"order": 2, "grid": "log_snr"}, 1, True),
+    "unipc2 quadratic": ("unipc", {"order": 2, "grid": "quadratic"}, 1, True),
     "ddpm": ("ddpm", {}, 1, False),
     "euler_maruyama": ("euler_maruyama", {}, 1, False),
     "edm (churn)": ("edm", {}, 2, False),
@@ -182,7 +183,7 @@ def overhead(steps: int = 50, repeats: int = 5) -> list[str]:
     import diffusers as d
 
     lines = ["\n### per-step sampler overhead (near-free model, 50 steps, best of 5)\n", "```",
-             f"{'pair':34s} {'batch':>6s} {'unstir us':>10s} {'diffusers us':>13s} {'ratio':>6s}"]
+             f"{"pair":36s} {'batch':>6s} {'unstir us':>10s} {'diffusers us':>13s} {'ratio':>6s}"]
     model = unstir.Denoiser(lambda x, t: x, PROCESS)
     pairs = [
         ("ddim / DDIMScheduler", "ddim", {}, lambda: d.DDIMScheduler(**COMMON, clip_sample=False)),
@@ -191,6 +192,7 @@ def overhead(steps: int = 50, repeats: int = 5) -> list[str]:
         ("dpm++2m / DPMSolverMultistep", "dpm++2m", {}, lambda: d.DPMSolverMultistepScheduler(**COMMON)),
         ("dpm++3m / DPMSolverMultistep(3)", "dpm++3m", {},
          lambda: d.DPMSolverMultistepScheduler(**COMMON, solver_order=3)),
+        ("unipc / UniPCMultistep", "unipc", {}, lambda: d.UniPCMultistepScheduler(**COMMON)),
         ("deis / UniPCMultistep", "deis", {}, lambda: d.UniPCMultistepScheduler(**COMMON)),
     ]
     for batch in (1, 4096):
@@ -204,7 +206,7 @@ def overhead(steps: int = 50, repeats: int = 5) -> list[str]:
 
             t_u = _best_time(ours, repeats) / steps * 1e6
             t_d = _best_time(theirs, repeats) / steps * 1e6
-            lines.append(f"{label:34s} {batch:6d} {t_u:10.1f} {t_d:13.1f} {t_u / t_d:6.2f}")
+            lines.append(f"{label:36s} {batch:6d} {t_u:10.1f} {t_d:13.1f} {t_u / t_d:6.2f}")
     lines.append("```")
     print("\n".join(lines), flush=True)
     return lines
@@ -224,6 +226,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer samples and NFEs (a smoke run)")
     ap.add_argument("--n", type=int, default=2000, help="samples per case")
+    ap.add_argument("--skip-overhead", action="store_true", help="only the quality tables")
     ap.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -232,7 +235,7 @@ def main():
     header = [f"unstir {unstir.__version__} vs diffusers {diffusers.__version__}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads"]
     print(header[0])
-    lines = header + overhead() + quality(n, nfes)
+    lines = header + (overhead() if not args.skip_overhead else []) + quality(n, nfes)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

@@ -69,6 +69,8 @@ ORDERS = [
     ("edm", {"churn": 0.0}, [20, 40, 80], 2),
     ("dpm++3m", {}, [40, 80, 160], 3),
     ("deis", {}, [80, 160, 320], 3),
+    ("unipc", {"order": 2}, [20, 40, 80], 3),  # UniC raises the predictor's order by one
+    ("unipc", {"order": 3}, [40, 80, 160], 4),
 ]
 
 
@@ -81,7 +83,7 @@ def reference_solve():
     return p, model, x_T, ref.x
 
 
-@pytest.mark.parametrize("sampler,options,steps,order", ORDERS, ids=[o[0] for o in ORDERS])
+@pytest.mark.parametrize("sampler,options,steps,order", ORDERS, ids=[f"{o[0]}{o[1].get('order', '')}" for o in ORDERS])
 def test_convergence_order(reference_solve, sampler, options, steps, order):
     """Endpoint error at t_min against a tight RK45 solve falls as steps^-order (fitted slope within 0.3)."""
     p, model, x_T, ref = reference_solve

@@ -15,7 +15,7 @@ import torch
 from ..grids import GRIDS, check_grid, time_grid
 from ..parametrization import Denoiser
 from ..processes import VE, Process
-from .ode import deis, dpmpp, ode_euler, ode_heun, ode_rk45
+from .ode import deis, dpmpp, ode_euler, ode_heun, ode_rk45, unipc
 from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, reverse_diffusion
 
 Tensor = torch.Tensor
@@ -48,6 +48,7 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "quadratic", False, doc="DPM-Solver++(2M)"),
     "dpm++3m": Sampler(functools.partial(dpmpp, order=3), "log_snr", False, doc="DPM-Solver++(3M)"),
     "deis": Sampler(deis, "quadratic", False, doc="DEIS rho-AB, order 3"),
+    "unipc": Sampler(unipc, "log_snr", False, doc="UniPC, order 3 predictor + corrector"),
     "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn"),
 }
 
@@ -131,5 +132,5 @@ def _initial(model, process: Process, x_T, generator, dtype) -> Tensor:
 
 
 __all__ = ["SAMPLERS", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
-           "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis",
+           "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "unipc",
            "edm"]
