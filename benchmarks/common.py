@@ -6,6 +6,7 @@ import torch
 
 import unstir
 from unstir import oracle
+from unstir.metrics import mode_weights, sliced_w2  # noqa: F401  (re-exported)
 
 
 def cases():
@@ -25,15 +26,5 @@ def endpoint_error(x, ref) -> float:
     return (x.double() - ref.double()).norm(dim=1).mean().item()
 
 
-def sliced_w2(x, y, n_proj=256, seed=0) -> float:
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
-    d = d / d.norm(dim=0)
-    px, _ = torch.sort(x.double() @ d, 0)
-    py, _ = torch.sort(y.double() @ d, 0)
-    return ((px - py) ** 2).mean().sqrt().item()
-
-
 def mode_weight_error(gm, x) -> float:
-    w = torch.bincount(gm.posterior(x.double()).argmax(1), minlength=gm.n_components).double() / x.shape[0]
-    return (w - gm.weights).abs().max().item()
+    return (mode_weights(gm, x) - gm.weights).abs().max().item()

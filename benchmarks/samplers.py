@@ -183,7 +183,7 @@ def overhead(steps: int = 50, repeats: int = 5) -> list[str]:
     import diffusers as d
 
     lines = ["\n### per-step sampler overhead (near-free model, 50 steps, best of 5)\n", "```",
-             f"{"pair":36s} {'batch':>6s} {'unstir us':>10s} {'diffusers us':>13s} {'ratio':>6s}"]
+             f"{'pair':36s} {'batch':>6s} {'unstir us':>10s} {'diffusers us':>13s} {'ratio':>6s}"]
     model = unstir.Denoiser(lambda x, t: x, PROCESS)
     pairs = [
         ("ddim / DDIMScheduler", "ddim", {}, lambda: d.DDIMScheduler(**COMMON, clip_sample=False)),

@@ -1,0 +1,66 @@
+"""Figures (matplotlib, written to PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def marginals_and_scores(mixture, process, times, path: Path, lim: float = 3.0, res: int = 120) -> None:
+    """log p_t as an image with the exact score field as arrows, one panel per t."""
+    fig, axes = plt.subplots(1, len(times), figsize=(3.2 * len(times), 3.3))
+    u = torch.linspace(-lim, lim, res, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(u, u, indexing="xy"), -1).reshape(-1, 2)
+    q = torch.linspace(-lim, lim, 17, dtype=torch.float64)
+    qgrid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)
+    for ax, t in zip(axes, times):
+        logp = mixture.marginal_log_prob(grid, t, process).reshape(res, res)
+        ax.imshow(logp.clamp_min(logp.max() - 12).numpy(), extent=(-lim, lim, -lim, lim), origin="lower",
+                  cmap="magma")
+        score = mixture.score(qgrid, t, process)
+        score = score / score.norm(dim=1, keepdim=True).clamp_min(1e-12) ** 0.5  # compress the range
+        ax.quiver(qgrid[:, 0], qgrid[:, 1], score[:, 0], score[:, 1], color="white", alpha=0.7, width=0.004)
+        ax.set_title(f"t = {t:.3g}   sigma = {process.sigma(t).item():.2f}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{process.name}: log p_t and the exact score", y=1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scatter_panels(panels: dict[str, torch.Tensor], path: Path, lim: float = 3.0) -> None:
+    """One scatter plot per named 2-D sample."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.0))
+    for ax, (title, x) in zip(axes, panels.items()):
+        ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1.5, alpha=0.5)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trajectories(paths: dict[str, tuple[list[float], torch.Tensor]], path: Path) -> None:
+    """First coordinate against t for a few paths per sampler, drawn from the same noise."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, (ts, xs)), color in zip(paths.items(), colors):
+        for j in range(xs.shape[1]):
+            ax.plot(ts, xs[:, j, 0].numpy(), color=color, lw=1, alpha=0.8, label=label if j == 0 else None)
+    ax.invert_xaxis()
+    ax.set_xlabel("t (reverse time runs left to right)")
+    ax.set_ylabel("x[0]")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

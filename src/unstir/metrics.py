@@ -1,0 +1,26 @@
+"""Sample-quality measures used by the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def sliced_w2(x: Tensor, y: Tensor, n_proj: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance between two samples of equal size: the root mean, over random unit
+    directions, of the squared W2 between the 1-D projections (sorted-sample matching)."""
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"need two (n, d) samples of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
+    d = d / d.norm(dim=0)
+    px, _ = torch.sort(x.double() @ d, 0)
+    py, _ = torch.sort(y.double() @ d, 0)
+    return ((px - py) ** 2).mean().sqrt().item()
+
+
+def mode_weights(mixture, x: Tensor) -> Tensor:
+    """The fraction of samples assigned to each component of a Gaussian mixture (by its posterior)."""
+    labels = mixture.posterior(x.double()).argmax(1)
+    return torch.bincount(labels, minlength=mixture.n_components).double() / x.shape[0]
