@@ -108,8 +108,9 @@ class Denoiser:
         self.time_dtype = time_dtype  # None: the network gets t in x's dtype
         self.data_shape: tuple[int, ...] | None = None  # set when known, so samplers can check x_T
 
-    def __call__(self, x: Tensor, t) -> ModelOutput:
-        """The model's outputs at (x, t); t is a Python float (one time for the batch) or a tensor (batch,)."""
+    def __call__(self, x: Tensor, t, y: Tensor | None = None) -> ModelOutput:
+        """The model's outputs at (x, t); t is a Python float (one time for the batch) or a tensor (batch,).
+        ``y`` (class labels) is passed on to networks that take it."""
         if isinstance(t, float):
             c = coefficients(self.process, t)
             alpha, sigma = c.alpha, c.sigma
@@ -119,4 +120,5 @@ class Denoiser:
             alpha, sigma = expand_as(self.process.alpha(t), x), expand_as(self.process.sigma(t), x)
             t_in = self.process.timestep(t) if self.discrete_labels else torch.as_tensor(t, dtype=torch.float64)
             t_in = t_in.to(dtype=self.time_dtype or x.dtype, device=x.device).expand(x.shape[0])
-        return ModelOutput(x, t, alpha, sigma, self.net(x, t_in), self.prediction)
+        pred = self.net(x, t_in) if y is None else self.net(x, t_in, y)
+        return ModelOutput(x, t, alpha, sigma, pred, self.prediction)

@@ -1,0 +1,165 @@
+"""Data: 2-D toy sets, scikit-learn's digits, a folder of images, a .npy array.
+
+Everything returns a ``Dataset`` of float32 tensors: vectors (N, d) or images (N, C, H, W) scaled to
+[-1, 1]. Nothing is downloaded: the toy sets are generated and the digits ship with scikit-learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import oracle
+
+Tensor = torch.Tensor
+
+TOY_2D = ("moons", "swiss_roll", "circles", "checkerboard", "ring", "unequal_2d")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Dataset:
+    """Training data: ``x`` (N, ...) in float32, optional integer ``labels``, and a name."""
+
+    name: str
+    x: Tensor
+    labels: Tensor | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim == 4
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+
+def toy_2d(name: str, n: int, seed: int = 0) -> Tensor:
+    """n points of a 2-D toy set, roughly within [-3, 3]^2."""
+    from sklearn import datasets
+
+    if name not in TOY_2D:
+        raise ValueError(f"unknown 2-D data set {name!r}; choose one of {list(TOY_2D)}")
+    rs = np.random.RandomState(seed)
+    if name == "moons":
+        x = datasets.make_moons(n, noise=0.05, random_state=rs)[0] * 1.5 - [0.75, 0.25]
+    elif name == "swiss_roll":
+        x = datasets.make_swiss_roll(n, noise=0.3, random_state=rs)[0][:, [0, 2]] / 5.0
+    elif name == "circles":
+        x = datasets.make_circles(n, factor=0.5, noise=0.04, random_state=rs)[0] * 2.5
+    elif name == "checkerboard":
+        cells = rs.randint(0, 8, size=n)  # the 8 dark squares of a 4x4 board
+        row, col = cells // 2, 2 * (cells % 2) + (cells // 2) % 2
+        x = np.stack([col + rs.rand(n), row + rs.rand(n)], 1) - 2.0
+    else:
+        g = torch.Generator().manual_seed(seed)
+        return oracle.EXAMPLES[name]().sample(n, g).float()
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
+def to_unit_range(x_uint8) -> Tensor:
+    """8-bit values {0..255} -> [-1, 1] (bin centres are not used: 0 -> -1, 255 -> 1)."""
+    return torch.as_tensor(x_uint8, dtype=torch.float32) / 127.5 - 1.0
+
+
+def from_unit_range(x: Tensor) -> Tensor:
+    """The exact inverse of ``to_unit_range`` on its image, rounded and clipped to uint8 elsewhere."""
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def dequantize(x_uint8, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantisation: (x + u) / 256 with u ~ U[0, 1), mapped to [-1, 1). Its density is the
+    discrete model's probability times 256^D, the basis of bits/dim."""
+    x = torch.as_tensor(x_uint8, dtype=torch.float32)
+    u = torch.rand(x.shape, generator=generator)
+    return (x + u) / 128.0 - 1.0
+
+
+def digits() -> Dataset:
+    """scikit-learn's 8x8 digits (1797 images, values 0..16) as (N, 1, 8, 8) in [-1, 1] with labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    return Dataset("digits", x, torch.as_tensor(d.target, dtype=torch.long))
+
+
+def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
+    """Every PNG/JPEG under ``path`` as (N, C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped
+    to ``size`` if given, else all images must share one size. ``mode``: 'L' (grayscale) or 'RGB'."""
+    from PIL import Image, UnidentifiedImageError
+
+    if mode not in ("L", "RGB"):
+        raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist or is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image folder {str(root)!r} has no PNG or JPEG files")
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if size is not None:
+                    scale = size / min(im.size)
+                    im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                                   Image.BICUBIC)
+                    left, top = (im.width - size) // 2, (im.height - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                arrays.append(np.asarray(im, dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {str(f)!r}: {err}") from err
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if len(sizes) > 1:
+        raise ValueError(f"images in {str(root)!r} have mixed sizes {sizes[:4]}; pass --size to resize them")
+    x = np.stack(arrays)
+    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
+    return Dataset(root.name, to_unit_range(x))
+
+
+def npy_array(path) -> Dataset:
+    """A .npy array of vectors (N, d) or images (N, C, H, W) / (N, H, W), used as is (floats) or scaled to
+    [-1, 1] (uint8)."""
+    path = Path(path)
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read array {str(path)!r}: {err}") from err
+    if a.ndim not in (2, 3, 4) or a.shape[0] < 1:
+        raise ValueError(f"array {str(path)!r} must have shape (N, d), (N, H, W) or (N, C, H, W); got {a.shape}")
+    if a.dtype == np.uint8:
+        x = to_unit_range(a)
+    elif np.issubdtype(a.dtype, np.number):
+        x = torch.as_tensor(a, dtype=torch.float32)
+    else:
+        raise ValueError(f"array {str(path)!r} must be numeric, got dtype {a.dtype}")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
+        raise ValueError(f"array {str(path)!r} contains NaN or inf (first in row {bad})")
+    if x.ndim == 3:
+        x = x[:, None]
+    return Dataset(path.stem, x)
+
+
+def load(spec: str, *, n: int = 20000, size: int | None = None, mode: str = "L", seed: int = 0) -> Dataset:
+    """A data set by name ('moons', 'digits', ...), folder of images, or .npy file."""
+    if spec in TOY_2D:
+        return Dataset(spec, toy_2d(spec, n, seed))
+    if spec == "digits":
+        return digits()
+    p = Path(spec)
+    if p.suffix == ".npy":
+        return npy_array(p)
+    if p.is_dir():
+        return image_folder(p, size, mode)
+    raise ValueError(f"unknown data {spec!r}: use one of {list(TOY_2D) + ['digits']}, a folder of images or a .npy file")
+

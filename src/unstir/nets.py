@@ -1,0 +1,146 @@
+"""Networks: a time-conditioned MLP for vectors and a small U-Net for images.
+
+Both take (x, t) with t a float tensor of shape (batch,): continuous time in [0, T], multiplied by
+``time_scale`` before the sinusoidal embedding (1000 for t in [0, 1]; 1 for DDPM integer labels).
+They know nothing of processes or samplers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t (Vaswani et al.; Ho et al. 2020) followed by a small MLP."""
+
+    def __init__(self, dim: int, time_scale: float = 1000.0):
+        super().__init__()
+        self.dim, self.time_scale = dim, time_scale
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.SiLU(), nn.Linear(dim * 2, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * self.time_scale)[:, None] * freqs
+        return self.mlp(torch.cat([torch.sin(args), torch.cos(args)], 1))
+
+
+class MLP(nn.Module):
+    """Residual MLP for vectors: x (B, d) -> (B, d). Default (d=2, width 128, depth 3): 165,634 parameters."""
+
+    def __init__(self, dim: int, width: int = 128, depth: int = 3, time_scale: float = 1000.0):
+        super().__init__()
+        self.config = {"kind": "mlp", "dim": dim, "width": width, "depth": depth, "time_scale": time_scale}
+        self.embed = TimeEmbedding(width, time_scale)
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        h = self.inp(x)
+        emb = self.embed(t)
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int = 8):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(nn.functional.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over pixels, with a residual connection."""
+
+    def __init__(self, c: int, groups: int = 8):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
+        out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """A small U-Net: residual blocks with group norm, attention at the lowest resolution, a time
+    embedding and an optional class embedding (class ``num_classes`` is the null label for
+    classifier-free guidance). Default (1x8x8, channels (32, 64)): 518,113 parameters (519,521 with 10 classes)."""
+
+    def __init__(self, channels: int = 1, size: int = 8, widths=(32, 64), num_classes: int = 0,
+                 time_scale: float = 1000.0):
+        super().__init__()
+        if size % (2 ** (len(widths) - 1)):
+            raise ValueError(f"image size {size} must be divisible by {2 ** (len(widths) - 1)} for widths {widths}")
+        self.config = {"kind": "unet", "channels": channels, "size": size, "widths": list(widths),
+                       "num_classes": num_classes, "time_scale": time_scale}
+        emb = widths[0] * 4
+        self.embed = TimeEmbedding(emb, time_scale)
+        self.label = nn.Embedding(num_classes + 1, emb) if num_classes else None
+        self.inp = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.pool = nn.ModuleList()
+        c = widths[0]
+        for i, w in enumerate(widths):
+            self.down.append(ResBlock(c, w, emb))
+            c = w
+            self.pool.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(widths) - 1 else nn.Identity())
+        self.mid1, self.attn, self.mid2 = ResBlock(c, c, emb), Attention(c), ResBlock(c, c, emb)
+        self.up = nn.ModuleList()
+        self.unpool = nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            self.up.append(ResBlock(c + w, w, emb))
+            c = w
+            self.unpool.append(nn.Upsample(scale_factor=2, mode="nearest") if i > 0 else nn.Identity())
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        emb = self.embed(t)
+        if self.label is not None:
+            null = torch.full((x.shape[0],), self.label.num_embeddings - 1, device=x.device, dtype=torch.long)
+            emb = emb + self.label(null if y is None else y)
+        h = self.inp(x)
+        skips = []
+        for block, pool in zip(self.down, self.pool):
+            h = block(h, emb)
+            skips.append(h)
+            h = pool(h)
+        h = self.mid2(self.attn(self.mid1(h, emb)), emb)
+        for block, unpool in zip(self.up, self.unpool):
+            h = block(torch.cat([h, skips.pop()], 1), emb)
+            h = unpool(h)
+        return self.out(h)
+
+
+def build(config: dict) -> nn.Module:
+    """A network from its ``config`` dict (as stored in checkpoints)."""
+    config = dict(config)
+    kind = config.pop("kind")
+    if kind == "mlp":
+        return MLP(**config)
+    if kind == "unet":
+        return UNet(**config)
+    raise ValueError(f"unknown network kind {kind!r}; choose 'mlp' or 'unet'")
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

@@ -1,0 +1,287 @@
+"""Training: AdamW with warm-up and clipping, an EMA of the weights, atomic safetensors checkpoints,
+exact resume, and DistributedDataParallel under ``torchrun``.
+
+A run folder holds ``config.json`` (what was asked), ``checkpoint.json`` (the step, the RNG state and
+the name of the current weights file), ``checkpoint-<step>.safetensors`` (model, EMA and optimizer
+tensors) and ``log.jsonl`` (metrics). Each file is written to a temporary name and renamed, and the
+JSON pointer is renamed last, so an interrupted write never leaves a run that cannot resume.
+
+Reproducibility: every random draw (batch indices, times, noise) comes from one generator seeded by the
+config and shared by all ranks; each rank takes its own slice of the global batch (its shard, as
+DistributedSampler does). The gradient DDP averages is therefore the gradient of the global batch,
+whatever the number of processes, and a resumed run continues the identical stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from . import data as data_mod
+from . import nets
+from .losses import WEIGHTINGS, TimeSampler, dsm_loss
+from .parametrization import PREDICTIONS, Denoiser
+from .processes import DDPM, PROCESSES, make_process, process_from_config
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TrainConfig:
+    data: str = "moons"
+    process: str = "vp"
+    prediction: str = "eps"
+    weighting: str = "simple"
+    steps: int = 4000
+    batch_size: int = 512
+    lr: float = 2e-3
+    warmup: int = 200
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    n_data: int = 20000
+    size: int | None = None
+    mode: str = "L"
+    width: int = 128
+    depth: int = 3
+    widths: tuple = (32, 64)
+    class_conditional: bool = False
+    discrete: bool = False
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    device: str = "cpu"
+    bf16: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.process not in PROCESSES:
+            raise ValueError(f"unknown process {self.process!r}; choose one of {sorted(PROCESSES)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {list(PREDICTIONS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {list(WEIGHTINGS)}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.warmup >= 0 and self.grad_clip > 0):
+            raise ValueError(f"need lr > 0, 0 <= ema_decay < 1, warmup >= 0, grad_clip > 0; got lr={self.lr}, "
+                             f"ema_decay={self.ema_decay}, warmup={self.warmup}, grad_clip={self.grad_clip}")
+        if self.discrete and self.process != "ddpm":
+            raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
+
+
+# --- distributed ------------------------------------------------------------------------------------
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _init_distributed(device: torch.device) -> None:
+    if _dist_info()[1] > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _generator_state(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().numpy().tobytes()).decode()
+
+
+def _set_generator_state(g: torch.Generator, state: str) -> None:
+    g.set_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
+
+
+def load_tensors(path) -> dict[str, Tensor]:
+    """Read a safetensors file; refuse anything else (pickles can run code when loaded)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix != ".safetensors" or head[:1] == b"\x80" or head[:2] == b"PK":
+        raise ValueError(f"refusing to load {str(path)!r}: only .safetensors files are read, never pickles")
+    return load_file(str(path))
+
+
+def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+                    generator: torch.Generator) -> Path:
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{idx}.{k}"] = torch.as_tensor(v).contiguous().cpu()
+    weights = run / f"checkpoint-{step}.safetensors"
+    _atomic_write(weights, lambda p: save_file(tensors, str(p)))
+    meta = {"step": step, "weights": weights.name, "generator": _generator_state(generator),
+            "param_groups": opt_state["param_groups"]}
+    pointer = run / "checkpoint.json"
+    old = json.loads(pointer.read_text())["weights"] if pointer.exists() else None
+    _atomic_write(pointer, lambda p: p.write_text(json.dumps(meta)))
+    if old and old != weights.name:
+        (run / old).unlink(missing_ok=True)
+    return weights
+
+
+def load_checkpoint(run: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer | None,
+                    generator: torch.Generator | None) -> int:
+    meta = json.loads((run / "checkpoint.json").read_text())
+    tensors = load_tensors(run / meta["weights"])
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    if opt is not None:
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if generator is not None:
+        _set_generator_state(generator, meta["generator"])
+    return meta["step"]
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def build_net(cfg: TrainConfig, dataset: data_mod.Dataset, process) -> nn.Module:
+    time_scale = 1.0 if cfg.discrete else 1000.0 / process.T
+    if dataset.is_image:
+        c, h, _ = dataset.shape
+        return nets.UNet(c, h, tuple(cfg.widths), dataset.num_classes if cfg.class_conditional else 0, time_scale)
+    return nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale)
+
+
+def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
+    """The trained model of a run folder, as a ``Denoiser`` (EMA weights by default)."""
+    run = Path(run)
+    if not (run / "checkpoint.json").exists():
+        raise ValueError(f"{str(run)!r} is not a run folder (no checkpoint.json)")
+    info = json.loads((run / "run.json").read_text())
+    net = nets.build(info["net"])
+    shadow = nets.build(info["net"])
+    load_checkpoint(run, net, shadow, None, None)
+    chosen = (shadow if ema else net).to(device).eval()
+    process = process_from_config(info["process"])
+    model = Denoiser(chosen, process, info["config"]["prediction"], discrete_labels=info["config"]["discrete"])
+    model.data_shape = tuple(info["data_shape"])
+    model.run_info = info
+    return model
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+
+
+def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train, checkpoint and log into the run folder ``out``; returns it. ``stop_after`` ends the call after
+    that many steps (for interruption tests) as a crash would, without a final checkpoint."""
+    cfg.validate()
+    run = Path(out)
+    rank, world = _dist_info()
+    device = torch.device(cfg.device)
+    _init_distributed(device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    torch.manual_seed(cfg.seed)
+    dataset = data_mod.load(cfg.data, n=cfg.n_data, size=cfg.size, mode=cfg.mode, seed=cfg.seed)
+    process = make_process(cfg.process)
+    net = build_net(cfg, dataset, process).to(device)
+    ema = build_net(cfg, dataset, process).to(device)
+    ema.load_state_dict(net.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    start = 0
+    if resume and (run / "checkpoint.json").exists():
+        start = load_checkpoint(run, net, ema, opt, generator)
+    elif rank == 0:
+        if (run / "checkpoint.json").exists():
+            raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
+        run.mkdir(parents=True, exist_ok=True)
+        info = {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
+                "data_shape": list(dataset.shape), "num_classes": dataset.num_classes}
+        _atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
+    ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    model = Denoiser(ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
+    times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete)
+    x_all = dataset.x.to(device)
+    labels_all = dataset.labels.to(device) if (dataset.labels is not None and cfg.class_conditional) else None
+    local = cfg.batch_size // world
+    mine = slice(rank * local, (rank + 1) * local)
+    log = open(run / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
+    tic, done = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        if stop_after is not None and done >= stop_after:
+            break
+        idx = torch.randint(len(x_all), (cfg.batch_size,), generator=generator)
+        t, w = times.sample(cfg.batch_size, generator)
+        noise = torch.randn((cfg.batch_size, *dataset.shape), generator=generator)
+        x0, t, w, noise = x_all[idx[mine]], t[mine].to(device), w[mine].to(device), noise[mine].to(device)
+        y = labels_all[idx[mine]] if labels_all is not None else None
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = dsm_loss(model, x0, t, w, noise, cfg.weighting, labels=y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        done += 1
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            rate = done / (time.perf_counter() - tic)
+            bar.set_postfix(loss=f"{loss.item():.4f}", its=f"{rate:.0f}")
+            if log:
+                log.write(json.dumps({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                                      "lr": _lr(cfg, step), "steps_per_s": rate}) + "\n")
+                log.flush()
+        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(run, step + 1, net, ema, opt, generator)
+    bar.close()
+    if log:
+        log.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return run
+
+
+def train_main() -> None:
+    """Entry point for ``torchrun -m unstir.train --config CONFIG.json --out RUN`` (see the CLI)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    cfg = TrainConfig(**json.loads(Path(args.config).read_text()))
+    train(cfg, args.out, resume=args.resume)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train_main()
