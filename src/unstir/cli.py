@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,45 @@ def demo(args) -> int:
     return 0
 
 
+def train_cmd(args) -> int:
+    """Train a score model; under ``torchrun --nproc_per_node=N`` it runs data-parallel (DDP)."""
+    from .train import TrainConfig, train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run folder: {result.run} (step {result.step})")
+    return 0
+
+
+def sample_cmd(args) -> int:
+    """Sample from a trained run and write a PNG (grid of images or scatter plot) or a .npy array."""
+    from .data import from_unit_range
+    from .train import load_run
+
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npy"):
+        raise SystemExit(f"--out must end in .png or .npy, got {str(out)!r}")
+    model = load_run(args.run, ema=not args.no_ema, device=args.device)
+    shape = (args.n, *model.data_shape)
+    with torch.no_grad():
+        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=args.grid,
+                   generator=torch.Generator().manual_seed(args.seed))
+    x = r.x.cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, x.numpy())
+    elif x.ndim == 4:
+        figures.image_grid(from_unit_range(x), out)
+    else:
+        figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, out)
+    print(f"{args.n} samples with {args.sampler} ({r.nfe} model evaluations) -> {out}")
+    return 0
+
+
 def list_choices(args) -> int:
     print("processes:", ", ".join(sorted(PROCESSES)))
     print("grids:    ", ", ".join(GRIDS))
@@ -90,6 +130,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=demo)
+    tr = sub.add_parser("train", help="train a score model (torchrun for several processes)", description=train_cmd.__doc__)
+    tr.add_argument("--data", default="moons", help="moons, swiss_roll, circles, checkerboard, ring, unequal_2d, "
+                    "digits, a folder of images or a .npy file (default: moons)")
+    tr.add_argument("--out", required=True, help="run folder")
+    tr.add_argument("--process", default="vp", choices=sorted(PROCESSES))
+    tr.add_argument("--prediction", default="eps", choices=["eps", "x0", "v", "score"])
+    tr.add_argument("--weighting", default="simple", choices=["simple", "sigma2", "likelihood"])
+    tr.add_argument("--steps", type=int, default=4000)
+    tr.add_argument("--batch-size", dest="batch_size", type=int, default=512, help="global batch size")
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--warmup", type=int, default=200)
+    tr.add_argument("--grad-clip", dest="grad_clip", type=float, default=1.0)
+    tr.add_argument("--ema-decay", dest="ema_decay", type=float, default=0.999)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--size", type=int, help="resize/crop images to this size")
+    tr.add_argument("--mode", default="L", choices=["L", "RGB"], help="image colour mode")
+    tr.add_argument("--class-conditional", dest="class_conditional", action="store_true")
+    tr.add_argument("--discrete", action="store_true", help="integer DDPM timesteps (process ddpm)")
+    tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=1000)
+    tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    tr.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=train_cmd)
+    sa = sub.add_parser("sample", help="sample from a trained run", description=sample_cmd.__doc__)
+    sa.add_argument("--run", required=True, help="run folder written by `unstir train`")
+    sa.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS))
+    sa.add_argument("--steps", type=int, default=20)
+    sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
+    sa.add_argument("-n", type=int, default=1000, help="number of samples")
+    sa.add_argument("--out", required=True, help="samples.png (grid or scatter) or samples.npy")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sa.add_argument("--device", default="cpu")
+    sa.set_defaults(func=sample_cmd)
     ls = sub.add_parser("list", help="list processes, grids and samplers")
     ls.set_defaults(func=list_choices)
     return ap

@@ -36,7 +36,8 @@ def marginals_and_scores(mixture, process, times, path: Path, lim: float = 3.0, 
 
 def scatter_panels(panels: dict[str, torch.Tensor], path: Path, lim: float = 3.0) -> None:
     """One scatter plot per named 2-D sample."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.0), squeeze=False)
+    axes = axes[0]
     for ax, (title, x) in zip(axes, panels.items()):
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1.5, alpha=0.5)
         ax.set_xlim(-lim, lim)
@@ -64,3 +65,20 @@ def trajectories(paths: dict[str, tuple[list[float], torch.Tensor]], path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def image_grid(images_uint8: torch.Tensor, path: Path, ncol: int | None = None) -> None:
+    """Save (N, C, H, W) uint8 images as one PNG grid (1-pixel gaps)."""
+    from PIL import Image
+
+    n, c, h, w = images_uint8.shape
+    ncol = ncol or int(n**0.5 + 0.999)
+    nrow = (n + ncol - 1) // ncol
+    canvas = torch.zeros(c, nrow * (h + 1) + 1, ncol * (w + 1) + 1, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = images_uint8[i]
+    arr = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr)
+    scale = max(1, 256 // img.width)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)

@@ -190,9 +190,18 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
 
-def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
-    """Train, checkpoint and log into the run folder ``out``; returns it. ``stop_after`` ends the call after
-    that many steps (for interruption tests) as a crash would, without a final checkpoint."""
+@dataclass
+class TrainResult:
+    run: Path
+    net: nn.Module
+    ema: nn.Module
+    step: int
+
+
+def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Train, checkpoint and log into the run folder ``out``. ``stop_after`` ends the call after that many
+    steps, as a crash would (no checkpoint beyond the last periodic one): for interruption tests."""
     cfg.validate()
     run = Path(out)
     rank, world = _dist_info()
@@ -265,23 +274,4 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
         log.close()
     if world > 1:
         torch.distributed.barrier()
-    return run
-
-
-def train_main() -> None:
-    """Entry point for ``torchrun -m unstir.train --config CONFIG.json --out RUN`` (see the CLI)."""
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args()
-    cfg = TrainConfig(**json.loads(Path(args.config).read_text()))
-    train(cfg, args.out, resume=args.resume)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    train_main()
+    return TrainResult(run, net, ema, start + done)
