@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.unstir-installed
 
@@ -12,7 +12,7 @@ STAMP := $(VENV)/.unstir-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,10 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: EXTRAS = dev,bench
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
-	$(BIN)/python benchmarks/samplers.py
+	$(BIN)/python benchmarks/samplers.py --out benchmarks/samplers_results.md
+	$(BIN)/python benchmarks/training.py --out benchmarks/training_results.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,8 +6,8 @@ import sys
 from unstir.cli import main
 
 
-def test_demo_writes_figures_and_summary(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "-n", "300", "--steps", "8", "--paths", "2"]) == 0
+def test_oracle_demo_writes_figures_and_summary(tmp_path, capsys):
+    assert main(["oracle", "--out", str(tmp_path), "-n", "300", "--steps", "8", "--paths", "2"]) == 0
     text = capsys.readouterr().out
     for name in ("ddpm", "ddim", "euler_maruyama", "pc", "dpm++2m", "unipc"):
         assert f"\n{name} " in text
@@ -21,4 +21,14 @@ def test_list_and_help():
     assert "dpm++3m" in out and "ddpm" in out and "log_snr" in out
     help_text = subprocess.run([sys.executable, "-m", "unstir.cli", "demo", "--help"], capture_output=True,
                                text=True, check=True).stdout
-    assert "--process" in help_text and "--steps" in help_text
+    assert "--process" in help_text and "--train-steps" in help_text
+
+
+def test_main_demo_trains_samples_and_reports(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--train-steps", "30", "-n", "200", "--paths", "2"]) == 0
+    text = capsys.readouterr().out
+    for name in ("ddpm", "ddim", "euler_maruyama", "pc", "dpm++2m"):
+        assert f"\n{name} " in text
+    assert "held-out" in text and (tmp_path / "run" / "checkpoint.json").exists()
+    for fig in ("samples.png", "trajectories.png"):
+        assert (tmp_path / fig).stat().st_size > 10_000

@@ -4,6 +4,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import unstir
 from unstir.parametrization import PREDICTIONS, convert
@@ -54,3 +56,17 @@ def test_discrete_labels_reach_the_network():
     model(torch.zeros(3, 2), p.t_from_timestep(torch.tensor([0, 10, 999])))
     assert seen[0].tolist() == pytest.approx([499.0] * 3)
     assert seen[1].tolist() == pytest.approx([0.0, 10.0, 999.0])
+
+
+@given(alpha=st.floats(1e-3, 1.0), sigma=st.floats(1e-3, 60.0), kind=st.sampled_from(PREDICTIONS),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=200, deadline=None)
+def test_conversions_round_trip_for_any_alpha_sigma(alpha, sigma, kind, seed):
+    """Property: for any (alpha, sigma), not only those of the built-in processes, every prediction
+    converts to eps and back exactly (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    x0, eps = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    x = alpha * x0 + sigma * eps
+    pred = convert(eps, "eps", kind, x, alpha, sigma)
+    torch.testing.assert_close(convert(pred, kind, "eps", x, alpha, sigma), eps, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(convert(eps, "eps", "x0", x, alpha, sigma), x0, rtol=1e-9, atol=1e-9 * (1 + sigma / alpha))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from .samplers import SAMPLERS, sample
 DEMO_SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "pc", "dpm++2m", "unipc")
 
 
-def demo(args) -> int:
+def oracle_demo(args) -> int:
     """The core on the exact score of a Gaussian mixture: marginals, score field, samplers, trajectories."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,17 +48,7 @@ def demo(args) -> int:
     figures.scatter_panels(panels, out / "samples.png")
 
     few = x_T[: args.paths]
-    paths = {}
-    for name in ("euler_maruyama", "dpm++2m"):
-        ts, xs = [], []
-        result = sample(model, process, few, sampler=name, steps=200 if name == "euler_maruyama" else steps,
-                        generator=torch.Generator().manual_seed(args.seed),
-                        callback=lambda s: (ts.append(s["t"]), xs.append(s["x"])))
-        ts.append(0.0)
-        xs.append(result.x)
-        paths["reverse SDE (Euler-Maruyama)" if name == "euler_maruyama" else "PF ODE (DPM-Solver++ 2M)"] = \
-            (ts, torch.stack(xs))
-    figures.trajectories(paths, out / "trajectories.png")
+    figures.trajectories(_sde_and_ode_paths(model, few, steps, args.seed), out / "trajectories.png")
 
     print(f"\n{mixture!r} data '{args.data}', process {process!r}, {n} samples, {steps} steps")
     print(f"sliced-W2 two-sample floor: {floor:.4f}\n")
@@ -64,6 +56,57 @@ def demo(args) -> int:
     for name, nfe, sw2, w_err, seconds in rows:
         print(f"{name:16s} {nfe:4d} {sw2:10.4f} {w_err:16.4f} {seconds:8.2f}")
     print(f"\nfigures: {out / 'marginals.png'}, {out / 'samples.png'}, {out / 'trajectories.png'}")
+    return 0
+
+
+def _sde_and_ode_paths(model, x_T, steps: int, seed: int) -> dict:
+    """Reverse-SDE and PF-ODE trajectories from the same noise, for ``figures.trajectories``."""
+    paths = {}
+    for label, name, n in (("reverse SDE (Euler-Maruyama)", "euler_maruyama", 200),
+                           ("PF ODE (DPM-Solver++ 2M)", "dpm++2m", steps)):
+        ts, xs = [], []
+        with torch.no_grad():
+            result = sample(model, None, x_T, sampler=name, steps=n, generator=torch.Generator().manual_seed(seed),
+                            callback=lambda s: (ts.append(s["t"]), xs.append(s["x"])))
+        paths[label] = (ts + [0.0], torch.stack(xs + [result.x]))
+    return paths
+
+
+MAIN_SAMPLERS = {"ddpm": 50, "ddim": 20, "euler_maruyama": 50, "pc": 25, "dpm++2m": 20}
+
+
+def demo(args) -> int:
+    """The main job: train a score model on 2-D data, sample it with DDPM, DDIM, the reverse SDE,
+    predictor-corrector and DPM-Solver++, and compare each to held-out data."""
+    from .data import toy_2d
+    from .train import TrainConfig, load_run, train
+
+    out = Path(args.out)
+    run = out / "run"
+    if run.exists():
+        shutil.rmtree(run)
+    cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed)
+    print(f"training on '{args.data}' ({args.process}, {args.train_steps} steps, batch {cfg.batch_size})")
+    result = train(cfg, run)
+    model = load_run(run)
+    held_out = toy_2d(args.data, args.n, seed=args.seed + 1000)
+    floor = sliced_w2(toy_2d(args.data, args.n, seed=args.seed + 2000), held_out)
+    x_T = model.process.prior_sample((args.n, 2), torch.Generator().manual_seed(args.seed))
+    panels, rows = {"held-out data": held_out}, []
+    for name, steps in tqdm(MAIN_SAMPLERS.items(), desc="sampling", unit="sampler"):
+        with torch.no_grad():
+            r = sample(model, None, x_T, sampler=name, steps=steps, generator=torch.Generator().manual_seed(args.seed))
+        panels[f"{name} ({r.nfe} NFE)"] = r.x
+        rows.append((name, r.nfe, sliced_w2(r.x, held_out)))
+    figures.scatter_panels(panels, out / "samples.png")
+    figures.trajectories(_sde_and_ode_paths(model, x_T[: args.paths], 20, args.seed), out / "trajectories.png")
+    rate = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["steps_per_s"]
+    print(f"\ntrained {result.step} steps at {rate:.0f} steps/s; run folder {run}")
+    print(f"sliced-W2 to {args.n} held-out points (two-sample floor {floor:.4f}):")
+    print(f"{'sampler':16s} {'NFE':>4s} {'sliced-W2':>10s}")
+    for name, nfe, sw2 in rows:
+        print(f"{name:16s} {nfe:4d} {sw2:10.4f}")
+    print(f"\nfigures: {out / 'samples.png'}, {out / 'trajectories.png'}")
     return 0
 
 
@@ -120,16 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="unstir", description="Score-based diffusion: one learned score, every "
                                  "correct way to use it.")
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="samplers on the exact score of a Gaussian mixture, with figures",
+    m = sub.add_parser("demo", help="the main job: train on 2-D data, sample with five samplers, figures",
                        description=demo.__doc__)
-    d.add_argument("--out", default="runs/demo", help="folder for the figures (default: runs/demo)")
+    m.add_argument("--out", default="runs/demo", help="folder for the run and figures (default: runs/demo)")
+    m.add_argument("--data", default="moons", choices=["moons", "swiss_roll", "circles", "checkerboard", "ring",
+                                                       "unequal_2d"])
+    m.add_argument("--process", default="vp", choices=sorted(PROCESSES))
+    m.add_argument("--train-steps", dest="train_steps", type=int, default=3000)
+    m.add_argument("-n", type=int, default=2000, help="samples per sampler (default: 2000)")
+    m.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=demo)
+    d = sub.add_parser("oracle", help="samplers on the exact score of a Gaussian mixture, with figures",
+                       description=oracle_demo.__doc__)
+    d.add_argument("--out", default="runs/oracle", help="folder for the figures (default: runs/oracle)")
     d.add_argument("--process", default="vp", choices=sorted(PROCESSES))
     d.add_argument("--data", default="unequal_2d", choices=[k for k in oracle.EXAMPLES if k != "random"])
     d.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
     d.add_argument("-n", type=int, default=2000, help="samples per sampler (default: 2000)")
     d.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=demo)
+    d.set_defaults(func=oracle_demo)
     tr = sub.add_parser("train", help="train a score model (torchrun for several processes)", description=train_cmd.__doc__)
     tr.add_argument("--data", default="moons", help="moons, swiss_roll, circles, checkerboard, ring, unequal_2d, "
                     "digits, a folder of images or a .npy file (default: moons)")
