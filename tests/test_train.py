@@ -156,3 +156,9 @@ def test_bad_data_gets_clear_errors(tmp_path):
         data.load("mnist")
     with pytest.raises(ValueError, match=r"unknown weighting 'elbo'"):
         train(TrainConfig(**{**SMALL, "weighting": "elbo"}), tmp_path / "x", progress=False)
+
+
+def test_bf16_autocast_trains_and_stays_finite(tmp_path):
+    result = train(TrainConfig(**{**SMALL, "steps": 5, "bf16": True}), tmp_path / "bf16", progress=False)
+    assert all(torch.isfinite(p).all() for p in result.net.parameters())
+    assert all(p.dtype == torch.float32 for p in result.net.parameters()), "weights stay float32 under autocast"

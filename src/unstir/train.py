@@ -237,6 +237,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     mine = slice(rank * local, (rank + 1) * local)
     log = open(run / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
+    params, ema_params = list(net.parameters()), list(ema.parameters())
     tic, done = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         if stop_after is not None and done >= stop_after:
@@ -252,12 +253,10 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
             loss = dsm_loss(model, x0, t, w, noise, cfg.weighting, labels=y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
         done += 1
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
