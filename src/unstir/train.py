@@ -99,6 +99,9 @@ def _init_distributed(device: torch.device) -> None:
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual permissions
     os.replace(tmp, path)
 
 
