@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class TrainConfig:
     batch_size: int = 512
     lr: float = 2e-3
     warmup: int = 200
+    lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     ema_decay: float = 0.999
@@ -77,6 +79,8 @@ class TrainConfig:
         if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.warmup >= 0 and self.grad_clip > 0):
             raise ValueError(f"need lr > 0, 0 <= ema_decay < 1, warmup >= 0, grad_clip > 0; got lr={self.lr}, "
                              f"ema_decay={self.ema_decay}, warmup={self.warmup}, grad_clip={self.grad_clip}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.discrete and self.process != "ddpm":
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
 
@@ -190,7 +194,12 @@ def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    """Linear warm-up, then constant or (``lr_schedule='cosine'``) cosine decay to zero at the last step."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.lr_schedule == "cosine":
+        progress = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * warm
 
 
 @dataclass
