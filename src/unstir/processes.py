@@ -167,12 +167,16 @@ class Process:
     def t_from_log_snr(self, log_snr) -> Tensor:
         """The inverse of ``log_snr``; raises if lambda is outside [lambda(T), lambda(t_min)]."""
         lam = torch.as_tensor(log_snr, dtype=torch.float64)
-        lo, hi = self.log_snr(self.T).item(), self.log_snr(self.t_min).item()
+        lo, hi = self._log_snr_range
         tol = 1e-9 * max(1.0, abs(lo), abs(hi))
         if torch.isnan(lam).any() or lam.min() < lo - tol or lam.max() > hi + tol:
             raise ValueError(f"log-SNR must lie in [{lo:.6g}, {hi:.6g}] for {self.name}, got range "
                              f"[{lam.min().item():.6g}, {lam.max().item():.6g}]")
         return self._t_from_log_snr(lam).clamp(self.t_min, self.T)
+
+    @functools.cached_property
+    def _log_snr_range(self) -> tuple[float, float]:
+        return self.log_snr(self.T).item(), self.log_snr(self.t_min).item()
 
     def drift_coef(self, t) -> Tensor:
         """d log alpha / dt, so that f(x, t) = drift_coef(t) x."""
