@@ -93,8 +93,7 @@ UNSTIR = {  # name -> (sampler, options, evaluations per step, deterministic?); 
     "edm (churn 0)": ("edm", {"churn": 0.0}, 2, True),
     **{f"{s} {g}": (s, {"grid": g}, 1, True) for s in ("dpm++2m", "dpm++3m", "deis", "unipc")
        for g in unstir.GRIDS},
-    "unipc2 log_snr": ("unipc", {"order": 2, "grid": "log_snr"}, 1, True),
-    "unipc2 quadratic": ("unipc", {"order": 2, "grid": "quadratic"}, 1, True),
+    **{f"unipc2 {g}": ("unipc", {"order": 2, "grid": g}, 1, True) for g in ("quadratic", "cubic", "log_snr")},
     "ddpm": ("ddpm", {}, 1, False),
     "euler_maruyama": ("euler_maruyama", {}, 1, False),
     "edm (churn)": ("edm", {}, 2, False),

@@ -40,9 +40,10 @@ def test_grid_spacings(name):
                                rtol=1e-8, atol=1e-9)
     t = unstir.time_grid(p, n, "uniform", denoise=False)
     torch.testing.assert_close(torch.diff(t), torch.full((n,), (p.t_min - p.T) / n, dtype=torch.float64))
-    q = unstir.time_grid(p, n, "quadratic", denoise=False)
-    u = torch.sqrt((q - p.t_min) / (p.T - p.t_min))
-    torch.testing.assert_close(torch.diff(u), torch.full((n,), -1.0 / n, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    for kind, power in (("quadratic", 2), ("cubic", 3)):
+        q = unstir.time_grid(p, n, kind, denoise=False)
+        u = ((q - p.t_min) / (p.T - p.t_min)) ** (1 / power)
+        torch.testing.assert_close(torch.diff(u), torch.full((n,), -1.0 / n, dtype=torch.float64), rtol=1e-9, atol=1e-9)
     e = unstir.time_grid(p, n, "edm", denoise=False)
     sbar = torch.exp(-p.log_snr(e)) ** (1 / 7)
     torch.testing.assert_close(torch.diff(sbar), torch.full((n,), torch.diff(sbar).mean().item(), dtype=torch.float64),

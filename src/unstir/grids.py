@@ -15,6 +15,9 @@ The spacings (all between T and t_min):
 
 * ``uniform``:   uniform in t.
 * ``quadratic``: t = t_min + (T - t_min) u^2 with u uniform (dense near the data, as in DDIM).
+* ``cubic``:     t = t_min + (T - t_min) u^3, denser still near the data. On the oracle cases it gives the
+                 multistep solvers (UniPC, DPM-Solver++) their lowest error at 10-20 NFE
+                 (benchmarks/default_grids.py).
 * ``log_snr``:   uniform in lambda = log(alpha / sigma) (DPM-Solver's choice).
 * ``edm``:       Karras et al. (2022), eq. 5, in the noise level sigma/alpha = exp(-lambda):
                  (s_max^(1/rho) + u (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7.
@@ -29,7 +32,8 @@ from .processes import Process
 
 Tensor = torch.Tensor
 
-GRIDS = ("uniform", "quadratic", "log_snr", "edm")
+GRIDS = ("uniform", "quadratic", "cubic", "log_snr", "edm")
+_TIME_POWER = {"uniform": 1, "quadratic": 2, "cubic": 3}  # t - t_min proportional to u^power
 
 
 def time_grid(process: Process, steps: int, kind: str = "log_snr", *, denoise: bool = True,
@@ -44,10 +48,8 @@ def time_grid(process: Process, steps: int, kind: str = "log_snr", *, denoise: b
     # u runs from 1 (at T) to 0 (at t_min).
     u = torch.linspace(1.0, 0.0, n_points, dtype=torch.float64) if n_points > 1 else torch.ones(1, dtype=torch.float64)
     T, t_min = process.T, process.t_min
-    if kind == "uniform":
-        t = t_min + (T - t_min) * u
-    elif kind == "quadratic":
-        t = t_min + (T - t_min) * u**2
+    if kind in _TIME_POWER:
+        t = t_min + (T - t_min) * u ** _TIME_POWER[kind]
     else:
         lam_T, lam_min = process.log_snr(T).item(), process.log_snr(t_min).item()
         if kind == "log_snr":

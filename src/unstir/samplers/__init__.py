@@ -45,10 +45,10 @@ SAMPLERS: dict[str, Sampler] = {
     "ode_euler": Sampler(ode_euler, "quadratic", False, doc="PF ODE, Euler in t"),
     "ode_heun": Sampler(ode_heun, "edm", False, doc="PF ODE, Heun in t"),
     "ode_rk45": Sampler(ode_rk45, "log_snr", False, doc="PF ODE, adaptive RK45 (torchdiffeq)"),
-    "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "quadratic", False, doc="DPM-Solver++(2M)"),
+    "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "cubic", False, doc="DPM-Solver++(2M)"),
     "dpm++3m": Sampler(functools.partial(dpmpp, order=3), "log_snr", False, doc="DPM-Solver++(3M)"),
     "deis": Sampler(deis, "quadratic", False, doc="DEIS rho-AB, order 3"),
-    "unipc": Sampler(unipc, "log_snr", False, doc="UniPC, order 3 predictor + corrector"),
+    "unipc": Sampler(unipc, "cubic", False, doc="UniPC, order 3 predictor + corrector"),
     "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn"),
 }
 

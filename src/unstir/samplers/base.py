@@ -49,8 +49,10 @@ def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def pf_velocity(out: ModelOutput, c: Coefficients) -> Tensor:
-    """dx/dt of the probability-flow ODE, f(x, t) - 1/2 g(t)^2 score (Song et al. 2021, eq. 13)."""
-    return c.drift * out.x - 0.5 * c.g2 * out.score
+    """dx/dt of the probability-flow ODE, f(x, t) - 1/2 g(t)^2 score (Song et al. 2021, eq. 13).
+
+    Written with score = -eps / sigma, as two fused tensor operations: f x + (g^2 / 2 sigma) eps."""
+    return torch.add(out.x * c.drift, out.eps, alpha=0.5 * c.g2 / c.sigma)
 
 
 def langevin(model, x: Tensor, t: float, *, snr: float, generator) -> Tensor:

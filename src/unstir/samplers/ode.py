@@ -25,7 +25,7 @@ def ode_euler(model, x, grid, *, generator=None, callback=None):
     """Euler on dx/dt = f - 1/2 g^2 score. First order."""
     def step(x, t, s):
         out = model(x, t)
-        return x + pf_velocity(out, coef(model, t)) * (s - t), out
+        return x.add(pf_velocity(out, coef(model, t)), alpha=s - t), out
 
     return integrate(model, x, grid, step, callback)
 
