@@ -8,7 +8,8 @@ mode-weight error; then the per-step overhead of each sampler loop with a near-f
     make bench            # or: .venv/bin/python benchmarks/samplers.py [--quick]
 
 diffusers' DDIM and DDPM clip x0 to [-1, 1] by default (clip_sample=True), which is wrong for unbounded
-data: it is turned off here. Each diffusers scheduler runs in every configuration it offers that a user
+data: it is turned off here. diffusers' DPM-Solver++ and UniPC return NaN with linspace spacing at 1000
+steps: a table shows it next to unstir's solvers on the same grid. Each diffusers scheduler runs in every configuration it offers that a user
 would pick (spacings, Karras sigmas, uniform-lambda steps); the best per NFE is taken.
 """
 
@@ -177,6 +178,36 @@ def quality(n: int, nfes) -> list[str]:
     return lines
 
 
+def thousand_steps(n: int = 200) -> list[str]:
+    """The issue's warning: diffusers' DPM-Solver++ and UniPC with linspace spacing at 1000 steps. Both
+    sides on ring8 from the same noise; a NaN shows as nan."""
+    import diffusers as d
+
+    gm = cases()[0][1]
+    model = gm.denoiser(PROCESS)
+    z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_T = PROCESS.prior_std * z
+    ref = reference(model, PROCESS, x_T)
+    eps_fn = exact_eps_for_diffusers(gm)
+    rows = [("diffusers DPM++2M linspace", lambda: run_diffusers(lambda: d.DPMSolverMultistepScheduler(
+                **COMMON, final_sigmas_type="zero"), eps_fn, z, 1000, 1)[0]),
+            ("diffusers DPM++3M linspace", lambda: run_diffusers(lambda: d.DPMSolverMultistepScheduler(
+                **COMMON, solver_order=3, final_sigmas_type="zero"), eps_fn, z, 1000, 1)[0]),
+            ("diffusers UniPC linspace", lambda: run_diffusers(lambda: d.UniPCMultistepScheduler(
+                **COMMON, final_sigmas_type="zero"), eps_fn, z, 1000, 1)[0])]
+    rows += [(f"unstir {s} uniform", lambda s=s: run_unstir(model, x_T, f"{s} uniform", 1000)[0])
+             for s in ("dpm++2m", "dpm++3m", "unipc")]
+    lines = ["\n### 1000 steps, linspace / uniform in t (ring8, n=%d)\n" % n, "```",
+             f"{'sampler':30s} {'finite':>6s} {'endpoint error':>15s}"]
+    for name, run in rows:
+        x = run()
+        ok = bool(torch.isfinite(x).all())
+        lines.append(f"{name:30s} {str(ok):>6s} {fmt(endpoint_error(x, ref) if ok else float('nan')):>15s}")
+    lines.append("```")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def overhead(steps: int = 50, repeats: int = 5) -> list[str]:
     """Per-step time of each loop with a near-free model (returns its input), batch 1 and 4096."""
     import diffusers as d
@@ -234,7 +265,7 @@ def main():
     header = [f"unstir {unstir.__version__} vs diffusers {diffusers.__version__}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads"]
     print(header[0])
-    lines = header + (overhead() if not args.skip_overhead else []) + quality(n, nfes)
+    lines = header + (overhead() if not args.skip_overhead else []) + thousand_steps() + quality(n, nfes)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

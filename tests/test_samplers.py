@@ -162,6 +162,29 @@ def test_every_sampler_runs_on_every_process_it_supports(name, sampler):
     assert all(set(s) == {"i", "t", "x", "x0"} for s in seen)
 
 
+@pytest.fixture(scope="module")
+def discrete_reference():
+    p = unstir.make_process("ddpm")
+    model = smooth_2d().denoiser(p)
+    x_T = p.prior_sample((16, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)
+    return model, x_T, unstir.sample(model, p, x_T, sampler="ode_rk45", grid=grid, rtol=1e-10, atol=1e-10).x
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "unipc", "deis"])
+def test_multistep_solvers_at_1000_steps_on_the_discrete_schedule(discrete_reference, sampler):
+    """diffusers' DPM-Solver++ and UniPC return NaN with linspace spacing at 1000 steps (a zero step in
+    lambda). Here 1000 steps, uniform in t (their linspace) or in lambda, stay finite and land on the
+    tight reference solve: within 1e-3, set by the uniform grid's largest lambda step, the last one
+    (lambda(1/N) - lambda(2/N) = 0.39), where second-order DPM-Solver++ leaves about 2e-4."""
+    model, x_T, ref = discrete_reference
+    for grid in ("uniform", "log_snr"):
+        r = unstir.sample(model, None, x_T, sampler=sampler, steps=1000, grid=grid)
+        assert r.nfe == 1000 and torch.isfinite(r.x).all(), grid
+        err = (r.x - ref).norm(dim=1).max().item()
+        assert err < 1e-3, (grid, err)
+
+
 def test_same_seed_same_samples():
     p = unstir.make_process("vp")
     model = unequal_2d().denoiser(p)
