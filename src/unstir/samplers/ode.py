@@ -11,6 +11,7 @@ The same ODE in three sets of coordinates:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -161,13 +162,15 @@ def deis(model, x, grid, *, order: int = 3, generator=None, callback=None):
     return integrate(model, x, grid, step, callback)
 
 
-def _unipc_rhos(rks: list[float], h: float, order: int, corrector: bool) -> list[float]:
+@functools.lru_cache(maxsize=4096)
+def _unipc_rhos(rks: tuple[float, ...], h: float, order: int, corrector: bool) -> tuple[float, ...]:
     """UniPC's coefficients (Zhao et al. 2023, Alg. 2 and 3, B(h) = e^h - 1 in data prediction): solve
-    R rho = b with R_ij = r_j^(i-1) and b_i = i! phi_{i+1}(h) / B(h)."""
+    R rho = b with R_ij = r_j^(i-1) and b_i = i! phi_{i+1}(h) / B(h). Memoised: a grid used again
+    (every batch of a sampling run) needs no new solves."""
     hh = -h
     big_b = math.expm1(hh)
     phi_k, fact = math.expm1(hh) / hh - 1, 1.0
-    r = np.array(rks + [1.0])
+    r = np.array(rks + (1.0,))
     rows, b = [], []
     for i in range(1, order + 1):
         rows.append(r ** (i - 1))
@@ -176,21 +179,28 @@ def _unipc_rhos(rks: list[float], h: float, order: int, corrector: bool) -> list
         phi_k = phi_k / hh - 1 / fact
     R, b = np.stack(rows), np.array(b)
     if corrector:
-        return [0.5] if order == 1 else np.linalg.solve(R, b).tolist()
-    return [] if order == 1 else [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        return (0.5,) if order == 1 else tuple(np.linalg.solve(R, b).tolist())
+    return () if order == 1 else (0.5,) if order == 2 else tuple(np.linalg.solve(R[:-1, :-1], b[:-1]).tolist())
 
 
 def _uni_update(x, c0, c1, models, k, m_new=None):
-    """UniP (m_new None) or UniC (m_new = x0 prediction at the target) from c0 to c1 with the last k models."""
+    """UniP (m_new None) or UniC (m_new = x0 prediction at the target) from c0 to c1 with the last k models:
+
+        x_1 = (sigma_1/sigma_0) x - alpha_1 B(h) (m0 + sum_i rho_i (m_i - m0) / r_i [+ rho_c (m_new - m0)]),
+
+    evaluated as one linear combination of x, m0, the older m_i and m_new (one fused op per tensor)."""
     lam0, m0 = models[-1]
     h = c1.log_snr - lam0
-    rks = [(models[-1 - i][0] - lam0) / h for i in range(1, k)]
+    rks = tuple((models[-1 - i][0] - lam0) / h for i in range(1, k))
     rhos = _unipc_rhos(rks, h, k, corrector=m_new is not None)
-    res = sum(rho * (models[-1 - i][1] - m0) / r for i, (rho, r) in enumerate(zip(rhos, rks), start=1))
+    terms = [(models[-1 - i][1], rho / r) for i, (rho, r) in enumerate(zip(rhos, rks), start=1)]
     if m_new is not None:
-        res = res + rhos[-1] * (m_new - m0)
-    big_b = math.expm1(-h)
-    return (c1.sigma / c0.sigma) * x - c1.alpha * big_b * (m0 + res)
+        terms.append((m_new, rhos[-1]))
+    scale = -c1.alpha * math.expm1(-h)
+    x1 = torch.add(x * (c1.sigma / c0.sigma), m0, alpha=scale * (1 - sum(w for _, w in terms)))
+    for m, w in terms:
+        x1.add_(m, alpha=scale * w)
+    return x1
 
 
 def unipc(model, x, grid, *, order: int = 3, generator=None, callback=None):
