@@ -1,6 +1,7 @@
 """Training: exact resume, several processes, checkpoints, data errors and the CLI end to end."""
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -99,6 +100,19 @@ def test_data_sets_and_scaling(tmp_path):
     for name in data.TOY_2D:
         x = data.toy_2d(name, 500)
         assert x.shape == (500, 2) and x.abs().max() < 6, name
+
+
+@pytest.mark.parametrize("name", ["moons", "circles"])
+def test_toy_sets_are_independent_draws(name):
+    """scikit-learn spaces moons/circles evenly in angle; the data sets must be i.i.d. draws instead.
+    The count of points in a fixed half-plane over repeated sets is binomial: its spread must match
+    sqrt(n p (1 - p)) (an evenly spaced set has spread near 0)."""
+    n = 1000
+    counts = torch.tensor([(data.toy_2d(name, n, seed=s)[:, 0] > 0.3).sum().item() for s in range(40)], dtype=torch.float64)
+    p = counts.mean().item() / n
+    sd_binomial = math.sqrt(n * p * (1 - p))
+    # The sample sd of 40 draws is within 35% of the true one with probability > 0.99 (chi-square, 39 dof).
+    assert 0.65 * sd_binomial < counts.std().item() < 1.35 * sd_binomial, (counts.std().item(), sd_binomial)
     d = data.digits()
     assert d.x.shape == (1797, 1, 8, 8) and d.x.min() == -1 and d.x.max() == 1 and d.num_classes == 10
     u8 = torch.arange(256, dtype=torch.uint8)

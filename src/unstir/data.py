@@ -42,18 +42,29 @@ class Dataset:
 
 
 def toy_2d(name: str, n: int, seed: int = 0) -> Tensor:
-    """n points of a 2-D toy set, roughly within [-3, 3]^2."""
+    """n independent draws from a 2-D toy distribution, roughly within [-3, 3]^2.
+
+    scikit-learn's make_moons and make_circles place their points at evenly spaced angles (a
+    stratified sample, so two sets of the same size sit far closer to each other than independent
+    draws do: on moons, sliced-W2 0.013 against about 0.04). Here they come from a 16 times finer
+    stratified set, drawn at random with replacement: independent draws up to a negligible angular
+    rounding."""
     from sklearn import datasets
 
     if name not in TOY_2D:
         raise ValueError(f"unknown 2-D data set {name!r}; choose one of {list(TOY_2D)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
     rs = np.random.RandomState(seed)
+    fine = min(16 * n, max(n, 1_000_000))
     if name == "moons":
-        x = datasets.make_moons(n, noise=0.05, random_state=rs)[0] * 1.5 - [0.75, 0.25]
+        x = datasets.make_moons(fine, noise=0.05, random_state=rs)[0] * 1.5 - [0.75, 0.25]
+        x = x[rs.randint(fine, size=n)]
     elif name == "swiss_roll":
         x = datasets.make_swiss_roll(n, noise=0.3, random_state=rs)[0][:, [0, 2]] / 5.0
     elif name == "circles":
-        x = datasets.make_circles(n, factor=0.5, noise=0.04, random_state=rs)[0] * 2.5
+        x = datasets.make_circles(fine, factor=0.5, noise=0.04, random_state=rs)[0] * 2.5
+        x = x[rs.randint(fine, size=n)]
     elif name == "checkerboard":
         cells = rs.randint(0, 8, size=n)  # the 8 dark squares of a 4x4 board
         row, col = cells // 2, 2 * (cells % 2) + (cells // 2) % 2

@@ -20,6 +20,12 @@ def sliced_w2(x: Tensor, y: Tensor, n_proj: int = 256, seed: int = 0) -> float:
     return ((px - py) ** 2).mean().sqrt().item()
 
 
+def two_sample_floor(draw, reference: Tensor, repeats: int = 5) -> list[float]:
+    """Sliced-W2 between ``reference`` and ``repeats`` fresh samples ``draw(i)`` of the same size and
+    distribution: what a perfect sampler scores. Report the mean (and the spread: it is noisy)."""
+    return [sliced_w2(draw(i), reference) for i in range(repeats)]
+
+
 def mode_weights(mixture, x: Tensor) -> Tensor:
     """The fraction of samples assigned to each component of a Gaussian mixture (by its posterior)."""
     labels = mixture.posterior(x.double()).argmax(1)
