@@ -6,7 +6,7 @@ import torch
 
 import unstir
 from unstir import oracle
-from unstir.metrics import mode_weights, sliced_w2  # noqa: F401  (re-exported)
+from unstir.metrics import mode_weights, sliced_w2, two_sample_floor  # noqa: F401  (re-exported)
 
 
 def cases():

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import unstir  # noqa: E402
-from common import cases, endpoint_error, mode_weight_error, reference, sliced_w2  # noqa: E402
+from common import cases, endpoint_error, mode_weight_error, reference, sliced_w2, two_sample_floor  # noqa: E402
 
 warnings.filterwarnings("ignore")
 NFES = (5, 8, 10, 15, 20, 50)
@@ -124,7 +124,7 @@ def quality(n: int, nfes) -> list[str]:
         x_T = PROCESS.prior_std * z
         ref = reference(model, PROCESS, x_T)
         exact = gm.sample(n, torch.Generator().manual_seed(1))
-        floors = [sliced_w2(gm.sample(n, torch.Generator().manual_seed(10 + i)), exact) for i in range(5)]
+        floors = two_sample_floor(lambda i: gm.sample(n, torch.Generator().manual_seed(10 + i)), exact)
         floor = sum(floors) / len(floors)
         rows = {}
         for name, (sampler, opts, per_step, det) in UNSTIR.items():

@@ -22,7 +22,7 @@ import torch
 import unstir
 from unstir import data, figures, oracle
 from unstir.losses import TimeSampler, dsm_loss
-from unstir.metrics import sliced_w2
+from unstir.metrics import sliced_w2, two_sample_floor
 from unstir.parametrization import Denoiser
 from unstir.train import TrainConfig, build_net, load_run, train
 
@@ -40,7 +40,7 @@ def oracle_quality(steps: int, out: Path) -> list[str]:
     model = load_run(run)
     n = 4000
     exact = gm.sample(n, torch.Generator().manual_seed(1)).float()
-    floor = float(np.mean([sliced_w2(gm.sample(n, torch.Generator().manual_seed(10 + i)), exact) for i in range(5)]))
+    floor = float(np.mean(two_sample_floor(lambda i: gm.sample(n, torch.Generator().manual_seed(10 + i)), exact)))
     lines = [f"### 2-D oracle mixture (unequal_2d), {steps} steps in {seconds:.0f} s; floor {floor:.4f} (n={n})", "```"]
     for sampler in ("dpm++2m", "unipc", "ddim", "ddpm"):
         with torch.no_grad():
