@@ -174,9 +174,10 @@ def discrete_reference():
 @pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "unipc", "deis"])
 def test_multistep_solvers_at_1000_steps_on_the_discrete_schedule(discrete_reference, sampler):
     """diffusers' DPM-Solver++ and UniPC return NaN with linspace spacing at 1000 steps (their rounded
-    timesteps hold 500 twice: a zero step in lambda). Here 1000 steps, uniform in t (their linspace) or in lambda, stay finite and land on the
-    tight reference solve: within 1e-3, set by the uniform grid's largest lambda step, the last one
-    (lambda(1/N) - lambda(2/N) = 0.39), where second-order DPM-Solver++ leaves about 2e-4."""
+    timesteps hold 500 twice: a zero step in lambda). Here 1000 steps, uniform in t (their linspace) or
+    in lambda, stay finite and land on the tight reference solve: within 1e-3, set by the uniform grid's
+    largest lambda step, the last one (lambda(1/N) - lambda(2/N) = 0.39), where second-order
+    DPM-Solver++ leaves about 2e-4."""
     model, x_T, ref = discrete_reference
     for grid in ("uniform", "log_snr"):
         r = unstir.sample(model, None, x_T, sampler=sampler, steps=1000, grid=grid)

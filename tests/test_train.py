@@ -100,6 +100,10 @@ def test_data_sets_and_scaling(tmp_path):
     for name in data.TOY_2D:
         x = data.toy_2d(name, 500)
         assert x.shape == (500, 2) and x.abs().max() < 6, name
+    with pytest.raises(ValueError, match=r"n must be a positive integer, got 0"):
+        data.toy_2d("moons", 0)
+    with pytest.raises(ValueError, match=r"unknown 2-D data set 'moon'; choose one of"):
+        data.toy_2d("moon", 10)
 
 
 @pytest.mark.parametrize("name", ["moons", "circles"])
