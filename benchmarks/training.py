@@ -21,9 +21,7 @@ import torch
 
 import unstir
 from unstir import data, figures, oracle
-from unstir.losses import TimeSampler, dsm_loss
 from unstir.metrics import sliced_w2, two_sample_floor
-from unstir.parametrization import Denoiser
 from unstir.train import TrainConfig, build_net, load_run, train
 
 HERE = Path(__file__).parent

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path

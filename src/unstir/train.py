@@ -32,7 +32,7 @@ from . import data as data_mod
 from . import nets
 from .losses import WEIGHTINGS, TimeSampler, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
-from .processes import DDPM, PROCESSES, make_process, process_from_config
+from .processes import PROCESSES, make_process, process_from_config
 
 Tensor = torch.Tensor
 
