@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 import unstir
 from unstir import data, figures, oracle
+from unstir.losses import TimeSampler
 from unstir.metrics import sliced_w2, two_sample_floor
 from unstir.train import TrainConfig, build_net, load_run, train
 
@@ -79,29 +82,77 @@ def digits_quality(steps: int, out: Path) -> list[str]:
             f"(the same classifier on the real digits: {clf.predict_proba(feats).max(1).mean():.3f})", "```"]
 
 
-def speed(kind: str, steps: int = 200, repeats: int = 3) -> str:
-    """Steps/s of the real loop against a bare forward + backward + AdamW step of the same network on a
-    fixed batch; the two alternate ``repeats`` times and the best rate of each counts (the machine is noisy)."""
+def speed(kind: str, steps: int = 200, repeats: int = 5, warmup: int = 10) -> str:
+    """The training loop's cost over a bare forward + backward + AdamW step of the same network.
+
+    End to end: steady-state steps/s of the real loop (``unstir.train``) against the bare step on a fixed
+    batch, both after ``warmup`` steps; the two alternate ``repeats`` times and the best rate of each
+    counts. On this shared 2-core machine single rates move by +-20%, so the work the loop adds per step
+    is also timed piece by piece (best of 5 blocks): drawing the batch (indices, times, weights, noise),
+    the perturbation x_t, gradient clipping and the EMA update."""
     cfg = TrainConfig(data=kind, steps=steps, batch_size=512 if kind == "moons" else 128, checkpoint_every=10**9,
-                      log_every=10**9, n_data=20000)
+                      log_every=warmup, n_data=20000)
     dataset = data.load(kind, n=20000)
-    net = build_net(cfg, dataset, unstir.make_process("vp"))
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    process = unstir.make_process("vp")
+    net = build_net(cfg, dataset, process)
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # as unstir.train configures it
     x, t = dataset.x[: cfg.batch_size], torch.rand(cfg.batch_size)
+
+    def bare_step():
+        opt.zero_grad(set_to_none=True)
+        net(x, t).square().mean().backward()
+        opt.step()
+
     loop, bare = 0.0, 0.0
     for _ in range(repeats):
         out = Path("/tmp/unstir_speed")
         shutil.rmtree(out, ignore_errors=True)
         train(cfg, out, progress=False)
-        loop = max(loop, json.loads((out / "log.jsonl").read_text().splitlines()[-1])["steps_per_s"])
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        first, last = log[0], log[-1]  # the first entry is written after the warm-up steps
+        loop = max(loop, (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"]))
+        for _ in range(warmup):
+            bare_step()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            net(x, t).square().mean().backward()
-            opt.step()
-        bare = max(bare, steps / (time.perf_counter() - t0))
+        for _ in range(steps - warmup):
+            bare_step()
+        bare = max(bare, (steps - warmup) / (time.perf_counter() - t0))
+
+    g, times, ema = torch.Generator().manual_seed(0), TimeSampler(process, cfg.weighting), [p.detach().clone() for p in params]
+    noise, t64 = torch.randn_like(x), t.double().clamp(process.t_min, process.T)
+
+    def draw():
+        idx = torch.randint(len(dataset.x), (cfg.batch_size,), generator=g)
+        times.sample(cfg.batch_size, g)
+        torch.randn(x.shape, generator=g)
+        return dataset.x[idx]
+
+    def ema_update():
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1e-3)
+
+    bare_step()
+    extras = {"batch draw": draw, "perturb": lambda: process.perturb(x, t64, noise),
+              "clip": lambda: nn.utils.clip_grad_norm_(params, 1.0), "EMA": ema_update}
+    ms = {name: _best_ms(fn) for name, fn in extras.items()}
+    bare_ms = _best_ms(bare_step, 5 if kind == "digits" else 50)
+    parts = ", ".join(f"{name} {v:.3f}" for name, v in ms.items())
     return (f"{kind:7s} batch {cfg.batch_size:4d}: loop {loop:7.1f} steps/s, bare forward+backward+AdamW "
-            f"{bare:7.1f} steps/s, overhead {100 * (bare / loop - 1):5.1f}% (best of {repeats})")
+            f"{bare:7.1f} steps/s, overhead {100 * (bare / loop - 1):5.1f}% (best of {repeats}, after {warmup} "
+            f"warm-up steps)\n{'':7s} per step, timed alone (ms): bare step {bare_ms:.2f}; {parts}; "
+            f"sum {sum(ms.values()):.3f} = {100 * sum(ms.values()) / bare_ms:.1f}% of the bare step")
+
+
+def _best_ms(fn, n: int = 200, blocks: int = 5) -> float:
+    fn()
+    best = math.inf
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best * 1e3
 
 
 def main():
