@@ -25,7 +25,8 @@ import unstir
 from unstir import data, figures, oracle
 from unstir.losses import TimeSampler
 from unstir.metrics import sliced_w2, two_sample_floor
-from unstir.train import TrainConfig, build_net, load_run, train
+from unstir.runs import load_run
+from unstir.training import TrainConfig, build_net, train
 
 HERE = Path(__file__).parent
 

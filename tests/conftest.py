@@ -3,7 +3,7 @@ import pytest
 import unstir
 import unstir.metrics
 
-ALL_PROCESSES = ["vp", "vp_cosine", "subvp", "ve", "ddpm"]
+ALL_PROCESSES = ["vp", "vp_cosine", "subvp", "ve", "ddpm", "rf"]
 
 
 @pytest.fixture(params=ALL_PROCESSES)

@@ -6,7 +6,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from unstir.train import TrainConfig, train
+from unstir.training import TrainConfig, train
 
 if __name__ == "__main__":
     out, dump = sys.argv[1], sys.argv[2]

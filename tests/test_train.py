@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import unstir
 from unstir import data
-from unstir.train import TrainConfig, load_run, load_tensors, train
+from unstir.runs import load_run, load_tensors
+from unstir.training import TrainConfig, train
 
 SMALL = dict(data="moons", steps=40, batch_size=64, checkpoint_every=10, log_every=10, n_data=2000)
 

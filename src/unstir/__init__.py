@@ -2,15 +2,16 @@
 
 from .grids import GRIDS, time_grid
 from .oracle import EXAMPLES, GaussianMixture
-from .parametrization import PREDICTIONS, Denoiser, ModelOutput, convert
-from .processes import DDPM, PROCESSES, VE, VP, Process, SubVP, make_process
+from .parametrization import PREDICTIONS, Denoiser, Model, ModelOutput, convert
+from .processes import DDPM, PROCESSES, RF, VE, VP, Coefficients, Process, SubVP, make_process
+from .runs import load_run
 from .samplers import SAMPLERS, SampleResult, sample
-from .train import TrainConfig, load_run, train
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DDPM", "Denoiser", "EXAMPLES", "GRIDS", "GaussianMixture", "ModelOutput", "PREDICTIONS", "PROCESSES",
+    "Coefficients", "DDPM", "Denoiser", "Model", "RF", "EXAMPLES", "GRIDS", "GaussianMixture", "ModelOutput", "PREDICTIONS", "PROCESSES",
     "Process", "SAMPLERS", "SampleResult", "SubVP", "TrainConfig", "VE", "VP", "convert", "load_run", "make_process",
     "sample", "time_grid", "train",
 ]

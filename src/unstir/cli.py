@@ -3,122 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import figures, oracle
+from .demos import demo, oracle_demo
 from .grids import GRIDS
-from .metrics import mode_weights, sliced_w2, two_sample_floor
-from .processes import PROCESSES, make_process
+from .processes import PROCESSES
 from .samplers import SAMPLERS, sample
-
-DEMO_SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "pc", "dpm++2m", "unipc")
-
-
-def oracle_demo(args) -> int:
-    """The core on the exact score of a Gaussian mixture: marginals, score field, samplers, trajectories."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    process = make_process(args.process)
-    mixture = oracle.EXAMPLES[args.data]()
-    model = mixture.denoiser(process)
-    n, steps = args.n, args.steps
-    t_show = [process.t_min, 0.1 * process.T, 0.3 * process.T, 0.6 * process.T, process.T]
-    figures.marginals_and_scores(mixture, process, t_show, out / "marginals.png")
-
-    exact = mixture.sample(n, torch.Generator().manual_seed(args.seed)).float()
-    floors = two_sample_floor(lambda i: mixture.sample(n, torch.Generator().manual_seed(args.seed + 10 + i)), exact)
-    x_T = process.prior_sample((n, 2), torch.Generator().manual_seed(args.seed + 2))
-    panels = {"exact p_0": exact}
-    rows = []
-    for name in tqdm(DEMO_SAMPLERS, desc="sampling", unit="sampler"):
-        start = time.perf_counter()
-        r = sample(model, process, x_T, sampler=name, steps=steps, generator=torch.Generator().manual_seed(args.seed))
-        seconds = time.perf_counter() - start
-        panels[f"{name} ({r.nfe} NFE)"] = r.x
-        w_err = (mode_weights(mixture, r.x) - mixture.weights).abs().max().item()
-        rows.append((name, r.nfe, sliced_w2(r.x, exact), w_err, seconds))
-    figures.scatter_panels(panels, out / "samples.png")
-
-    few = x_T[: args.paths]
-    figures.trajectories(_sde_and_ode_paths(model, few, steps, args.seed), out / "trajectories.png")
-
-    print(f"\n{mixture!r} data '{args.data}', process {process!r}, {n} samples, {steps} steps")
-    print(f"sliced-W2 two-sample floor: {_floor_text(floors)}\n")
-    print(f"{'sampler':16s} {'NFE':>4s} {'sliced-W2':>10s} {'mode-weight err':>16s} {'seconds':>8s}")
-    for name, nfe, sw2, w_err, seconds in rows:
-        print(f"{name:16s} {nfe:4d} {sw2:10.4f} {w_err:16.4f} {seconds:8.2f}")
-    print(f"\nfigures: {out / 'marginals.png'}, {out / 'samples.png'}, {out / 'trajectories.png'}")
-    return 0
-
-
-def _sde_and_ode_paths(model, x_T, steps: int, seed: int) -> dict:
-    """Reverse-SDE and PF-ODE trajectories from the same noise, for ``figures.trajectories``."""
-    paths = {}
-    for label, name, n in (("reverse SDE (Euler-Maruyama)", "euler_maruyama", 200),
-                           ("PF ODE (DPM-Solver++ 2M)", "dpm++2m", steps)):
-        ts, xs = [], []
-        with torch.no_grad():
-            result = sample(model, None, x_T, sampler=name, steps=n, generator=torch.Generator().manual_seed(seed),
-                            callback=lambda s: (ts.append(s["t"]), xs.append(s["x"])))
-        paths[label] = (ts + [0.0], torch.stack(xs + [result.x]))
-    return paths
-
-
-MAIN_SAMPLERS = {"ddpm": 50, "ddim": 20, "euler_maruyama": 50, "pc": 25, "dpm++2m": 20}
-
-
-def _floor_text(floors: list[float]) -> str:
-    return f"{sum(floors) / len(floors):.4f}, range {min(floors):.4f}-{max(floors):.4f} over {len(floors)} fresh samples"
-
-
-def demo(args) -> int:
-    """The main job: train a score model on 2-D data, sample it with DDPM, DDIM, the reverse SDE,
-    predictor-corrector and DPM-Solver++, and compare each to held-out data."""
-    from .data import toy_2d
-    from .train import TrainConfig, load_run, train
-
-    out = Path(args.out)
-    run = out / "run"
-    if run.exists():
-        shutil.rmtree(run)
-    cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed)
-    print(f"training on '{args.data}' ({args.process}, {args.train_steps} steps, batch {cfg.batch_size})")
-    result = train(cfg, run)
-    model = load_run(run)
-    held_out = toy_2d(args.data, args.n, seed=args.seed + 1000)
-    floors = two_sample_floor(lambda i: toy_2d(args.data, args.n, seed=args.seed + 2000 + i), held_out)
-    x_T = model.process.prior_sample((args.n, 2), torch.Generator().manual_seed(args.seed))
-    panels, rows = {"held-out data": held_out}, []
-    for name, steps in tqdm(MAIN_SAMPLERS.items(), desc="sampling", unit="sampler"):
-        with torch.no_grad():
-            r = sample(model, None, x_T, sampler=name, steps=steps, generator=torch.Generator().manual_seed(args.seed))
-        panels[f"{name} ({r.nfe} NFE)"] = r.x
-        rows.append((name, r.nfe, sliced_w2(r.x, held_out)))
-    figures.scatter_panels(panels, out / "samples.png")
-    figures.trajectories(_sde_and_ode_paths(model, x_T[: args.paths], 20, args.seed), out / "trajectories.png")
-    rate = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["steps_per_s"]
-    print(f"\ntrained {result.step} steps at {rate:.0f} steps/s; run folder {run}")
-    print(f"sliced-W2 to {args.n} held-out points (two-sample floor {_floor_text(floors)}):")
-    print(f"{'sampler':16s} {'NFE':>4s} {'sliced-W2':>10s}")
-    for name, nfe, sw2 in rows:
-        print(f"{name:16s} {nfe:4d} {sw2:10.4f}")
-    print(f"\nfigures: {out / 'samples.png'}, {out / 'trajectories.png'}")
-    return 0
-
 
 def train_cmd(args) -> int:
     """Train a score model by denoising score matching and write a run folder (safetensors checkpoints,
     config, log.jsonl). Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP),
     each process on its own shard of every global batch."""
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -131,7 +32,7 @@ def train_cmd(args) -> int:
 def sample_cmd(args) -> int:
     """Sample from a trained run and write a PNG (grid of images or scatter plot) or a .npy array."""
     from .data import from_unit_range
-    from .train import load_run
+    from .runs import load_run
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):

@@ -159,9 +159,8 @@ class GaussianMixture:
 
     def denoiser(self, process: Process) -> Denoiser:
         """The exact model of this data under ``process``, as the same wrapper a network gets."""
-        model = Denoiser(lambda x, t: self.eps(x, t, process), process, "eps", time_dtype=torch.float64)
-        model.data_shape = (self.dim,)
-        return model
+        return Denoiser(lambda x, t: self.eps(x, t, process), process, "eps", time_dtype=torch.float64,
+                        data_shape=(self.dim,))
 
 
 def _log_normal(x: Tensor, means: Tensor, covs: Tensor) -> Tensor:

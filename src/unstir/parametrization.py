@@ -1,81 +1,99 @@
-"""Model outputs: eps, x0, v and score are one thing in four coordinates.
+"""Model outputs: eps, x0, v, score and velocity are one thing in five coordinates.
 
-With x = alpha x0 + sigma eps (any process, VP or not):
+With x = alpha x0 + sigma eps (any process) and the coefficient record c of ``processes.Coefficients``:
 
-    score = -eps / sigma                        (Tweedie; reference text 000, section 2)
-    x0    = (x - sigma eps) / alpha
-    v     = alpha eps - sigma x0                (Salimans & Ho 2022)
-    eps   = (alpha v + sigma x) / (alpha^2 + sigma^2)
+    score    = -eps / sigma                          (Tweedie's formula; Efron 2011, Song et al. 2021 eq. 7)
+    x0       = (x - sigma eps) / alpha
+    v        = alpha eps - sigma x0                  (Salimans & Ho 2022)
+    velocity = alpha' x0 + sigma' eps                (flow matching; Lipman et al. 2023, Liu et al. 2023)
+             = f x + g^2 / (2 sigma) eps            (the probability-flow ODE field f - g^2/2 score,
+                                                      Song et al. 2021 eq. 13: the same vector field)
 
-A network predicts one of them; ``Denoiser`` wraps it and exposes all four. Samplers, losses and
-likelihoods talk to a ``Denoiser`` (or anything with the same call), never to the raw network.
+so eps = (alpha v + sigma x) / (alpha^2 + sigma^2) and eps = (velocity - f x) 2 sigma / g^2.
+
+A network predicts one of them; ``Denoiser`` wraps it and exposes all five. Samplers, losses and
+likelihoods talk to a ``Model`` (a ``Denoiser`` or anything with the same call), never to the raw network.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from ._checks import check_choice, expand_as
-from .processes import DDPM, Process, coefficients
+from ._checks import check_choice
+from .processes import DDPM, Coefficients, Process, coefficients
 
 Tensor = torch.Tensor
 
-PREDICTIONS = ("eps", "x0", "v", "score")
+PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
 
 
-def to_eps(kind: str, pred: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Convert a prediction of type ``kind`` to eps. alpha and sigma broadcast against x."""
+def to_eps(kind: str, pred: Tensor, x: Tensor, c: Coefficients) -> Tensor:
+    """Convert a prediction of type ``kind`` to eps; the entries of ``c`` broadcast against x."""
     if kind == "eps":
         return pred
     if kind == "x0":
-        return (x - alpha * pred) / sigma
+        return (x - c.alpha * pred) / c.sigma
     if kind == "v":
-        return (alpha * pred + sigma * x) / (alpha**2 + sigma**2)
+        return (c.alpha * pred + c.sigma * x) / (c.alpha**2 + c.sigma**2)
     if kind == "score":
-        return -sigma * pred
+        return -c.sigma * pred
+    if kind == "velocity":
+        return (pred - c.drift * x) * (2 * c.sigma / c.g2)
     check_choice("prediction", kind, PREDICTIONS)
 
 
-def from_eps(kind: str, eps: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def from_eps(kind: str, eps: Tensor, x: Tensor, c: Coefficients) -> Tensor:
     """Convert eps to a prediction of type ``kind``."""
     if kind == "eps":
         return eps
     if kind == "x0":
-        return (x - sigma * eps) / alpha
+        return (x - c.sigma * eps) / c.alpha
     if kind == "v":
-        return alpha * eps - sigma * (x - sigma * eps) / alpha
+        return c.alpha * eps - c.sigma * (x - c.sigma * eps) / c.alpha
     if kind == "score":
-        return -eps / sigma
+        return -eps / c.sigma
+    if kind == "velocity":
+        return c.drift * x + (c.g2 / (2 * c.sigma)) * eps
     check_choice("prediction", kind, PREDICTIONS)
 
 
-def convert(pred: Tensor, src: str, dst: str, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Convert a prediction from type ``src`` to type ``dst``."""
+def convert(pred: Tensor, src: str, dst: str, x: Tensor, c: Coefficients) -> Tensor:
+    """Convert a prediction from type ``src`` to type ``dst`` at the coefficients ``c`` (broadcast to x)."""
     check_choice("prediction", src, PREDICTIONS)
     check_choice("prediction", dst, PREDICTIONS)
     if src == dst:
         return pred
-    return from_eps(dst, to_eps(src, pred, x, alpha, sigma), x, alpha, sigma)
+    return from_eps(dst, to_eps(src, pred, x, c), x, c)
 
 
 class ModelOutput:
-    """What the model says about x at time t, in every parametrization (computed on demand)."""
+    """What the model says about x at time t, in every parametrization (computed on demand).
 
-    def __init__(self, x: Tensor, t, alpha: Tensor, sigma: Tensor, pred: Tensor, kind: str):
-        self.x, self.t, self.alpha, self.sigma = x, t, alpha, sigma
+    ``c`` is the process's coefficient record at t, broadcast against x."""
+
+    def __init__(self, x: Tensor, t, c: Coefficients, pred: Tensor, kind: str):
+        self.x, self.t, self.c = x, t, c
         self.pred, self.kind = pred, kind
+
+    @property
+    def alpha(self):
+        return self.c.alpha
+
+    @property
+    def sigma(self):
+        return self.c.sigma
 
     def _get(self, kind: str) -> Tensor:
         if kind == self.kind:
             return self.pred
-        return from_eps(kind, self.eps, self.x, self.alpha, self.sigma)
+        return from_eps(kind, self.eps, self.x, self.c)
 
     @cached_property
     def eps(self) -> Tensor:
-        return to_eps(self.kind, self.pred, self.x, self.alpha, self.sigma)
+        return to_eps(self.kind, self.pred, self.x, self.c)
 
     @cached_property
     def x0(self) -> Tensor:
@@ -89,36 +107,68 @@ class ModelOutput:
     def v(self) -> Tensor:
         return self._get("v")
 
+    @cached_property
+    def velocity(self) -> Tensor:
+        """dx/dt of the probability-flow ODE (the flow-matching velocity)."""
+        return self._get("velocity")
 
-class Denoiser:
-    """Wrap ``net(x, t_input) -> prediction`` for a process.
 
-    ``prediction`` names what the network outputs (eps, x0, v or score). The network receives t as a
-    tensor of shape (batch,) in x's dtype (or ``time_dtype``): continuous t, or, with ``discrete_labels=True`` on a DDPM
-    process, the integer timestep label (t N - 1).
+@runtime_checkable
+class Model(Protocol):
+    """What every sampler, loss, likelihood and guidance wrapper needs of a model.
+
+    ``process`` is the forward process the model was trained for; ``data_shape`` the per-sample shape
+    (None if the model accepts any); ``num_classes`` the number of class labels it accepts in ``y``
+    (0: unconditional). Calling it at (x, t) with optional class labels ``y`` (shape (batch,), integers)
+    returns a ``ModelOutput``. t is a Python float (one time for the batch) or a tensor of shape (batch,).
     """
 
-    def __init__(self, net: Callable[[Tensor, Tensor], Tensor], process: Process, prediction: str = "eps",
-                 *, discrete_labels: bool = False, time_dtype: torch.dtype | None = None):
+    process: Process
+    data_shape: tuple[int, ...] | None
+    num_classes: int
+
+    def __call__(self, x: Tensor, t, y: Tensor | None = None) -> ModelOutput: ...
+
+
+class Denoiser:
+    """Wrap ``net(x, t_input[, y]) -> prediction`` for a process: the standard ``Model``.
+
+    ``prediction`` names what the network outputs (eps, x0, v, score or velocity). The network receives t as
+    a tensor of shape (batch,) in x's dtype (or ``time_dtype``): continuous t, or, with
+    ``discrete_labels=True`` on a DDPM process, the integer timestep label (t N - 1). ``data_shape`` is the
+    per-sample shape the network expects (None: any); ``num_classes`` > 0 means the network takes class
+    labels ``y`` in [0, num_classes) as a third argument.
+    """
+
+    def __init__(self, net: Callable[..., Tensor], process: Process, prediction: str = "eps",
+                 *, discrete_labels: bool = False, time_dtype: torch.dtype | None = None,
+                 data_shape: tuple[int, ...] | None = None, num_classes: int = 0):
         check_choice("prediction", prediction, PREDICTIONS)
+        if not isinstance(process, Process):
+            raise TypeError(f"process must be a unstir Process, got {type(process).__name__}")
         if discrete_labels and not isinstance(process, DDPM):
             raise ValueError(f"discrete_labels=True needs a 'ddpm' process, got {process.name!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         self.net, self.process, self.prediction = net, process, prediction
         self.discrete_labels = discrete_labels
         self.time_dtype = time_dtype  # None: the network gets t in x's dtype
-        self.data_shape: tuple[int, ...] | None = None  # set when known, so samplers can check x_T
+        self.data_shape = None if data_shape is None else tuple(int(s) for s in data_shape)
+        self.num_classes = num_classes
 
     def __call__(self, x: Tensor, t, y: Tensor | None = None) -> ModelOutput:
         """The model's outputs at (x, t); t is a Python float (one time for the batch) or a tensor (batch,).
-        ``y`` (class labels) is passed on to networks that take it."""
+        ``y`` (class labels) is passed on to the network as a third argument when given."""
         if isinstance(t, float):
             c = coefficients(self.process, t)
-            alpha, sigma = c.alpha, c.sigma
             label = t * self.process.num_steps - 1 if self.discrete_labels else t
             t_in = torch.full((x.shape[0],), label, dtype=self.time_dtype or x.dtype, device=x.device)
         else:
-            alpha, sigma = expand_as(self.process.alpha(t), x), expand_as(self.process.sigma(t), x)
+            c = self.process.coefficients(t).expand_as(x)
             t_in = self.process.timestep(t) if self.discrete_labels else torch.as_tensor(t, dtype=torch.float64)
             t_in = t_in.to(dtype=self.time_dtype or x.dtype, device=x.device).expand(x.shape[0])
         pred = self.net(x, t_in) if y is None else self.net(x, t_in, y)
-        return ModelOutput(x, t, alpha, sigma, pred, self.prediction)
+        if pred.shape != x.shape:
+            raise ValueError(f"the network returned shape {tuple(pred.shape)} for input of shape {tuple(x.shape)}; "
+                             f"a {self.prediction} prediction must have the input's shape")
+        return ModelOutput(x, t, c, pred, self.prediction)

@@ -6,8 +6,8 @@ SDE dx = f(x, t) dt + g(t) dw that produces it:
     f(x, t) = (d log alpha / dt) x
     g(t)^2  = d sigma^2 / dt - 2 sigma^2 d log alpha / dt
 
-(score_sde, Song et al. 2021, eqs. 11 and 33; the reference texts 001 and 002 give the VP case
-f = -beta/2 x, g^2 = beta). The log-SNR is lambda(t) = log(alpha / sigma), strictly decreasing, so it
+(Song et al. 2021, eqs. 11 and 33; for VP, f = -beta/2 x and g^2 = beta as in Ho et al. 2020's
+discrete chain). The log-SNR is lambda(t) = log(alpha / sigma), strictly decreasing, so it
 has an inverse t(lambda) which the grids and solvers use.
 
 Schedule quantities are computed in float64; callers cast at their boundary.
@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ._checks import as_time, expand_as
+from ._checks import as_time, check_choice, expand_as
 
 Tensor = torch.Tensor
 
@@ -178,6 +178,13 @@ class Process:
     def _log_snr_range(self) -> tuple[float, float]:
         return self.log_snr(self.T).item(), self.log_snr(self.t_min).item()
 
+    def coefficients(self, t) -> "Coefficients":
+        """The whole coefficient record at t (scalar or (batch,)), as float64 tensors: alpha, sigma, log-SNR,
+        d log alpha / dt and g^2, with alpha' and sigma' derived from them (``Coefficients``)."""
+        t = self._t(t)
+        la, ls = self._log_alpha(t), self._log_sigma(t)
+        return Coefficients(torch.exp(la), torch.exp(ls), la - ls, self._dlog_alpha(t), self._g2(t))
+
     def drift_coef(self, t) -> Tensor:
         """d log alpha / dt, so that f(x, t) = drift_coef(t) x."""
         return self._dlog_alpha(self._t(t))
@@ -307,6 +314,39 @@ class VE(Process):
         return {**super().config(), "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
+class RF(Process):
+    """Rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023): alpha = 1 - t, sigma = t.
+
+    d log alpha/dt = -1/(1 - t), g^2 = d sigma^2/dt - 2 sigma^2 d log alpha/dt = 2t/(1 - t), and
+    lambda = log((1 - t)/t) with inverse t = sigmoid(-lambda). g^2 and the drift blow up at t = 1 (alpha = 0:
+    x / alpha, the score's x0 and the reverse SDE are all undefined there), so T = 1 - 1e-3 by default:
+    the prior N(0, T^2 I) then ignores a signal of 1e-3 x0. The PF-ODE velocity f x - g^2/2 score equals
+    the flow-matching target alpha' x0 + sigma' eps = eps - x0.
+    """
+
+    name = "rf"
+
+    def __init__(self, t_min: float = 1e-3, T: float = 1 - 1e-3):
+        if not T < 1:
+            raise ValueError(f"rf needs T < 1 (g^2 = 2t/(1-t) is infinite at t = 1), got T={T}")
+        super().__init__(t_min, T)
+
+    def _log_alpha(self, t):
+        return torch.log1p(-t)
+
+    def _log_sigma(self, t):
+        return torch.log(t)
+
+    def _dlog_alpha(self, t):
+        return -1.0 / (1.0 - t)
+
+    def _g2(self, t):
+        return 2.0 * t / (1.0 - t)
+
+    def _t_from_log_snr(self, lam):
+        return torch.sigmoid(-lam)
+
+
 class DDPM(VP):
     """The discrete DDPM schedule (Ho et al. 2020) as a VP process on [1/N, 1].
 
@@ -367,17 +407,34 @@ PROCESSES: dict[str, Callable[..., Process]] = {
     "subvp": _linear(SubVP),
     "ve": VE,
     "ddpm": DDPM,
+    "rf": RF,
 }
 
 
 class Coefficients(NamedTuple):
-    """Schedule quantities at one time, as Python floats (float64)."""
+    """Schedule quantities at one time: Python floats (``coefficients``, memoised, for samplers) or float64
+    tensors (``Process.coefficients``). The time derivatives follow from the record itself:
+    alpha' = alpha d log alpha/dt and sigma' = (g^2 + 2 sigma^2 d log alpha/dt) / (2 sigma)."""
 
     alpha: float
     sigma: float
     log_snr: float
     drift: float  # d log alpha / dt
     g2: float
+
+    @property
+    def dalpha(self):
+        """d alpha / dt."""
+        return self.alpha * self.drift
+
+    @property
+    def dsigma(self):
+        """d sigma / dt, from g^2 = d sigma^2/dt - 2 sigma^2 d log alpha/dt."""
+        return (self.g2 + 2 * self.sigma**2 * self.drift) / (2 * self.sigma)
+
+    def expand_as(self, x: Tensor) -> "Coefficients":
+        """Per-sample tensor entries reshaped to broadcast against x (floats pass through)."""
+        return Coefficients(*(v if isinstance(v, float) else expand_as(v, x) for v in self))
 
     @property
     def sigma_bar(self) -> float:
@@ -395,9 +452,8 @@ def coefficients(process: Process, t: float) -> Coefficients:
 
 
 def make_process(name: str, **kwargs) -> Process:
-    """Build a process by name: one of ``PROCESSES`` ('vp', 'vp_cosine', 'subvp', 've', 'ddpm')."""
-    if name not in PROCESSES:
-        raise ValueError(f"unknown process {name!r}; choose one of {sorted(PROCESSES)}")
+    """Build a process by name: one of ``PROCESSES`` ('vp', 'vp_cosine', 'subvp', 've', 'ddpm', 'rf')."""
+    check_choice("process", name, PROCESSES)
     return PROCESSES[name](**kwargs)
 
 

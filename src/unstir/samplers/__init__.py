@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
+from .._checks import check_choice
 from ..grids import GRIDS, check_grid, time_grid
-from ..parametrization import Denoiser
+from ..parametrization import Denoiser, Model
 from ..processes import VE, Process
 from .ode import deis, dpmpp, ode_euler, ode_heun, ode_rk45, unipc
 from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, reverse_diffusion
@@ -63,28 +64,30 @@ class SampleResult:
 
 
 class _Counted:
-    """Counts the model evaluations a sampler makes."""
+    """The model as a sampler sees it: labels ``y`` bound, evaluations counted."""
 
-    def __init__(self, model):
-        self.model, self.process, self.nfe = model, model.process, 0
+    def __init__(self, model, y):
+        self.model, self.process, self.y, self.nfe = model, model.process, y, 0
 
     def __call__(self, x, t):
         self.nfe += 1
-        return self.model(x, t)
+        return self.model(x, t, self.y)
 
 
 def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | None = None, *,
            sampler: str = "dpm++2m", steps: int = 20, grid: str | Tensor | None = None, denoise: bool = True,
-           generator: torch.Generator | None = None, callback=None, dtype=torch.float32, **options) -> SampleResult:
+           y: Tensor | int | None = None, generator: torch.Generator | None = None, callback=None,
+           dtype=torch.float32, **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``x_T`` (a tensor) or from the prior (a shape).
 
-    ``model`` is a ``Denoiser`` (or any callable ``net(x, t)`` predicting eps, wrapped for ``process``).
-    ``grid`` is a grid name from ``unstir.GRIDS`` (default: the sampler's measured best), or an explicit
-    descending tensor of times. ``options`` go to the sampler (``eta``, ``order``, ``snr``, ...).
+    ``model`` is a ``unstir.Model`` (a ``Denoiser``, a guidance wrapper, an adapter), or any callable
+    ``net(x, t)`` predicting eps, wrapped for ``process``. ``y`` holds class labels for a conditional model:
+    one integer for the whole batch or a tensor of shape (batch,); every sampler passes it to every model
+    call. ``grid`` is a grid name from ``unstir.GRIDS`` (default: the sampler's measured best), or an
+    explicit descending tensor of times. ``options`` go to the sampler (``eta``, ``order``, ``snr``, ...).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if not isinstance(model, Denoiser) and not hasattr(model, "process"):
+    check_choice("sampler", sampler, SAMPLERS)
+    if not isinstance(model, Model):
         if process is None:
             raise ValueError("a raw network needs a process: sample(net, process, ...)")
         model = Denoiser(model, process)
@@ -98,15 +101,36 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if grid is None or isinstance(grid, str):
-        if grid is not None and grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+        if grid is not None:
+            check_choice("grid", grid, GRIDS)
         times = time_grid(process, steps, grid or spec.grid, denoise=denoise)
     else:
         times = check_grid(process, grid)
     x = _initial(model, process, x_T, generator, dtype)
-    counted = _Counted(model)
+    counted = _Counted(model, check_labels(model, y, x.shape[0], x.device))
     x0 = spec.fn(counted, x, times, generator=generator, callback=callback, **options)
     return SampleResult(x0, counted.nfe, times)
+
+
+def check_labels(model, y, batch: int, device=None) -> Tensor | None:
+    """Class labels as a long tensor of shape (batch,), checked against the model's ``num_classes``."""
+    if y is None:
+        return None
+    num_classes = getattr(model, "num_classes", 0)
+    if not num_classes:
+        raise ValueError("class labels y were given, but the model takes no class input (num_classes = 0)")
+    if isinstance(y, bool) or not isinstance(y, (int, Tensor)):
+        raise TypeError(f"y must be an integer or a tensor of integers, got {type(y).__name__}")
+    y = torch.as_tensor(y, device=device)
+    if y.is_floating_point() or y.is_complex():
+        raise TypeError(f"class labels must be integers, got dtype {y.dtype}")
+    y = y.long().expand(batch) if y.ndim == 0 else y.long()
+    if y.shape != (batch,):
+        raise ValueError(f"y must be one label or have shape ({batch},), got shape {tuple(y.shape)}")
+    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}], got values in "
+                         f"[{y.min().item()}, {y.max().item()}]")
+    return y
 
 
 def _initial(model, process: Process, x_T, generator, dtype) -> Tensor:
@@ -131,6 +155,6 @@ def _initial(model, process: Process, x_T, generator, dtype) -> Tensor:
     return x
 
 
-__all__ = ["SAMPLERS", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
+__all__ = ["SAMPLERS", "check_labels", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
            "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "unipc",
            "edm"]

@@ -1,6 +1,7 @@
 """Shared pieces of every sampler: the grid loop, the PF-ODE velocity, noise and the Langevin corrector.
 
-A *step* is ``step(x, t, s) -> (x_s, out)``: it moves x from time t to time s < t and returns the
+The probability-flow ODE's field dx/dt = f - g^2/2 score is ``ModelOutput.velocity`` (one of the
+model's coordinates, see ``unstir.parametrization``). A *step* is ``step(x, t, s) -> (x_s, out)``: it moves x from time t to time s < t and returns the
 model output it evaluated at t (``out.x0`` feeds the callback). ``integrate`` runs a step over a grid
 and owns the one convention every sampler shares: an interval that ends at 0 is the denoising step,
 x <- E[x0 | x_t] = out.x0 (see ``unstir.grids``).
@@ -46,13 +47,6 @@ def coef(model, t: float) -> Coefficients:
 
 def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
-def pf_velocity(out: ModelOutput, c: Coefficients) -> Tensor:
-    """dx/dt of the probability-flow ODE, f(x, t) - 1/2 g(t)^2 score (Song et al. 2021, eq. 13).
-
-    Written with score = -eps / sigma, as two fused tensor operations: f x + (g^2 / 2 sigma) eps."""
-    return torch.add(out.x * c.drift, out.eps, alpha=0.5 * c.g2 / c.sigma)
 
 
 def langevin(model, x: Tensor, t: float, *, snr: float, generator) -> Tensor:

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from .base import coef, integrate, pf_velocity
+from .base import coef, integrate
 
 Tensor = torch.Tensor
 
@@ -26,7 +26,7 @@ def ode_euler(model, x, grid, *, generator=None, callback=None):
     """Euler on dx/dt = f - 1/2 g^2 score. First order."""
     def step(x, t, s):
         out = model(x, t)
-        return x.add(pf_velocity(out, coef(model, t)), alpha=s - t), out
+        return x.add(out.velocity, alpha=s - t), out
 
     return integrate(model, x, grid, step, callback)
 
@@ -35,9 +35,9 @@ def ode_heun(model, x, grid, *, generator=None, callback=None):
     """Heun (explicit trapezoid) on dx/dt = f - 1/2 g^2 score. Second order, two evaluations per step."""
     def step(x, t, s):
         out = model(x, t)
-        d1 = pf_velocity(out, coef(model, t))
+        d1 = out.velocity
         x_euler = x + d1 * (s - t)
-        d2 = pf_velocity(model(x_euler, s), coef(model, s))
+        d2 = model(x_euler, s).velocity
         return x + 0.5 * (d1 + d2) * (s - t), out
 
     return integrate(model, x, grid, step, callback)

@@ -30,7 +30,7 @@ def ddim_update(out, alpha_s: float, sigma_s: float, std_dir: float, std_noise: 
 
     With std = 0 this is alpha_s x0 + sigma_s eps, which is exactly one Euler step of the probability-flow
     ODE written in xbar = x / alpha and sbar = sigma / alpha, where it reads d xbar / d sbar = eps:
-    xbar_s = xbar_t + (sbar_s - sbar_t) eps (reference text 003; tested in tests/test_samplers.py).
+    xbar_s = xbar_t + (sbar_s - sbar_t) eps (Song et al. 2021a, eq. 14; tested in tests/test_samplers.py).
     """
     x = alpha_s * out.x0 + math.sqrt(max(sigma_s**2 - std_dir**2, 0.0)) * out.eps
     return x if std_noise == 0.0 else x + std_noise * z

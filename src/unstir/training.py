@@ -1,10 +1,7 @@
 """Training: AdamW with warm-up and clipping, an EMA of the weights, atomic safetensors checkpoints,
 exact resume, and DistributedDataParallel under ``torchrun``.
 
-A run folder holds ``config.json`` (what was asked), ``checkpoint.json`` (the step, the RNG state and
-the name of the current weights file), ``checkpoint-<step>.safetensors`` (model, EMA and optimizer
-tensors) and ``log.jsonl`` (metrics). Each file is written to a temporary name and renamed, and the
-JSON pointer is renamed last, so an interrupted write never leaves a run that cannot resume.
+What a run writes and how it is read back lives in ``unstir.runs``.
 
 Reproducibility: every random draw (batch indices, times, noise) comes from one generator seeded by the
 config and shared by all ranks; each rank takes its own slice of the global batch (its shard, as
@@ -14,7 +11,6 @@ whatever the number of processes, and a resumed run continues the identical stre
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -24,15 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from . import data as data_mod
 from . import nets
+from ._checks import check_choice
 from .losses import WEIGHTINGS, TimeSampler, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
-from .processes import PROCESSES, make_process, process_from_config
+from .processes import PROCESSES, make_process
+from .runs import load_checkpoint, save_checkpoint, write_run_info
 
 Tensor = torch.Tensor
 
@@ -67,20 +64,16 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.process not in PROCESSES:
-            raise ValueError(f"unknown process {self.process!r}; choose one of {sorted(PROCESSES)}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {list(PREDICTIONS)}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {list(WEIGHTINGS)}")
+        check_choice("process", self.process, PROCESSES)
+        check_choice("prediction", self.prediction, PREDICTIONS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.warmup >= 0 and self.grad_clip > 0):
             raise ValueError(f"need lr > 0, 0 <= ema_decay < 1, warmup >= 0, grad_clip > 0; got lr={self.lr}, "
                              f"ema_decay={self.ema_decay}, warmup={self.warmup}, grad_clip={self.grad_clip}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if self.discrete and self.process != "ddpm":
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
 
@@ -97,74 +90,6 @@ def _init_distributed(device: torch.device) -> None:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-# --- checkpoints --------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual permissions
-    os.replace(tmp, path)
-
-
-def _generator_state(g: torch.Generator) -> str:
-    return base64.b64encode(g.get_state().numpy().tobytes()).decode()
-
-
-def _set_generator_state(g: torch.Generator, state: str) -> None:
-    g.set_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
-
-
-def load_tensors(path) -> dict[str, Tensor]:
-    """Read a safetensors file; refuse anything else (pickles can run code when loaded)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if path.suffix != ".safetensors" or head[:1] == b"\x80" or head[:2] == b"PK":
-        raise ValueError(f"refusing to load {str(path)!r}: only .safetensors files are read, never pickles")
-    return load_file(str(path))
-
-
-def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
-                    generator: torch.Generator) -> Path:
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
-    opt_state = opt.state_dict()
-    for idx, st in opt_state["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{idx}.{k}"] = torch.as_tensor(v).contiguous().cpu()
-    weights = run / f"checkpoint-{step}.safetensors"
-    _atomic_write(weights, lambda p: save_file(tensors, str(p)))
-    meta = {"step": step, "weights": weights.name, "generator": _generator_state(generator),
-            "param_groups": opt_state["param_groups"]}
-    pointer = run / "checkpoint.json"
-    old = json.loads(pointer.read_text())["weights"] if pointer.exists() else None
-    _atomic_write(pointer, lambda p: p.write_text(json.dumps(meta)))
-    if old and old != weights.name:
-        (run / old).unlink(missing_ok=True)
-    return weights
-
-
-def load_checkpoint(run: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer | None,
-                    generator: torch.Generator | None) -> int:
-    meta = json.loads((run / "checkpoint.json").read_text())
-    tensors = load_tensors(run / meta["weights"])
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    if opt is not None:
-        state: dict = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, idx, name = k.split(".", 2)
-                state.setdefault(int(idx), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    if generator is not None:
-        _set_generator_state(generator, meta["generator"])
-    return meta["step"]
-
-
 # --- the run ------------------------------------------------------------------------------------------
 
 
@@ -174,23 +99,6 @@ def build_net(cfg: TrainConfig, dataset: data_mod.Dataset, process) -> nn.Module
         c, h, _ = dataset.shape
         return nets.UNet(c, h, tuple(cfg.widths), dataset.num_classes if cfg.class_conditional else 0, time_scale)
     return nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale)
-
-
-def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
-    """The trained model of a run folder, as a ``Denoiser`` (EMA weights by default)."""
-    run = Path(run)
-    if not (run / "checkpoint.json").exists():
-        raise ValueError(f"{str(run)!r} is not a run folder (no checkpoint.json)")
-    info = json.loads((run / "run.json").read_text())
-    net = nets.build(info["net"])
-    shadow = nets.build(info["net"])
-    load_checkpoint(run, net, shadow, None, None)
-    chosen = (shadow if ema else net).to(device).eval()
-    process = process_from_config(info["process"])
-    model = Denoiser(chosen, process, info["config"]["prediction"], discrete_labels=info["config"]["discrete"])
-    model.data_shape = tuple(info["data_shape"])
-    model.run_info = info
-    return model
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -237,10 +145,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     elif rank == 0:
         if (run / "checkpoint.json").exists():
             raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
-        run.mkdir(parents=True, exist_ok=True)
-        info = {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
-                "data_shape": list(dataset.shape), "num_classes": dataset.num_classes}
-        _atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
+        write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
+                             "data_shape": list(dataset.shape), "num_classes": dataset.num_classes})
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = Denoiser(ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
     times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete)
