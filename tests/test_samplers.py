@@ -122,6 +122,7 @@ STOCHASTIC = [
     ("vp", "ddim", {"eta": 0.5}), ("vp", "euler_maruyama", {}), ("vp", "reverse_diffusion", {}),
     ("vp", "pc", {}), ("vp", "edm", {}), ("ve", "ddpm", {}), ("ve", "euler_maruyama", {}), ("ve", "pc", {}),
     ("ve", "annealed_langevin", {}), ("subvp", "euler_maruyama", {}), ("ddpm", "ddpm", {}),
+    ("rf", "euler_maruyama", {}), ("rf", "ddpm", {}),
 ]
 
 

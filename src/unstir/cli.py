@@ -12,6 +12,8 @@ import torch
 from . import figures, oracle
 from .demos import demo, oracle_demo
 from .grids import GRIDS
+from .losses import WEIGHTINGS
+from .parametrization import PREDICTIONS
 from .processes import PROCESSES
 from .samplers import SAMPLERS, sample
 
@@ -96,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "digits, a folder of images or a .npy file (default: moons)")
     tr.add_argument("--out", required=True, help="run folder (refused if it already holds a run, unless --resume)")
     tr.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default: vp)")
-    tr.add_argument("--prediction", default="eps", choices=["eps", "x0", "v", "score"],
-                    help="what the network predicts (default: eps)")
-    tr.add_argument("--weighting", default="simple", choices=["simple", "sigma2", "likelihood"],
-                    help="loss weighting: DDPM's simple eps loss, sigma^2 (score_sde), or g^2 with importance-"
-                         "sampled t (default: simple)")
+    tr.add_argument("--prediction", default="eps", choices=list(PREDICTIONS),
+                    help="what the network predicts (default: eps; velocity is flow matching, e.g. with --process rf)")
+    tr.add_argument("--weighting", default="auto", choices=["auto", *WEIGHTINGS],
+                    help="loss weighting: DDPM's simple eps loss, sigma^2 (score_sde), g^2 with importance-"
+                         "sampled t, or the flow-matching velocity loss (default: velocity for --prediction "
+                         "velocity, else simple)")
     tr.add_argument("--steps", type=int, default=4000, help="optimizer steps in total (default: 4000)")
     tr.add_argument("--batch-size", dest="batch_size", type=int, default=512,
                     help="global batch size, split across processes (default: 512)")

@@ -13,6 +13,12 @@ whatever the network predicts to eps):
 * ``likelihood``: lambda = g(t)^2, i.e. w = g^2 / sigma^2 (Song et al. 2021b): the weighted loss bounds
                   the negative log-likelihood. ``importance=True`` draws t from p(t) ~ g^2/sigma^2 and
                   weighs by the normaliser, an unbiased estimate of the same loss with lower variance.
+                  As a training objective it is that bound's t-dependent part up to constants: the factor
+                  1/2, the prior term and the sum over dimensions (here a mean) are left out.
+* ``velocity``:   w = (g^2 / 2 sigma)^2, i.e. || u_theta - u ||^2 with u = alpha' x0 + sigma' eps, mean over
+                  dimensions: the conditional flow-matching loss (Lipman et al. 2023; Liu et al. 2023), since
+                  the velocity is f x + g^2/(2 sigma) eps. It is evaluated in velocity coordinates, so the
+                  large factor near T on the rectified-flow process costs no precision.
 
 t is uniform on [t_min, T], or uniform over the integer steps on a discrete DDPM process
 (``discrete=True``).
@@ -27,7 +33,7 @@ from .processes import DDPM, Process
 
 Tensor = torch.Tensor
 
-WEIGHTINGS = ("simple", "sigma2", "likelihood")
+WEIGHTINGS = ("simple", "sigma2", "likelihood", "velocity")
 
 
 class TimeSampler:
@@ -88,6 +94,10 @@ def dsm_loss(model, x0: Tensor, t: Tensor, w: Tensor, noise: Tensor, weighting: 
     """
     process = model.process
     x_t = process.perturb(x0, t, noise)
-    err = (model(x_t, t, y=labels).eps - noise).square().flatten(1)
+    out = model(x_t, t, y=labels)
+    if weighting == "velocity":
+        err = (out.velocity - (out.c.dalpha * x0 + out.c.dsigma * noise)).square().flatten(1)
+    else:
+        err = (out.eps - noise).square().flatten(1)
     per_sample = err.sum(1) if weighting == "sigma2" else err.mean(1)
     return (w.to(per_sample) * per_sample).mean()

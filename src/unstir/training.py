@@ -39,7 +39,7 @@ class TrainConfig:
     data: str = "moons"
     process: str = "vp"
     prediction: str = "eps"
-    weighting: str = "simple"
+    weighting: str = "auto"  # 'velocity' (flow matching) for a velocity prediction, else 'simple'
     steps: int = 4000
     batch_size: int = 512
     lr: float = 2e-3
@@ -62,6 +62,10 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool = False
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.weighting == "auto":
+            self.weighting = "velocity" if self.prediction == "velocity" else "simple"
 
     def validate(self) -> None:
         check_choice("process", self.process, PROCESSES)
