@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import oracle
+from ._checks import check_choice
 
 Tensor = torch.Tensor
 
@@ -51,8 +52,7 @@ def toy_2d(name: str, n: int, seed: int = 0) -> Tensor:
     rounding."""
     from sklearn import datasets
 
-    if name not in TOY_2D:
-        raise ValueError(f"unknown 2-D data set {name!r}; choose one of {list(TOY_2D)}")
+    check_choice("2-D data set", name, TOY_2D)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     rs = np.random.RandomState(seed)

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_choice
+
 Tensor = torch.Tensor
 
 
@@ -134,12 +136,12 @@ class UNet(nn.Module):
 def build(config: dict) -> nn.Module:
     """A network from its ``config`` dict (as stored in checkpoints)."""
     config = dict(config)
-    kind = config.pop("kind")
-    if kind == "mlp":
-        return MLP(**config)
-    if kind == "unet":
-        return UNet(**config)
-    raise ValueError(f"unknown network kind {kind!r}; choose 'mlp' or 'unet'")
+    kind = config.pop("kind", None)
+    check_choice("network kind", kind, NETS)
+    return NETS[kind](**config)
+
+
+NETS = {"mlp": MLP, "unet": UNet}
 
 
 def count_parameters(net: nn.Module) -> int:

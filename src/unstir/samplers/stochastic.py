@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .._checks import check_choice
 from .base import coef, integrate, langevin, noise_like
 
 Tensor = torch.Tensor
@@ -111,8 +112,7 @@ def pc(model, x, grid, *, predictor: str = "reverse_diffusion", corrector_steps:
     ``corrector_steps`` Langevin steps correct at s. The step to a final 0 is the denoising step.
     snr = 0.075 is score_sde's CelebA value; its CIFAR-10 value 0.16 over-corrects the low-dimensional
     oracle cases (sliced-W2 stalls above the floor on VE)."""
-    if predictor not in PREDICTORS:
-        raise ValueError(f"unknown predictor {predictor!r}; choose one of {sorted(PREDICTORS)}")
+    check_choice("predictor", predictor, PREDICTORS)
     if not (isinstance(corrector_steps, int) and corrector_steps >= 0):
         raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
     if not snr > 0:
