@@ -17,6 +17,7 @@ from .parametrization import PREDICTIONS
 from .processes import PROCESSES
 from .samplers import SAMPLERS, sample
 
+
 def train_cmd(args) -> int:
     """Train a score model by denoising score matching and write a run folder (safetensors checkpoints,
     config, log.jsonl). Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP),
@@ -55,6 +56,113 @@ def sample_cmd(args) -> int:
     else:
         figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, out)
     print(f"{args.n} samples with {args.sampler} ({r.nfe} model evaluations) -> {out}")
+    return 0
+
+
+def _held_out(model, spec: str | None, n: int, seed: int):
+    """Data the run was not trained on: a fresh draw of a 2-D set (seed + 1000), the held-out digits, or the
+    first n items of a folder / .npy file. Returns (x, levels)."""
+    from . import data as data_mod
+
+    cfg = model.run_info["config"]
+    spec = spec or ("digits-test" if cfg["data"] == "digits" else cfg["data"])
+    ds = data_mod.load(spec, n=n, size=cfg.get("size"), mode=cfg.get("mode", "L"), seed=seed + 1000)
+    if tuple(ds.shape) != tuple(model.data_shape):
+        raise SystemExit(f"data {spec!r} has per-sample shape {ds.shape}; the run's model expects {model.data_shape}")
+    return ds.x[:n], ds.levels
+
+
+def likelihood_cmd(args) -> int:
+    """Log-likelihood of held-out data under a trained run, by the probability-flow ODE: mean nats and
+    bits/dim with their standard error, and the model evaluations. Quantised data (images, digits) are
+    dequantised and their bits/dim include the offset of their number of levels (see unstir.likelihood)."""
+    from .likelihood import log_likelihood
+    from .runs import load_run
+
+    model = load_run(args.run, device=args.device)
+    x, levels = _held_out(model, args.data, args.n, args.seed)
+    r = log_likelihood(model, x, divergence=args.divergence, probes=args.probes, rtol=args.rtol, atol=args.atol,
+                       levels=levels, batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
+                       progress=not args.quiet)
+    d = x[0].numel()
+    bpd, se = r.mean()
+    nats_se = (r.nats.std() / r.nats.numel() ** 0.5).item() if r.nats.numel() > 1 else float("nan")
+    kind = f"dequantised, {levels} levels" if levels else "continuous"
+    div = "exact" if r.stderr is None else f"Hutchinson ({args.probes} probes)"
+    print(f"{x.shape[0]} samples ({kind}), d = {d}, {div} divergence, {r.nfe} evaluations of the augmented "
+          f"ODE in all (batches of {args.batch_size})")
+    print(f"log-likelihood: {r.nats.mean().item():.4f} +- {nats_se:.4f} nats per sample")
+    print(f"bits/dim:       {bpd:.4f} +- {se:.4f}")
+    return 0
+
+
+def encode_cmd(args) -> int:
+    """Encode data into latents at T along the probability-flow ODE (adaptive, or DDIM inversion with
+    --sampler ddim, exact with --exact) and save them as .npy."""
+    import numpy as np
+
+    from .inversion import encode
+    from .runs import load_run
+
+    model = load_run(args.run, device=args.device)
+    x, _ = _held_out(model, args.data, args.n, args.seed)
+    with torch.no_grad():
+        enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, enc.z.cpu().numpy())
+    print(f"{x.shape[0]} latents ({enc.nfe} model evaluations) -> {out}")
+    return 0
+
+
+def decode_cmd(args) -> int:
+    """Decode latents (.npy from `unstir encode`, or any prior samples) back to data along the PF ODE."""
+    import numpy as np
+
+    from .data import from_unit_range
+    from .inversion import decode
+    from .runs import load_run
+
+    model = load_run(args.run, device=args.device)
+    try:
+        z = torch.as_tensor(np.load(args.latents, allow_pickle=False))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"cannot read latents {args.latents!r}: {err}") from err
+    if tuple(z.shape[1:]) != tuple(model.data_shape):
+        raise SystemExit(f"latents of shape {tuple(z.shape)} do not fit the run's data shape {model.data_shape}")
+    with torch.no_grad():
+        r = decode(model, z.float(), sampler=args.sampler, steps=args.steps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, r.x.cpu().numpy())
+    elif r.x.ndim == 4:
+        figures.image_grid(from_unit_range(r.x.cpu()), out)
+    else:
+        figures.scatter_panels({f"decoded ({r.nfe} NFE)": r.x.cpu()}, out)
+    print(f"{z.shape[0]} decoded ({r.nfe} model evaluations) -> {out}")
+    return 0
+
+
+def interpolate_cmd(args) -> int:
+    """Encode two held-out data points, interpolate their latents (slerp or lerp) and decode every frame:
+    a strip of images, or for 2-D data the path drawn over the data."""
+    from .data import from_unit_range
+    from .inversion import interpolate
+    from .runs import load_run
+
+    model = load_run(args.run, device=args.device)
+    x, _ = _held_out(model, args.data, max(args.pair) + 1, args.seed)
+    with torch.no_grad():
+        r = interpolate(model, x[args.pair[0]], x[args.pair[1]], args.frames, method=args.method)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if r.x.ndim == 4:
+        figures.image_grid(from_unit_range(r.x.cpu()), out, ncol=args.frames)
+    else:
+        background, _ = _held_out(model, args.data, 2000, args.seed)
+        figures.interpolation_path(background, r.x.cpu(), out)
+    print(f"{args.frames} frames ({args.method}, {r.nfe} model evaluations) -> {out}")
     return 0
 
 
@@ -138,6 +246,52 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     sa.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     sa.set_defaults(func=sample_cmd)
+    deterministic = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
+
+    def common(p, data_help="held-out data (default: the run's data: a fresh draw, or digits-test)"):
+        p.add_argument("--run", required=True, help="run folder written by `unstir train`")
+        p.add_argument("--data", help=data_help)
+        p.add_argument("--seed", type=int, default=0, help="seed for the held-out draw and any noise (default: 0)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+
+    lk = sub.add_parser("likelihood", help="bits/dim of held-out data by the PF ODE", description=likelihood_cmd.__doc__)
+    common(lk)
+    lk.add_argument("-n", type=int, default=500, help="number of held-out samples (default: 500)")
+    lk.add_argument("--divergence", default="auto", choices=["auto", "exact", "hutchinson"],
+                    help="exact (torch.func, default for d <= 64) or Hutchinson-Skilling probes (default: auto)")
+    lk.add_argument("--probes", type=int, default=8, help="Hutchinson probes per sample (default: 8)")
+    lk.add_argument("--rtol", type=float, default=1e-5, help="solver relative tolerance (default: 1e-5)")
+    lk.add_argument("--atol", type=float, default=1e-5, help="solver absolute tolerance (default: 1e-5)")
+    lk.add_argument("--batch-size", dest="batch_size", type=int, default=100,
+                    help="samples per solve (default: 100)")
+    lk.add_argument("--quiet", action="store_true", help="no progress bar")
+    lk.set_defaults(func=likelihood_cmd)
+    en = sub.add_parser("encode", help="encode data to latents along the PF ODE", description=encode_cmd.__doc__)
+    common(en)
+    en.add_argument("-n", type=int, default=100, help="number of held-out samples (default: 100)")
+    en.add_argument("--out", required=True, help="latents .npy")
+    en.add_argument("--sampler", default="ode_rk45", choices=deterministic,
+                    help="ode_rk45 (adaptive, default) or a deterministic sampler run upward (ddim: DDIM inversion)")
+    en.add_argument("--steps", type=int, default=20, help="grid intervals for a fixed-step sampler (default: 20)")
+    en.add_argument("--exact", action="store_true", help="exact DDIM inversion (with --sampler ddim)")
+    en.set_defaults(func=encode_cmd)
+    de = sub.add_parser("decode", help="decode latents to data along the PF ODE", description=decode_cmd.__doc__)
+    de.add_argument("--run", required=True, help="run folder written by `unstir train`")
+    de.add_argument("--latents", required=True, help="latents .npy (from `unstir encode`)")
+    de.add_argument("--out", required=True, help="decoded.png (grid or scatter) or decoded.npy")
+    de.add_argument("--sampler", default="ode_rk45", choices=deterministic, help="as for encode (default: ode_rk45)")
+    de.add_argument("--steps", type=int, default=20, help="grid intervals for a fixed-step sampler (default: 20)")
+    de.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    de.set_defaults(func=decode_cmd)
+    ip = sub.add_parser("interpolate", help="interpolate between two data points through their latents",
+                        description=interpolate_cmd.__doc__)
+    common(ip)
+    ip.add_argument("--pair", type=int, nargs=2, default=[0, 1], metavar=("I", "J"),
+                    help="indices of the two held-out points (default: 0 1)")
+    ip.add_argument("--frames", type=int, default=8, help="frames including both ends (default: 8)")
+    ip.add_argument("--method", default="slerp", choices=["slerp", "lerp"], help="latent interpolation (default: slerp)")
+    ip.add_argument("--out", required=True, help="strip.png")
+    ip.set_defaults(func=interpolate_cmd)
     ls = sub.add_parser("list", help="list processes, grids and samplers")
     ls.set_defaults(func=list_choices)
     return ap

@@ -23,11 +23,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass
 class Dataset:
-    """Training data: ``x`` (N, ...) in float32, optional integer ``labels``, and a name."""
+    """Training data: ``x`` (N, ...) in float32, optional integer ``labels``, and a name. ``levels`` is the
+    number of evenly spaced values in [-1, 1] that quantised data take (256 for 8-bit images, 17 for the
+    digits; None for continuous data): the likelihood dequantises with it."""
 
     name: str
     x: Tensor
     labels: Tensor | None = None
+    levels: int | None = None
 
     @property
     def is_image(self) -> bool:
@@ -85,21 +88,21 @@ def from_unit_range(x: Tensor) -> Tensor:
     return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def dequantize(x_uint8, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantisation: (x + u) / 256 with u ~ U[0, 1), mapped to [-1, 1). Its density is the
-    discrete model's probability times 256^D, the basis of bits/dim."""
-    x = torch.as_tensor(x_uint8, dtype=torch.float32)
-    u = torch.rand(x.shape, generator=generator)
-    return (x + u) / 128.0 - 1.0
+DIGITS_TRAIN = 1500  # the first 1500 of scikit-learn's 1797 digits train; the last 297 are held out
 
 
-def digits() -> Dataset:
-    """scikit-learn's 8x8 digits (1797 images, values 0..16) as (N, 1, 8, 8) in [-1, 1] with labels."""
+def digits(split: str = "train") -> Dataset:
+    """scikit-learn's 8x8 digits (values 0..16, 17 levels) as (N, 1, 8, 8) in [-1, 1] with labels:
+    'train' (the first 1500), 'test' (the held-out last 297) or 'all'."""
     from sklearn.datasets import load_digits
 
+    check_choice("digits split", split, ("train", "test", "all"))
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    return Dataset("digits", x, torch.as_tensor(d.target, dtype=torch.long))
+    labels = torch.as_tensor(d.target, dtype=torch.long)
+    part = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None), "all": slice(None)}[split]
+    name = "digits" if split == "train" else f"digits-{split}"
+    return Dataset(name, x[part], labels[part], levels=17)
 
 
 def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
@@ -134,7 +137,7 @@ def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
         raise ValueError(f"images in {str(root)!r} have mixed sizes {sizes[:4]}; pass --size to resize them")
     x = np.stack(arrays)
     x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
-    return Dataset(root.name, to_unit_range(x))
+    return Dataset(root.name, to_unit_range(x), levels=256)
 
 
 def npy_array(path) -> Dataset:
@@ -147,8 +150,9 @@ def npy_array(path) -> Dataset:
         raise ValueError(f"cannot read array {str(path)!r}: {err}") from err
     if a.ndim not in (2, 3, 4) or a.shape[0] < 1:
         raise ValueError(f"array {str(path)!r} must have shape (N, d), (N, H, W) or (N, C, H, W); got {a.shape}")
+    levels = None
     if a.dtype == np.uint8:
-        x = to_unit_range(a)
+        x, levels = to_unit_range(a), 256
     elif np.issubdtype(a.dtype, np.number):
         x = torch.as_tensor(a, dtype=torch.float32)
     else:
@@ -158,19 +162,19 @@ def npy_array(path) -> Dataset:
         raise ValueError(f"array {str(path)!r} contains NaN or inf (first in row {bad})")
     if x.ndim == 3:
         x = x[:, None]
-    return Dataset(path.stem, x)
+    return Dataset(path.stem, x, levels=levels)
 
 
 def load(spec: str, *, n: int = 20000, size: int | None = None, mode: str = "L", seed: int = 0) -> Dataset:
-    """A data set by name ('moons', 'digits', ...), folder of images, or .npy file."""
+    """A data set by name ('moons', 'digits', 'digits-test', ...), folder of images, or .npy file."""
     if spec in TOY_2D:
         return Dataset(spec, toy_2d(spec, n, seed))
-    if spec == "digits":
-        return digits()
+    if spec in ("digits", "digits-test"):
+        return digits("train" if spec == "digits" else "test")
     p = Path(spec)
     if p.suffix == ".npy":
         return npy_array(p)
     if p.is_dir():
         return image_folder(p, size, mode)
-    raise ValueError(f"unknown data {spec!r}: use one of {list(TOY_2D) + ['digits']}, a folder of images or a .npy file")
+    raise ValueError(f"unknown data {spec!r}: use one of {list(TOY_2D) + ['digits', 'digits-test']}, a folder of images or a .npy file")
 

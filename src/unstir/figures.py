@@ -67,6 +67,19 @@ def trajectories(paths: dict[str, tuple[list[float], torch.Tensor]], path: Path)
     plt.close(fig)
 
 
+def interpolation_path(data: torch.Tensor, frames: torch.Tensor, path: Path) -> None:
+    """Decoded interpolation frames (2-D) as a path over the data."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.scatter(data[:, 0].numpy(), data[:, 1].numpy(), s=1.5, alpha=0.3, color="gray", label="data")
+    ax.plot(frames[:, 0].numpy(), frames[:, 1].numpy(), "-o", color="C3", ms=4, lw=1.2, label="decoded frames")
+    ax.scatter(frames[[0, -1], 0].numpy(), frames[[0, -1], 1].numpy(), s=60, color="C3", marker="*", zorder=3)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def image_grid(images_uint8: torch.Tensor, path: Path, ncol: int | None = None) -> None:
     """Save (N, C, H, W) uint8 images as one PNG grid (1-pixel gaps)."""
     from PIL import Image

@@ -150,7 +150,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
         if (run / "checkpoint.json").exists():
             raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
         write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
-                             "data_shape": list(dataset.shape), "num_classes": dataset.num_classes})
+                             "data_shape": list(dataset.shape), "num_classes": dataset.num_classes,
+                             "levels": dataset.levels})
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = Denoiser(ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
     times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete)

@@ -69,9 +69,9 @@ class _Counted:
     def __init__(self, model, y):
         self.model, self.process, self.y, self.nfe = model, model.process, y, 0
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, y=None):
         self.nfe += 1
-        return self.model(x, t, self.y)
+        return self.model(x, t, self.y if y is None else y)
 
 
 def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | None = None, *,
@@ -107,8 +107,16 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     else:
         times = check_grid(process, grid)
     x = _initial(model, process, x_T, generator, dtype)
-    counted = _Counted(model, check_labels(model, y, x.shape[0], x.device))
-    x0 = spec.fn(counted, x, times, generator=generator, callback=callback, **options)
+    return run_sampler(model, x, times, sampler, y=check_labels(model, y, x.shape[0], x.device),
+                       generator=generator, callback=callback, **options)
+
+
+def run_sampler(model, x: Tensor, times: Tensor, sampler: str, *, y: Tensor | None = None,
+                generator: torch.Generator | None = None, callback=None, **options) -> SampleResult:
+    """Run a registered sampler over ``times`` (already checked) and count its evaluations. The grid may
+    ascend for the deterministic samplers: that integrates the PF ODE upward (encoding)."""
+    counted = _Counted(model, y)
+    x0 = SAMPLERS[sampler].fn(counted, x, times, generator=generator, callback=callback, **options)
     return SampleResult(x0, counted.nfe, times)
 
 
@@ -155,6 +163,6 @@ def _initial(model, process: Process, x_T, generator, dtype) -> Tensor:
     return x
 
 
-__all__ = ["SAMPLERS", "check_labels", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
+__all__ = ["SAMPLERS", "check_labels", "run_sampler", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
            "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "unipc",
            "edm"]

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from ..pf_ode import LogSNRField
 from .base import coef, integrate
 
 Tensor = torch.Tensor
@@ -46,31 +47,24 @@ def ode_heun(model, x, grid, *, generator=None, callback=None):
 def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
              generator=None, callback=None):
     """Adaptive Runge-Kutta (Dormand-Prince 5(4) by default, through torchdiffeq) on the PF ODE in
-    log-SNR time, d xbar / d lambda = -sbar eps(alpha xbar, t(lambda)) with xbar = x/alpha, sbar = sigma/alpha.
+    log-SNR time, d xbar / d lambda = -sbar eps(alpha xbar, t(lambda)) (``unstir.pf_ode.LogSNRField``).
 
-    In lambda the vector field is as smooth as the data allows on every process, including the discrete
-    DDPM schedule whose coefficients have kinks in t at every integer step. The grid's positive points are
-    the output times (for the callback); a final 0 adds the denoising step. ``unstir.sample`` counts the
-    evaluations used.
+    The cost is set by ``rtol`` and ``atol``, not by the grid: the grid's positive points are only the
+    output times (for the callback), and a final 0 adds the denoising step. The grid may also ascend
+    (t_min -> T: encoding). ``unstir.sample`` counts the evaluations used.
     """
     from torchdiffeq import odeint
 
-    process = model.process
     times = grid[grid > 0].tolist()
     lams = torch.tensor([coef(model, t).log_snr for t in times], dtype=torch.float64, device=x.device)
-
-    def velocity(lam, xbar):
-        t = process.t_from_log_snr(lam).item()
-        c = coef(model, t)
-        return -c.sigma_bar * model((c.alpha * xbar).to(x.dtype), t).eps.to(torch.float64)
-
+    field = LogSNRField(model, x.dtype)
     # The solver state and its time stay in float64 (torchdiffeq casts time to the state's dtype).
     xbar = x.to(torch.float64) / coef(model, times[0]).alpha
     if len(times) > 1:
         # step_t lands the solver on the last time instead of stepping past the end of the process, and
         # first_step skips the initial-step probe, which could also leave it.
-        options = {"step_t": lams[-1:], "first_step": 0.02 * (lams[-1] - lams[0]).item()}
-        xbars = odeint(velocity, xbar, lams, rtol=rtol, atol=atol, method=method, options=options)
+        options = {"step_t": lams[-1:], "first_step": 0.02 * abs((lams[-1] - lams[0]).item())}
+        xbars = odeint(field, xbar, lams, rtol=rtol, atol=atol, method=method, options=options)
     else:
         xbars = xbar[None]
     xs = [(coef(model, t).alpha * xb).to(x.dtype) for t, xb in zip(times, xbars)]

@@ -1,0 +1,68 @@
+"""The probability-flow ODE (Song et al. 2021, eq. 13) as a vector field, with its divergence.
+
+In t the field is dx/dt = f(x, t) - 1/2 g(t)^2 score = ``ModelOutput.velocity``. The adaptive solvers use
+it in log-SNR time lambda = log(alpha/sigma) and scaled state xbar = x / alpha, where it reads
+
+    d xbar / d lambda = -sbar eps(alpha xbar, t(lambda)),      sbar = sigma / alpha = e^{-lambda},
+
+which is as smooth as the data allows on every process, the discrete DDPM schedule included (its
+coefficients have kinks in t at every integer step, none in lambda). Its divergence in xbar is
+-sigma div_x eps (x = alpha xbar), which the likelihood integrates.
+
+``divergence`` computes div_x of a sample-wise map exactly (one batched vector-Jacobian product over the d
+basis vectors, ``torch.autograd.grad(is_grads_batched=True)``, i.e. vmap) or by Hutchinson-Skilling probes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .processes import coefficients
+
+Tensor = torch.Tensor
+
+
+class LogSNRField:
+    """d xbar / d lambda of the PF ODE for ``model`` (labels ``y`` bound); state and time in float64, the
+    model evaluated in ``dtype``. ``nfe`` counts evaluations."""
+
+    def __init__(self, model, dtype: torch.dtype, y: Tensor | None = None):
+        self.model, self.process, self.dtype, self.y, self.nfe = model, model.process, dtype, y, 0
+
+    def time(self, lam: Tensor) -> float:
+        return self.process.t_from_log_snr(lam).item()
+
+    def __call__(self, lam: Tensor, xbar: Tensor) -> Tensor:
+        t = self.time(lam)
+        c = coefficients(self.process, t)
+        self.nfe += 1
+        return -c.sigma_bar * self.model((c.alpha * xbar).to(self.dtype), t, self.y).eps.to(torch.float64)
+
+
+def divergence(fn, x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(fn(x), div_x fn) for a sample-wise map fn: (B, *shape) -> (B, *shape).
+
+    With ``probes`` None the divergence is exact, shape (B,): the rows e_i^T J of every sample's Jacobian come
+    from one batched backward pass over the d basis vectors. With ``probes`` of shape (K, B, *shape)
+    (Rademacher or Gaussian, E[v v^T] = I) it is Hutchinson-Skilling's estimate per probe, shape (B, K):
+    v^T J v, unbiased for the trace. fn must treat samples independently (no batch statistics)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        out = fn(x)
+        if probes is None:
+            batch, d = x.shape[0], x[0].numel()
+            basis = torch.eye(d, dtype=out.dtype, device=out.device).reshape(d, 1, *x.shape[1:])
+            rows = torch.autograd.grad(out, x, basis.expand(d, *x.shape), is_grads_batched=True)[0]
+            div = rows.reshape(d, batch, d).diagonal(dim1=0, dim2=2).sum(-1)
+        else:
+            vjp = torch.autograd.grad(out, x, probes.to(out.dtype), is_grads_batched=True)[0]
+            div = (vjp * probes).flatten(2).sum(-1).T
+    return out.detach(), div.detach()
+
+
+def draw_probes(kind: str, k: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """k probe vectors per sample, shape (k, *x.shape): 'rademacher' (+-1) or 'gaussian' (N(0, I))."""
+    shape = (k, *x.shape)
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator).to(x.dtype).mul_(2).sub_(1)
+    return torch.randn(shape, generator=generator, dtype=x.dtype)
