@@ -123,6 +123,20 @@ def test_diffusers_bad_input(tmp_path):
     assert from_diffusers(unet, tmp_path / "cfg.json").process.num_steps == 1000
 
 
+def test_velocity_needs_a_process_with_derivatives():
+    class Bare(unstir.Process):
+        name = "bare"
+
+        def _log_alpha(self, t):
+            return -t
+
+        def _log_sigma(self, t):
+            return 0.5 * torch.log(-torch.expm1(-2 * t))
+
+    with pytest.raises(ValueError, match="a velocity prediction needs the process's time derivatives"):
+        unstir.Denoiser(lambda x, t: x, Bare(0.01, 1.0), "velocity")
+
+
 def test_model_output_shape_is_checked():
     p = unstir.make_process("vp")
     model = unstir.Denoiser(lambda x, t: x[:, :1], p)

@@ -146,6 +146,9 @@ class Denoiser:
         check_choice("prediction", prediction, PREDICTIONS)
         if not isinstance(process, Process):
             raise TypeError(f"process must be a unstir Process, got {type(process).__name__}")
+        if prediction == "velocity" and not all(hasattr(process, m) for m in ("_dlog_alpha", "_g2")):
+            raise ValueError(f"a velocity prediction needs the process's time derivatives (d log alpha/dt and g^2); "
+                             f"{type(process).__name__} does not define them")
         if discrete_labels and not isinstance(process, DDPM):
             raise ValueError(f"discrete_labels=True needs a 'ddpm' process, got {process.name!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
