@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/unstir demo --out runs/demo
+	$(BIN)/unstir demo --out runs/demo --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/samplers.py --out benchmarks/samplers_results.md
 	$(BIN)/python benchmarks/training.py --out benchmarks/training_results.md
+	$(BIN)/python benchmarks/likelihood.py --out benchmarks/likelihood_results.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -68,17 +68,21 @@ def test_hutchinson_is_unbiased(probe):
     assert (h.nats - exact.nats).abs().max() > 1e-6  # the estimate is a different route, not the same number
 
 
-def test_same_sample_same_likelihood_in_any_batch():
-    """A sample's log-likelihood does not depend on its batch mates beyond the solver tolerance (the peers'
-    shared step size makes it)."""
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_same_sample_same_likelihood_in_any_batch(divergence):
+    """Every sample has its own adaptive steps: its log-likelihood is the same, to rounding, alone or with
+    batch mates near or far (a batch-wide error norm moves it by up to the global error, which at rtol 1e-3
+    is 1e-2 to 1e-1 nats on these cases: benchmarks/likelihood_results.md)."""
     p, gm = unstir.make_process("vp"), unequal_2d()
     model = gm.denoiser(p)
     probe = gm.sample(4, torch.Generator().manual_seed(6))
-    alone = log_likelihood(model, probe).nats
-    others = torch.cat([probe, 3.0 * torch.randn(60, 2, generator=torch.Generator().manual_seed(7),
-                                                dtype=torch.float64)])
-    crowded = log_likelihood(model, others).nats[:4]
-    assert (alone - crowded).abs().max() < 2e-4
+    kw = dict(divergence=divergence, rtol=1e-3, atol=1e-3)
+    alone = log_likelihood(model, probe, generator=torch.Generator().manual_seed(1), **kw).nats
+    for shift in (0.0, 30.0):
+        mates = 3.0 * torch.randn(60, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + shift
+        crowded = log_likelihood(model, torch.cat([probe, mates]), generator=torch.Generator().manual_seed(1),
+                                 **kw).nats[:4]
+        assert (alone - crowded).abs().max() < 1e-9
 
 
 def test_prior_mismatch_shrinks_as_sigma_max_grows():

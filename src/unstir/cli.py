@@ -22,11 +22,18 @@ def train_cmd(args) -> int:
     """Train a score model by denoising score matching and write a run folder (safetensors checkpoints,
     config, log.jsonl). Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP),
     each process on its own shard of every global batch."""
+    from .runs import read_run_info
     from .training import TrainConfig, train
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    given = {k: v for k, v in vars(args).items() if k in fields}  # only the options on the command line
+    resume = getattr(args, "resume", False)
+    if resume and (Path(args.out) / "run.json").exists():
+        # Resume the recorded run; options given again must agree with it (checked by `train`).
+        cfg = TrainConfig(**{**read_run_info(args.out)["config"], **given})
+    else:
+        cfg = TrainConfig(**given)
+    result = train(cfg, args.out, resume=resume, progress=not getattr(args, "quiet", False))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run folder: {result.run} (step {result.step})")
     return 0
@@ -39,12 +46,15 @@ def sample_cmd(args) -> int:
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npy"):
-        raise SystemExit(f"--out must end in .png or .npy, got {str(out)!r}")
+        raise ValueError(f"--out must end in .png or .npy, got {str(out)!r}")
+    if args.n < 1:
+        raise ValueError(f"-n must be a positive integer, got {args.n}")
+    options = _sampler_options(args)
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     shape = (args.n, *model.data_shape)
     with torch.no_grad():
         r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=args.grid,
-                   generator=torch.Generator().manual_seed(args.seed))
+                   generator=torch.Generator().manual_seed(args.seed), **options)
     x = r.x.cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
@@ -54,9 +64,27 @@ def sample_cmd(args) -> int:
     elif x.ndim == 4:
         figures.image_grid(from_unit_range(x), out)
     else:
-        figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, out)
+        figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, out, xlim=args.xlim, ylim=args.ylim)
     print(f"{args.n} samples with {args.sampler} ({r.nfe} model evaluations) -> {out}")
     return 0
+
+
+SAMPLER_OPTIONS = ("eta", "order", "snr", "churn", "rtol", "atol")
+
+
+def _sampler_options(args) -> dict:
+    """The sampler options given on the command line, each checked to apply to the chosen sampler."""
+    import inspect
+
+    def takes(name, option):  # dpm++2m/3m fix their order in the name
+        return option in inspect.signature(SAMPLERS[name].fn).parameters and not (option == "order" and "dpm++" in name)
+
+    options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
+    for k in options:
+        if not takes(args.sampler, k):
+            raise ValueError(f"--{k} does not apply to sampler {args.sampler!r}; it applies to "
+                             f"{sorted(n for n in SAMPLERS if takes(n, k))}")
+    return options
 
 
 def _held_out(model, spec: str | None, n: int, seed: int):
@@ -68,7 +96,7 @@ def _held_out(model, spec: str | None, n: int, seed: int):
     spec = spec or ("digits-test" if cfg["data"] == "digits" else cfg["data"])
     ds = data_mod.load(spec, n=n, size=cfg.get("size"), mode=cfg.get("mode", "L"), seed=seed + 1000)
     if tuple(ds.shape) != tuple(model.data_shape):
-        raise SystemExit(f"data {spec!r} has per-sample shape {ds.shape}; the run's model expects {model.data_shape}")
+        raise ValueError(f"data {spec!r} has per-sample shape {ds.shape}; the run's model expects {model.data_shape}")
     return ds.x[:n], ds.levels
 
 
@@ -124,12 +152,11 @@ def decode_cmd(args) -> int:
     from .runs import load_run
 
     model = load_run(args.run, device=args.device)
-    try:
-        z = torch.as_tensor(np.load(args.latents, allow_pickle=False))
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"cannot read latents {args.latents!r}: {err}") from err
+    from .data import read_npy
+
+    z = torch.as_tensor(read_npy(args.latents))
     if tuple(z.shape[1:]) != tuple(model.data_shape):
-        raise SystemExit(f"latents of shape {tuple(z.shape)} do not fit the run's data shape {model.data_shape}")
+        raise ValueError(f"latents of shape {tuple(z.shape)} do not fit the run's data shape {model.data_shape}")
     with torch.no_grad():
         r = decode(model, z.float(), sampler=args.sampler, steps=args.steps)
     out = Path(args.out)
@@ -179,6 +206,7 @@ def list_choices(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="unstir", description="Score-based diffusion: one learned score, every "
                                  "correct way to use it.")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     m = sub.add_parser("demo", help="the main job: train on 2-D data, sample with five samplers, figures",
                        description=demo.__doc__)
@@ -190,60 +218,80 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-n", type=int, default=2000, help="samples per sampler (default: 2000)")
     m.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
     m.add_argument("--seed", type=int, default=0, help="seed for training, noise and held-out data (default: 0)")
+    m.add_argument("--force", action="store_true", help="replace OUT/run if it holds an earlier demo run")
     m.set_defaults(func=demo)
     d = sub.add_parser("oracle", help="samplers on the exact score of a Gaussian mixture, with figures",
                        description=oracle_demo.__doc__)
     d.add_argument("--out", default="runs/oracle", help="folder for the figures (default: runs/oracle)")
     d.add_argument("--process", default="vp", choices=sorted(PROCESSES))
-    d.add_argument("--data", default="unequal_2d", choices=[k for k in oracle.EXAMPLES if k != "random"])
+    d.add_argument("--data", default="unequal_2d", choices=list(oracle.EXAMPLES),
+                   help="a 2-D Gaussian mixture ('random': 5 random components, from --seed; default: unequal_2d)")
     d.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
     d.add_argument("-n", type=int, default=2000, help="samples per sampler (default: 2000)")
     d.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
     d.add_argument("--seed", type=int, default=0, help="seed for the samples and the noise (default: 0)")
     d.set_defaults(func=oracle_demo)
-    tr = sub.add_parser("train", help="train a score model (torchrun for several processes)", description=train_cmd.__doc__)
-    tr.add_argument("--data", default="moons", help="moons, swiss_roll, circles, checkerboard, ring, unequal_2d, "
-                    "digits, a folder of images or a .npy file (default: moons)")
+    # Options left out are absent from args (SUPPRESS), so --resume can tell what the user asked to change.
+    tr = sub.add_parser("train", help="train a score model (torchrun for several processes)", description=train_cmd.__doc__,
+                        argument_default=argparse.SUPPRESS)
+    tr.add_argument("--data", help="moons, swiss_roll, circles, checkerboard, ring, unequal_2d, digits, a folder "
+                    "of PNG/JPEG images (8-bit, scaled to [-1, 1]) or a .npy file: vectors as given, float images "
+                    "as given (expected in [-1, 1]), integer images as 8-bit levels 0..255 (default: moons)")
     tr.add_argument("--out", required=True, help="run folder (refused if it already holds a run, unless --resume)")
-    tr.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default: vp)")
-    tr.add_argument("--prediction", default="eps", choices=list(PREDICTIONS),
+    tr.add_argument("--process", choices=sorted(PROCESSES), help="forward process (default: vp)")
+    tr.add_argument("--prediction", choices=list(PREDICTIONS),
                     help="what the network predicts (default: eps; velocity is flow matching, e.g. with --process rf)")
-    tr.add_argument("--weighting", default="auto", choices=["auto", *WEIGHTINGS],
+    tr.add_argument("--weighting", choices=["auto", *WEIGHTINGS],
                     help="loss weighting: DDPM's simple eps loss, sigma^2 (score_sde), g^2 with importance-"
                          "sampled t, or the flow-matching velocity loss (default: velocity for --prediction "
                          "velocity, else simple)")
-    tr.add_argument("--steps", type=int, default=4000, help="optimizer steps in total (default: 4000)")
-    tr.add_argument("--batch-size", dest="batch_size", type=int, default=512,
+    tr.add_argument("--steps", type=int, help="optimizer steps in total (default: 4000)")
+    tr.add_argument("--batch-size", dest="batch_size", type=int,
                     help="global batch size, split across processes (default: 512)")
-    tr.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default: 2e-3)")
-    tr.add_argument("--warmup", type=int, default=200, help="linear warm-up steps, then cosine decay (default: 200)")
-    tr.add_argument("--grad-clip", dest="grad_clip", type=float, default=1.0,
+    tr.add_argument("--lr", type=float, help="AdamW peak learning rate (default: 2e-3)")
+    tr.add_argument("--warmup", type=int, help="linear warm-up steps, then cosine decay; must be shorter than the "
+                    "run (default: 200, or a tenth of a run shorter than 2000 steps)")
+    tr.add_argument("--grad-clip", dest="grad_clip", type=float,
                     help="gradient-norm clipping (default: 1.0)")
-    tr.add_argument("--ema-decay", dest="ema_decay", type=float, default=0.999,
+    tr.add_argument("--ema-decay", dest="ema_decay", type=float,
                     help="EMA of the weights, used for sampling (default: 0.999)")
-    tr.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and noise (default: 0)")
-    tr.add_argument("--size", type=int, help="resize/crop images to this size")
-    tr.add_argument("--mode", default="L", choices=["L", "RGB"], help="image colour mode")
+    tr.add_argument("--seed", type=int, help="seed for data, initialisation and noise (default: 0)")
+    tr.add_argument("--size", type=int, help="resize/crop images to this size (image data only)")
+    tr.add_argument("--mode", choices=["L", "RGB"], help="image colour mode (default: L)")
     tr.add_argument("--class-conditional", dest="class_conditional", action="store_true",
                     help="condition the U-Net on the data set's class labels (e.g. digits)")
     tr.add_argument("--discrete", action="store_true", help="integer DDPM timesteps (process ddpm)")
-    tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=1000,
+    tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                     help="steps between checkpoints (default: 1000; one is always written at the end)")
-    tr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    tr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     tr.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out exactly where it stopped, with its recorded settings; only "
+                         "--steps, --checkpoint-every and --device may change. A longer --steps stretches the "
+                         "cosine decay from the current learning rate to the new end (a finished run restarts it "
+                         "from --lr: a warm restart); the change is recorded in run.json")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=train_cmd)
     sa = sub.add_parser("sample", help="sample from a trained run", description=sample_cmd.__doc__)
     sa.add_argument("--run", required=True, help="run folder written by `unstir train`")
     sa.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS),
                     help="see `unstir list` (default: dpm++2m)")
-    sa.add_argument("--steps", type=int, default=20, help="grid intervals; the model evaluations are reported (default: 20)")
+    sa.add_argument("--steps", type=int, default=20, help="grid intervals; the model evaluations are reported. For "
+                    "ode_rk45 only the output grid: its cost is set by --rtol/--atol (default: 20)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
-    sa.add_argument("--out", required=True, help="samples.png (grid or scatter) or samples.npy")
+    sa.add_argument("--out", required=True, help="samples.png (image grid, clipped to 0-255, or scatter plot) or "
+                    "samples.npy (the model's coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot)")
+    sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0)")
+    sa.add_argument("--order", type=int, help="deis (1-4), unipc (1-3) order (default: 3)")
+    sa.add_argument("--snr", type=float, help="pc: Langevin corrector signal-to-noise ratio (default: 0.075)")
+    sa.add_argument("--churn", type=float, help="edm: S_churn (default: 10)")
+    sa.add_argument("--rtol", type=float, help="ode_rk45: relative tolerance (default: 1e-5)")
+    sa.add_argument("--atol", type=float, help="ode_rk45: absolute tolerance (default: 1e-5)")
     sa.add_argument("--seed", type=int, default=0, help="seed for the noise (default: 0)")
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sa.add_argument("--xlim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot x range (default: from the samples)")
+    sa.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot y range (default: from the samples)")
     sa.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     sa.set_defaults(func=sample_cmd)
     deterministic = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
@@ -297,9 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# What a user can get wrong: these end in one line on stderr (and exit status 2), not a traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "debug", False):
+        return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"unstir {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

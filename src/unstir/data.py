@@ -140,23 +140,50 @@ def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
     return Dataset(root.name, to_unit_range(x), levels=256)
 
 
-def npy_array(path) -> Dataset:
-    """A .npy array of vectors (N, d) or images (N, C, H, W) / (N, H, W), used as is (floats) or scaled to
-    [-1, 1] (uint8)."""
+def read_npy(path) -> np.ndarray:
+    """A numeric array from a .npy file; anything else (text, pickled objects) is refused with a plain
+    message: unstir never unpickles."""
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise ValueError(f"cannot read array {str(path)!r}: {err.strerror}") from err
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{str(path)!r} is not a NumPy .npy file (it has no NumPy header); save arrays with numpy.save")
+    try:
         a = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read array {str(path)!r}: {err}") from err
+    except ValueError as err:
+        if "pickle" in str(err).lower() or "object" in str(err).lower():
+            raise ValueError(f"{str(path)!r} holds Python objects, not numbers; unstir reads numeric arrays only") from None
+        raise ValueError(f"cannot read array {str(path)!r}: {err}") from None
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise ValueError(f"array {str(path)!r} must be numeric, got dtype {a.dtype}")
+    return a
+
+
+def npy_array(path) -> Dataset:
+    """A .npy array of vectors (N, d) or images (N, C, H, W) / (N, H, W).
+
+    Vectors are used as given. Images: floats as given (they should lie in [-1, 1]); integers are levels,
+    scaled to [-1, 1]: 0..255 (any integer dtype) as 8-bit, uint16 as 16-bit. Other integer ranges are
+    refused: scale them to floats in [-1, 1] yourself."""
+    path = Path(path)
+    a = read_npy(path)
     if a.ndim not in (2, 3, 4) or a.shape[0] < 1:
         raise ValueError(f"array {str(path)!r} must have shape (N, d), (N, H, W) or (N, C, H, W); got {a.shape}")
     levels = None
-    if a.dtype == np.uint8:
-        x, levels = to_unit_range(a), 256
-    elif np.issubdtype(a.dtype, np.number):
-        x = torch.as_tensor(a, dtype=torch.float32)
+    if a.ndim > 2 and (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+        lo, hi = int(a.min()), int(a.max())
+        if a.dtype == np.uint16 and hi > 255:
+            x, levels = torch.as_tensor(a.astype(np.float64) / 32767.5 - 1.0, dtype=torch.float32), 65536
+        elif 0 <= lo and hi <= 255:
+            x, levels = to_unit_range(a.astype(np.uint8)), 256
+        else:
+            raise ValueError(f"integer images in {str(path)!r} hold values in [{lo}, {hi}] ({a.dtype}); unstir reads "
+                             f"integer images as 8-bit levels 0..255 (or uint16); scale them to floats in [-1, 1]")
     else:
-        raise ValueError(f"array {str(path)!r} must be numeric, got dtype {a.dtype}")
+        x = torch.as_tensor(a.astype(np.float64) if a.dtype == np.bool_ else a, dtype=torch.float32)
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
         raise ValueError(f"array {str(path)!r} contains NaN or inf (first in row {bad})")

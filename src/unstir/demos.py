@@ -21,10 +21,15 @@ DEMO_SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "pc", "dpm++2m", "unipc")
 
 def oracle_demo(args) -> int:
     """The core on the exact score of a Gaussian mixture: marginals, score field, samplers, trajectories."""
+    for name in ("n", "steps", "paths"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.paths > args.n:
+        raise ValueError(f"--paths ({args.paths}) cannot exceed -n ({args.n})")
+    process = make_process(args.process)
+    mixture = oracle.random_mixture(2, 5, seed=args.seed) if args.data == "random" else oracle.EXAMPLES[args.data]()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    process = make_process(args.process)
-    mixture = oracle.EXAMPLES[args.data]()
     model = mixture.denoiser(process)
     n, steps = args.n, args.steps
     t_show = [process.t_min, 0.1 * process.T, 0.3 * process.T, 0.6 * process.T, process.T]
@@ -83,9 +88,17 @@ def demo(args) -> int:
     from .runs import load_run
     from .training import TrainConfig, train
 
+    for name in ("n", "train_steps", "paths"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     out = Path(args.out)
     run = out / "run"
     if run.exists():
+        # Never delete what unstir did not make: only a run folder (run.json), and only when asked to.
+        if not args.force:
+            raise ValueError(f"{str(run)!r} already exists; pass --force to replace it or choose another --out")
+        if not (run / "run.json").exists():
+            raise ValueError(f"{str(run)!r} exists and is not a unstir run folder; refusing to delete it even with --force")
         shutil.rmtree(run)
     cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed)
     print(f"training on '{args.data}' ({args.process}, {args.train_steps} steps, batch {cfg.batch_size})")

@@ -34,14 +34,26 @@ def marginals_and_scores(mixture, process, times, path: Path, lim: float = 3.0, 
     plt.close(fig)
 
 
-def scatter_panels(panels: dict[str, torch.Tensor], path: Path, lim: float = 3.0) -> None:
-    """One scatter plot per named 2-D sample."""
+def plot_limits(panels: dict[str, torch.Tensor], share: float = 0.999) -> tuple[tuple[float, float], ...]:
+    """(xlim, ylim) that hold the central ``share`` of every panel's points on each axis (all panels
+    together, so samples and data are drawn on the same scale), padded by 5%."""
+    pts = torch.cat([x[:, :2].double() for x in panels.values()])
+    pts = pts[torch.isfinite(pts).all(1)]
+    q = torch.quantile(pts, torch.tensor([(1 - share) / 2, (1 + share) / 2], dtype=torch.float64), dim=0)
+    pad = 0.05 * (q[1] - q[0]).clamp_min(1e-6)
+    return tuple((float(q[0, i] - pad[i]), float(q[1, i] + pad[i])) for i in range(2))
+
+
+def scatter_panels(panels: dict[str, torch.Tensor], path: Path, xlim=None, ylim=None) -> None:
+    """One scatter plot per named 2-D sample, all on the same axes limits (from the data unless given)."""
+    auto_x, auto_y = plot_limits(panels)
+    xlim, ylim = xlim or auto_x, ylim or auto_y
     fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.0), squeeze=False)
     axes = axes[0]
     for ax, (title, x) in zip(axes, panels.items()):
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1.5, alpha=0.5)
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
         ax.set_aspect("equal")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])

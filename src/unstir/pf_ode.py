@@ -61,8 +61,11 @@ def divergence(fn, x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, Ten
 
 
 def draw_probes(kind: str, k: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """k probe vectors per sample, shape (k, *x.shape): 'rademacher' (+-1) or 'gaussian' (N(0, I))."""
-    shape = (k, *x.shape)
+    """k probe vectors per sample, shape (k, *x.shape): 'rademacher' (+-1) or 'gaussian' (N(0, I)). They are
+    drawn sample by sample, so a sample's probes do not depend on the size of the batch after it."""
+    shape = (x.shape[0], k, *x.shape[1:])
     if kind == "rademacher":
-        return torch.randint(0, 2, shape, generator=generator).to(x.dtype).mul_(2).sub_(1)
-    return torch.randn(shape, generator=generator, dtype=x.dtype)
+        v = torch.randint(0, 2, shape, generator=generator).to(x.dtype).mul_(2).sub_(1)
+    else:
+        v = torch.randn(shape, generator=generator, dtype=x.dtype)
+    return v.transpose(0, 1)

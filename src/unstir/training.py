@@ -29,7 +29,7 @@ from ._checks import check_choice
 from .losses import WEIGHTINGS, TimeSampler, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
-from .runs import load_checkpoint, save_checkpoint, write_run_info
+from .runs import load_checkpoint, read_run_info, save_checkpoint, write_run_info
 
 Tensor = torch.Tensor
 
@@ -43,7 +43,7 @@ class TrainConfig:
     steps: int = 4000
     batch_size: int = 512
     lr: float = 2e-3
-    warmup: int = 200
+    warmup: int | None = None  # default: 200, or a tenth of a run shorter than 2000 steps
     lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -62,8 +62,12 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool = False
     extra: dict = field(default_factory=dict)
+    # Recorded when a resumed run changes its length (see ``train``): {"at", "steps", "lr", "previous_steps", "rule"}.
+    schedule_changes: list = field(default_factory=list)
 
     def __post_init__(self):
+        if self.warmup is None and isinstance(self.steps, int):
+            self.warmup = min(200, self.steps // 10)
         if self.weighting == "auto":
             self.weighting = "velocity" if self.prediction == "velocity" else "simple"
 
@@ -74,10 +78,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.warmup >= 0 and self.grad_clip > 0):
-            raise ValueError(f"need lr > 0, 0 <= ema_decay < 1, warmup >= 0, grad_clip > 0; got lr={self.lr}, "
-                             f"ema_decay={self.ema_decay}, warmup={self.warmup}, grad_clip={self.grad_clip}")
+        if not (isinstance(self.warmup, int) and self.warmup >= 0):
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not (self.lr > 0 and 0 <= self.ema_decay < 1 and self.grad_clip > 0):
+            raise ValueError(f"need lr > 0, 0 <= ema_decay < 1, grad_clip > 0; got lr={self.lr}, "
+                             f"ema_decay={self.ema_decay}, grad_clip={self.grad_clip}")
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if self.warmup >= self.steps:
+            raise ValueError(f"warmup ({self.warmup} steps) must be shorter than the run (steps = {self.steps})")
         if self.discrete and self.process != "ddpm":
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
 
@@ -106,12 +114,46 @@ def build_net(cfg: TrainConfig, dataset: data_mod.Dataset, process) -> nn.Module
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then constant or (``lr_schedule='cosine'``) cosine decay to zero at the last step."""
+    """Linear warm-up, then constant or (``lr_schedule='cosine'``) cosine decay to zero at the last step.
+
+    After a recorded change of the run's length (``cfg.schedule_changes``) the cosine runs from that
+    change's starting learning rate to zero at the new last step."""
+    changes = [c for c in cfg.schedule_changes if c["at"] <= step]
+    if changes and cfg.lr_schedule == "cosine":
+        c = changes[-1]
+        return c["lr"] * 0.5 * (1 + math.cos(math.pi * (step - c["at"]) / max(1, c["steps"] - c["at"])))
+    total = cfg.schedule_changes[0]["previous_steps"] if cfg.schedule_changes else cfg.steps
     warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
     if cfg.lr_schedule == "cosine":
-        progress = max(0.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        progress = max(0.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
         return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * warm
+
+
+# Settings a resumed run may change; every other setting defines the model, the data or the exact
+# optimisation stream and must match the recorded run.
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "device")
+
+
+def _resume_config(cfg: TrainConfig, recorded: dict, start: int) -> TrainConfig:
+    """Check ``cfg`` against the recorded config and record a change of length (module rule in ``train``)."""
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    ignore = set(RESUMABLE) | {"schedule_changes", "extra"}
+    differ = {k: (recorded.get(k), v) for k, v in mine.items() if k not in ignore and recorded.get(k) != v}
+    if differ:
+        text = "; ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in sorted(differ.items()))
+        raise ValueError(f"--resume continues the recorded run and cannot change what defines its model, data or "
+                         f"optimisation ({text}). Only {', '.join(RESUMABLE)} may change; start a new run for the rest")
+    cfg.schedule_changes = list(recorded.get("schedule_changes", []))
+    if cfg.steps < start:
+        raise ValueError(f"the run is already at step {start}; --steps {cfg.steps} would end it before that")
+    old = recorded["steps"]
+    if cfg.steps != old:
+        finished = start >= old
+        rule = "warm restart" if finished else "stretch"
+        lr = cfg.lr if finished else _lr(TrainConfig(**{**recorded, "schedule_changes": cfg.schedule_changes}), start)
+        cfg.schedule_changes.append({"at": start, "steps": cfg.steps, "lr": lr, "previous_steps": old, "rule": rule})
+    return cfg
 
 
 @dataclass
@@ -128,6 +170,13 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     steps, as a crash would (no checkpoint beyond the last periodic one): for interruption tests."""
     cfg.validate()
     run = Path(out)
+    if resume:
+        if not (run / "run.json").exists():
+            raise ValueError(f"nothing to resume: {str(run)!r} holds no run (no run.json); drop --resume to start one")
+        done_steps = json.loads((run / "checkpoint.json").read_text())["step"] if (run / "checkpoint.json").exists() else 0
+        cfg = _resume_config(cfg, read_run_info(run)["config"], done_steps)
+    elif (run / "run.json").exists():
+        raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
     rank, world = _dist_info()
     device = torch.device(cfg.device)
     _init_distributed(device)
@@ -135,6 +184,12 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     torch.manual_seed(cfg.seed)
     dataset = data_mod.load(cfg.data, n=cfg.n_data, size=cfg.size, mode=cfg.mode, seed=cfg.seed)
+    if not dataset.is_image:
+        ignored = [f"--{k.replace('_', '-')}" for k, bad in (("size", cfg.size is not None), ("mode", cfg.mode != "L"),
+                                                            ("class_conditional", cfg.class_conditional)) if bad]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} only apply to image data; {cfg.data!r} is vector data of shape "
+                             f"{dataset.shape}")
     process = make_process(cfg.process)
     net = build_net(cfg, dataset, process).to(device)
     ema = build_net(cfg, dataset, process).to(device)
@@ -146,12 +201,16 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     start = 0
     if resume and (run / "checkpoint.json").exists():
         start = load_checkpoint(run, net, ema, opt, generator)
-    elif rank == 0:
-        if (run / "checkpoint.json").exists():
-            raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
+    if rank == 0:
         write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
                              "data_shape": list(dataset.shape), "num_classes": dataset.num_classes,
                              "levels": dataset.levels})
+    if resume and progress and rank == 0:
+        change = cfg.schedule_changes[-1] if cfg.schedule_changes and cfg.schedule_changes[-1]["at"] == start else None
+        note = (f"; length {change['previous_steps']} -> {cfg.steps} steps, learning rate "
+                f"{'restarts at' if change['rule'] == 'warm restart' else 'continues from'} {change['lr']:.3g} "
+                f"and decays to 0 at step {cfg.steps}" if change else "")
+        tqdm.write(f"resuming {str(run)!r} at step {start}{note}")
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = Denoiser(ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
     times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete)
@@ -186,7 +245,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             elapsed = time.perf_counter() - tic
             rate = done / elapsed
-            bar.set_postfix(loss=f"{loss.item():.4f}", its=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
             if log:
                 log.write(json.dumps({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(),
                                       "lr": _lr(cfg, step), "steps_per_s": rate, "elapsed_s": elapsed}) + "\n")

@@ -36,8 +36,17 @@ def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tens
             x_next, out = step(x, t, s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": out.x0})
+        check_finite(x_next, f"step {i} (t = {t:.6g} -> {s:.6g})")
         x = x_next
     return x
+
+
+def check_finite(x: Tensor, where: str) -> None:
+    """Stop with the place named instead of carrying NaN or inf to the end (a diverged model or sampler)."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        raise FloatingPointError(f"the sampler produced NaN or inf at {where} in {bad} of {x.shape[0]} samples; "
+                                 f"the model's output is not finite there (garbled weights?) or the step is unstable")
 
 
 def coef(model, t: float) -> Coefficients:

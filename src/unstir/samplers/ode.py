@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..pf_ode import LogSNRField
-from .base import coef, integrate
+from .base import check_finite, coef, integrate
 
 Tensor = torch.Tensor
 
@@ -56,6 +56,8 @@ def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: 
     from torchdiffeq import odeint
 
     times = grid[grid > 0].tolist()
+    if grid[-1] == 0 and times[-1] != model.process.t_min:
+        times.append(model.process.t_min)  # [T, 0] (steps=1): still solve down to t_min before denoising
     lams = torch.tensor([coef(model, t).log_snr for t in times], dtype=torch.float64, device=x.device)
     field = LogSNRField(model, x.dtype)
     # The solver state and its time stay in float64 (torchdiffeq casts time to the state's dtype).
@@ -68,6 +70,7 @@ def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: 
     else:
         xbars = xbar[None]
     xs = [(coef(model, t).alpha * xb).to(x.dtype) for t, xb in zip(times, xbars)]
+    check_finite(xs[-1], f"the end of the adaptive solve (t = {times[-1]:.6g})")
     if callback is not None:
         for i, (t, xi) in enumerate(zip(times, xs)):
             callback({"i": i, "t": t, "x": xi, "x0": model(xi, t).x0})
