@@ -105,9 +105,77 @@ class GaussianMixture:
         logw = torch.log(self.weights) + _log_normal(v[None], self.means[:, o], S_oo)[0]
         return GaussianMixture(torch.softmax(logw, 0), means, covs)
 
+    def posterior_given(self, A, y, sigma_y) -> "GaussianMixture":
+        """The posterior p(x0 | y) for linear measurements y = A x0 + n, n ~ N(0, Sigma_y): again a Gaussian
+        mixture (Bayes' rule per component),
+
+            Sigma'_k = (Sigma_k^-1 + A^T Sigma_y^-1 A)^-1,   mu'_k = Sigma'_k (A^T Sigma_y^-1 y + Sigma_k^-1 mu_k),
+            w'_k ~ w_k N(y; A mu_k, A Sigma_k A^T + Sigma_y).
+
+        ``A`` is (m, d); ``y`` (m,); ``sigma_y`` a scalar standard deviation (> 0), a (m,) vector of them, or
+        an (m, m) covariance. Noiseless observation of coordinates is ``condition``."""
+        A = torch.as_tensor(A, dtype=torch.float64)
+        y = torch.as_tensor(y, dtype=torch.float64)
+        if A.ndim != 2 or A.shape[1] != self.dim:
+            raise ValueError(f"A must have shape (m, {self.dim}), got {tuple(A.shape)}")
+        m = A.shape[0]
+        if y.shape != (m,):
+            raise ValueError(f"y must have shape ({m},) to match A {tuple(A.shape)}, got {tuple(y.shape)}")
+        S_y = torch.as_tensor(sigma_y, dtype=torch.float64)
+        if S_y.ndim == 0 or S_y.shape == (m,):
+            if not (S_y > 0).all():
+                raise ValueError(f"sigma_y must be positive here (use condition() for noiseless data), got {S_y.tolist()}")
+            S_y = torch.diag_embed(S_y.expand(m) ** 2)
+        if S_y.shape != (m, m):
+            raise ValueError(f"sigma_y must be a scalar, ({m},) or ({m}, {m}), got {tuple(S_y.shape)}")
+        prec = torch.linalg.inv(self.covs) + (A.T @ torch.linalg.solve(S_y, A))
+        covs = torch.linalg.inv(prec)
+        covs = 0.5 * (covs + covs.transpose(1, 2))
+        rhs = (A.T @ torch.linalg.solve(S_y, y)) + torch.linalg.solve(self.covs, self.means[..., None])[..., 0]
+        means = torch.einsum("kij,kj->ki", covs, rhs)
+        pred_cov = A @ self.covs @ A.T + S_y
+        logw = torch.log(self.weights) + _log_normal(y[None], self.means @ A.T, pred_cov)[0]
+        return GaussianMixture(torch.softmax(logw, 0), means, covs)
+
+    def subset(self, components) -> "GaussianMixture":
+        """The mixture of the given components, their weights renormalised (a class of the data)."""
+        idx = torch.as_tensor(components, dtype=torch.long)
+        return GaussianMixture(self.weights[idx], self.means[idx], self.covs[idx])
+
+    def _classes(self, classes) -> Tensor:
+        classes = torch.arange(self.n_components) if classes is None else torch.as_tensor(classes, dtype=torch.long)
+        if classes.shape != (self.n_components,) or classes.min() < 0:
+            raise ValueError(f"classes must give a class id >= 0 for each of the {self.n_components} components, "
+                             f"got {classes.tolist()}")
+        return classes
+
+    def classifier(self, process: Process, classes=None) -> "ExactClassifier":
+        """The exact noise-conditional classifier log p_t(y | x) when class ``classes[k]`` owns component k
+        (default: one class per component): the log of the summed responsibilities of the class's components."""
+        return ExactClassifier(self, process, self._classes(classes))
+
+    def class_conditional_denoiser(self, process: Process, classes=None) -> Denoiser:
+        """The exact class-conditional model: with labels y, eps of the class's own mixture (``subset``);
+        without, eps of the whole mixture. ``num_classes`` is the number of classes."""
+        classes = self._classes(classes)
+        n = int(classes.max()) + 1
+        parts = [self.subset((classes == c).nonzero()[:, 0]) for c in range(n)]
+
+        def net(x, t, y=None):
+            if y is None:
+                return self.eps(x, t, process)
+            out = torch.empty_like(x)
+            for c, part in enumerate(parts):
+                m = y == c
+                if m.any():
+                    out[m] = part.eps(x[m], t[m], process)
+            return out
+
+        return Denoiser(net, process, "eps", time_dtype=torch.float64, data_shape=(self.dim,), num_classes=n)
+
     # noised marginals ------------------------------------------------------------------------
-    def _terms(self, x: Tensor, t, process: Process | None):
-        """(log p_t(x), responsibilities r (B, K), score (B, d)) in float64."""
+    def _terms(self, x: Tensor, t, process: Process | None, log_resp: bool = False):
+        """(log p_t(x), responsibilities r (B, K) (or their logs), score (B, d)) in float64."""
         x = torch.as_tensor(x).to(torch.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
@@ -123,6 +191,8 @@ class GaussianMixture:
         logn = -0.5 * ((z**2 / var).sum(-1) + torch.log(var).sum(-1) + self.dim * _LOG_2PI)
         logjoint = torch.log(self.weights) + logn
         logp = torch.logsumexp(logjoint, -1)
+        if log_resp:
+            return logp, logjoint - logp[:, None], None
         r = torch.softmax(logjoint, -1)
         score = -torch.einsum("bk,bke,kde->bd", r, z / var, self._evecs)
         return logp, r, score
@@ -161,6 +231,20 @@ class GaussianMixture:
         """The exact model of this data under ``process``, as the same wrapper a network gets."""
         return Denoiser(lambda x, t: self.eps(x, t, process), process, "eps", time_dtype=torch.float64,
                         data_shape=(self.dim,))
+
+
+class ExactClassifier:
+    """log p_t(class | x) of a Gaussian mixture whose classes own sets of components: a noise-conditional
+    classifier with the ``(x, t) -> log-probabilities (batch, classes)`` call of a trained one."""
+
+    def __init__(self, mixture: GaussianMixture, process: Process, classes: Tensor):
+        self.mixture, self.process, self.classes = mixture, process, classes
+        self.num_classes = int(classes.max()) + 1
+
+    def __call__(self, x: Tensor, t) -> Tensor:
+        logr = self.mixture._terms(self.mixture._flat(x), t, self.process, log_resp=True)[1]
+        onehot = torch.nn.functional.one_hot(self.classes, self.num_classes).to(torch.float64)
+        return torch.logsumexp(logr[:, :, None] + torch.log(onehot)[None], 1).to(x.dtype)
 
 
 def _log_normal(x: Tensor, means: Tensor, covs: Tensor) -> Tensor:

@@ -77,14 +77,16 @@ class _Counted:
 def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | None = None, *,
            sampler: str = "dpm++2m", steps: int = 20, grid: str | Tensor | None = None, denoise: bool = True,
            y: Tensor | int | None = None, generator: torch.Generator | None = None, callback=None,
-           dtype=torch.float32, **options) -> SampleResult:
+           project=None, dtype=torch.float32, **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``x_T`` (a tensor) or from the prior (a shape).
 
     ``model`` is a ``unstir.Model`` (a ``Denoiser``, a guidance wrapper, an adapter), or any callable
     ``net(x, t)`` predicting eps, wrapped for ``process``. ``y`` holds class labels for a conditional model:
     one integer for the whole batch or a tensor of shape (batch,); every sampler passes it to every model
     call. ``grid`` is a grid name from ``unstir.GRIDS`` (default: the sampler's measured best), or an
-    explicit descending tensor of times. ``options`` go to the sampler (``eta``, ``order``, ``snr``, ...).
+    explicit descending tensor of times. ``project(model, x, s)``, if given, constrains the state after every
+    step (e.g. ``Measurement.replacement()`` for inpainting; not with the adaptive ode_rk45). ``options`` go
+    to the sampler (``eta``, ``order``, ``snr``, ...).
     """
     check_choice("sampler", sampler, SAMPLERS)
     if not isinstance(model, Model):
@@ -106,16 +108,19 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
         times = time_grid(process, steps, grid or spec.grid, denoise=denoise)
     else:
         times = check_grid(process, grid)
+    if project is not None and sampler == "ode_rk45":
+        raise ValueError("project= needs a fixed-grid sampler; ode_rk45 chooses its own steps")
     x = _initial(model, process, x_T, generator, dtype)
     return run_sampler(model, x, times, sampler, y=check_labels(model, y, x.shape[0], x.device),
-                       generator=generator, callback=callback, **options)
+                       generator=generator, callback=callback, project=project, **options)
 
 
 def run_sampler(model, x: Tensor, times: Tensor, sampler: str, *, y: Tensor | None = None,
-                generator: torch.Generator | None = None, callback=None, **options) -> SampleResult:
+                generator: torch.Generator | None = None, callback=None, project=None, **options) -> SampleResult:
     """Run a registered sampler over ``times`` (already checked) and count its evaluations. The grid may
     ascend for the deterministic samplers: that integrates the PF ODE upward (encoding)."""
     counted = _Counted(model, y)
+    counted.project = project
     x0 = SAMPLERS[sampler].fn(counted, x, times, generator=generator, callback=callback, **options)
     return SampleResult(x0, counted.nfe, times)
 

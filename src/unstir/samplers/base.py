@@ -25,15 +25,19 @@ def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tens
     """Apply ``step`` over consecutive grid points; the interval to a final 0 returns the x0 prediction.
 
     ``callback``, if given, receives a dict with the step index ``i``, the time ``t``, the state ``x``
-    at t and the model's prediction ``x0`` there.
+    at t and the model's prediction ``x0`` there. A ``project(model, x, s)`` attribute of the model (set by
+    ``unstir.sample(..., project=...)``) constrains the state after every step.
     """
     times = grid.tolist()
+    project = getattr(model, "project", None)  # a constraint applied after every step (inpainting)
     for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
         if s == 0.0:
             out = model(x, t)
             x_next = out.x0
         else:
             x_next, out = step(x, t, s)
+        if project is not None:
+            x_next = project(model, x_next, s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": out.x0})
         check_finite(x_next, f"step {i} (t = {t:.6g} -> {s:.6g})")
