@@ -56,3 +56,47 @@ def test_likelihood_encode_decode_interpolate_commands(tmp_path, capsys):
     assert main(["interpolate", "--run", str(run), "--pair", "0", "3", "--frames", "5",
                  "--out", str(tmp_path / "path.png")]) == 0
     assert (tmp_path / "path.png").stat().st_size > 10_000
+
+
+def test_conditional_sampling_classifier_and_inpainting_commands(tmp_path, capsys):
+    """Class-conditional training with label dropout, classifier-free and classifier guidance from the
+    command line, and every inverse-problem method on images and on vectors."""
+    import numpy as np
+    from PIL import Image
+
+    from unstir.data import from_unit_range, load
+
+    run, clf = tmp_path / "d", tmp_path / "c"
+    assert main(["train", "--data", "digits", "--class-conditional", "--steps", "6", "--batch-size", "16",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", "--run", str(run), "--class", "3", "--guidance", "2.0", "-n", "4", "--steps", "3",
+                 "--out", str(tmp_path / "threes.png")]) == 0
+    assert main(["train-classifier", "--data", "digits", "--steps", "5", "--batch-size", "16", "--out", str(clf),
+                 "--quiet"]) == 0
+    assert main(["sample", "--run", str(run), "--classifier", str(clf), "--class", "3", "-n", "4", "--steps", "3",
+                 "--out", str(tmp_path / "t.npy")]) == 0
+    assert np.load(tmp_path / "t.npy").shape == (4, 1, 8, 8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(from_unit_range(load("digits-test").x[0, 0]).numpy()).save(tmp_path / "digit.png")
+    for method in ("replacement", "repaint", "dps", "pigdm"):
+        assert main(["inpaint", "--run", str(run), "--image", str(tmp_path / "digit.png"), "--mask",
+                     str(tmp_path / "mask.png"), "--method", method, "--steps", "3", "--samples", "2",
+                     "--out", str(tmp_path / f"{method}.npy")]) == 0
+        assert np.isfinite(np.load(tmp_path / f"{method}.npy")).all()
+    assert main(["inpaint", "--run", str(run), "--image", str(tmp_path / "digit.png"), "--task", "superres",
+                 "--method", "pigdm", "--steps", "3", "--out", str(tmp_path / "sr.png")]) == 0
+    capsys.readouterr()
+    assert main(["inpaint", "--run", str(run), "--image", str(tmp_path / "digit.png"), "--mask",
+                 str(tmp_path / "digit.png"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "must be black (0, unknown) and white (255, known) only" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--class", "10", "-n", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "class labels must lie in [0, 9]" in capsys.readouterr().err
+    vec = tmp_path / "v"
+    assert main(["train", "--steps", "20", "--out", str(vec), "--quiet"]) == 0
+    assert main(["sample", "--run", str(vec), "--guidance", "2", "--class", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "needs a model with a class input" in capsys.readouterr().err
+    assert main(["inpaint", "--run", str(vec), "--known", "0", "--values", "0.5", "--method", "replacement",
+                 "--steps", "5", "--samples", "50", "--out", str(tmp_path / "v.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy")[:, 0], 0.5, atol=1e-6)

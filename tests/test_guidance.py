@@ -140,3 +140,20 @@ def test_guidance_bad_input():
     with pytest.raises(ValueError, match="guidance needs class labels"):
         unstir.sample(guided(gm.denoiser(p), clf), p, (4, 2))
     assert math.isfinite(unstir.sample(guided(gm.denoiser(p), clf, y=1, scale=4.0), p, (4, 2), steps=3).x.sum().item())
+
+
+def test_label_dropout_trains_the_conditional_and_the_unconditional_model(tmp_path):
+    """An MLP trained with --class-conditional on unequal_2d (labels = components, dropout 0.1): cfg scale 1
+    samples the rare class 2 (weight 0.1) almost only, scale 0 (the null label) the whole mixture."""
+    from unstir.training import TrainConfig, train
+
+    train(TrainConfig(data="unequal_2d", class_conditional=True, steps=1500, seed=0), tmp_path / "r", progress=False)
+    model = unstir.load_run(tmp_path / "r")
+    gm = unequal_2d()
+    assert model.num_classes == 3
+    with torch.no_grad():
+        cond = unstir.sample(cfg(model, y=2, scale=1.0), None, (1000, 2), generator=torch.Generator().manual_seed(0)).x
+        uncond = unstir.sample(cfg(model, y=2, scale=0.0), None, (1000, 2), generator=torch.Generator().manual_seed(0)).x
+    assert unstir.metrics.mode_weights(gm, cond)[2] > 0.9
+    w = unstir.metrics.mode_weights(gm, uncond)
+    assert ((w - gm.weights).abs() < 0.05).all(), w

@@ -129,10 +129,11 @@ def test_7_oracle_validates_before_writing_and_accepts_random(tmp_path, capsys):
 def test_8_image_options_on_vector_data_and_long_warmups_are_refused(tmp_path):
     from unstir.training import train
 
-    for kw, flag in (({"size": 16}, "--size"), ({"mode": "RGB"}, "--mode"),
-                     ({"class_conditional": True}, "--class-conditional")):
+    for kw, flag in (({"size": 16}, "--size"), ({"mode": "RGB"}, "--mode")):
         with pytest.raises(ValueError, match=f"{flag} only apply to image data"):
             train(TrainConfig(steps=5, **kw), tmp_path / flag, progress=False)
+    with pytest.raises(ValueError, match="--class-conditional needs class labels; 'swiss_roll' has none"):
+        train(TrainConfig(data="swiss_roll", steps=5, class_conditional=True), tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match=r"warmup \(50 steps\) must be shorter than the run \(steps = 40\)"):
         TrainConfig(steps=40, warmup=50).validate()
     assert TrainConfig(steps=40).warmup == 4 and TrainConfig(steps=4000).warmup == 200

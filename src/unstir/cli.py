@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import figures, oracle
@@ -39,6 +40,39 @@ def train_cmd(args) -> int:
     return 0
 
 
+def train_classifier_cmd(args) -> int:
+    """Train a noise-conditional classifier p_t(y | x_t) on labelled data (digits, moons, ...) for classifier
+    guidance: `unstir sample --run R --classifier C --class 3 --guidance 2`."""
+    from .training import TrainConfig, train_classifier
+
+    cfg = TrainConfig(data=args.data, process=args.process, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed)
+    run = train_classifier(cfg, args.out, progress=not args.quiet)
+    print(f"classifier folder: {run}")
+    return 0
+
+
+def _guidance_model(model, args):
+    """The model to sample: as is, classifier-free guided (--guidance without --classifier) or classifier
+    guided (--classifier), for the labels of --class."""
+    from .guidance import cfg as cfg_guidance
+    from .guidance import guided
+    from .runs import load_classifier
+
+    if args.classifier is not None:
+        if args.label is None:
+            raise ValueError("--classifier needs --class, the label to guide towards")
+        clf = load_classifier(args.classifier, device=args.device)
+        if clf.process.config() != model.process.config():
+            raise ValueError(f"the classifier was trained on process {clf.process!r}, the model on {model.process!r}")
+        return guided(model, clf, args.label, 1.0 if args.guidance is None else args.guidance), None
+    if args.guidance is not None:
+        if args.label is None:
+            raise ValueError("--guidance needs --class, the label to guide towards")
+        return cfg_guidance(model, args.label, args.guidance), None
+    return model, args.label
+
+
 def sample_cmd(args) -> int:
     """Sample from a trained run and write a PNG (grid of images or scatter plot) or a .npy array."""
     from .data import from_unit_range
@@ -50,15 +84,15 @@ def sample_cmd(args) -> int:
     if args.n < 1:
         raise ValueError(f"-n must be a positive integer, got {args.n}")
     options = _sampler_options(args)
-    model = load_run(args.run, ema=not args.no_ema, device=args.device)
+    model, y = _guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
     shape = (args.n, *model.data_shape)
     with torch.no_grad():
-        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=args.grid,
+        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=args.grid, y=y,
                    generator=torch.Generator().manual_seed(args.seed), **options)
     x = r.x.cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        import numpy as np
+
 
         np.save(out, x.numpy())
     elif x.ndim == 4:
@@ -127,7 +161,7 @@ def likelihood_cmd(args) -> int:
 def encode_cmd(args) -> int:
     """Encode data into latents at T along the probability-flow ODE (adaptive, or DDIM inversion with
     --sampler ddim, exact with --exact) and save them as .npy."""
-    import numpy as np
+
 
     from .inversion import encode
     from .runs import load_run
@@ -145,7 +179,7 @@ def encode_cmd(args) -> int:
 
 def decode_cmd(args) -> int:
     """Decode latents (.npy from `unstir encode`, or any prior samples) back to data along the PF ODE."""
-    import numpy as np
+
 
     from .data import from_unit_range
     from .inversion import decode
@@ -191,6 +225,99 @@ def interpolate_cmd(args) -> int:
         figures.interpolation_path(background, r.x.cpu(), out)
     print(f"{args.frames} frames ({args.method}, {r.nfe} model evaluations) -> {out}")
     return 0
+
+
+INVERSE_METHODS = ("replacement", "repaint", "dps", "pigdm")
+
+
+def inpaint_cmd(args) -> int:
+    """Solve a linear inverse problem with a trained run: inpainting (--mask), colorization or 2x
+    super-resolution of --image, or, for vector data, conditioning on coordinates (--known, --values).
+    Writes the measurement beside --samples posterior samples (images), or a scatter plot / .npy."""
+
+
+    from .data import from_unit_range, to_unit_range
+    from .inverse import Measurement, colorize_operator, dps, pigdm, repaint, superres_operator
+    from .runs import load_run
+
+    if args.samples < 1 or args.steps < 1:
+        raise ValueError(f"--samples and --steps must be positive, got {args.samples} and {args.steps}")
+    if not args.sigma_y >= 0:
+        raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npy"):
+        raise ValueError(f"--out must end in .png or .npy, got {str(out)!r}")
+    model = load_run(args.run, device=args.device)
+    shape = tuple(model.data_shape)
+    g = torch.Generator().manual_seed(args.seed)
+    if len(shape) == 3:
+        if args.image is None:
+            raise ValueError("image runs need --image (a PNG of the run's size)")
+        truth = to_unit_range(_read_png(args.image, shape))[None].double()
+        if args.task == "inpaint":
+            if args.mask is None:
+                raise ValueError("--task inpaint needs --mask (white = known, black = unknown)")
+            mask = _read_png(args.mask, shape, mask=True)
+            m = Measurement(mask, truth.flatten(1)[:, mask.flatten().bool()], args.sigma_y, data_shape=shape)
+        else:
+            ops = superres_operator(shape) if args.task == "superres" else colorize_operator(shape)
+            m = Measurement(y=ops["A"](truth), sigma_y=args.sigma_y, data_shape=shape, **ops)
+    else:
+        if args.known is None or args.values is None or len(args.known) != len(args.values):
+            raise ValueError("vector runs need --known I [I ...] and as many --values")
+        if min(args.known) < 0 or max(args.known) >= shape[0]:
+            raise ValueError(f"--known indices must lie in [0, {shape[0] - 1}], got {args.known}")
+        mask = torch.zeros(shape, dtype=torch.long)
+        mask[list(args.known)] = 1
+        m = Measurement(mask, torch.tensor([args.values[args.known.index(i)] for i in sorted(args.known)]),
+                        args.sigma_y, data_shape=shape)
+        truth = None
+    if args.method in ("replacement", "repaint") and m.mask is None:
+        raise ValueError(f"--method {args.method} pastes known entries and needs a mask; use dps or pigdm for "
+                         f"--task {args.task}")
+    x_T = model.process.prior_sample((args.samples, *shape), g)
+    with torch.no_grad():
+        if args.method == "repaint":
+            x, nfe = repaint(model, m, x_T, args.steps, generator=g)
+        elif args.method == "replacement":
+            r = sample(model, None, x_T, sampler="ddpm", steps=args.steps, project=m.replacement(g), generator=g)
+            x, nfe = r.x, r.nfe
+        else:
+            guided = dps(model, m, args.scale) if args.method == "dps" else pigdm(model, m)
+            r = sample(guided, None, x_T, sampler="ddpm", steps=args.steps, generator=g)
+            x, nfe = r.x, r.nfe
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, x.cpu().numpy())
+    elif truth is not None:
+        shown = m.pinv(m.A(truth)).to(x.dtype)  # the measurement, back in image space
+        figures.image_grid(from_unit_range(torch.cat([truth.to(x.dtype), shown, x]).clamp(-1, 1)), out,
+                           ncol=args.samples + 2)
+    else:
+        figures.scatter_panels({f"{args.method} ({nfe} NFE)": x.cpu()}, out)
+    print(f"{args.samples} samples with {args.method} ({nfe} model evaluations) -> {out}")
+    return 0
+
+
+def _read_png(path, shape, mask: bool = False):
+    """A PNG as a uint8 tensor of ``shape`` (C, H, W); a mask as 0/1 (white = 1), refusing other values."""
+    from PIL import Image
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if (mask or c == 1) else "RGB"), dtype=np.uint8)
+    except OSError as err:
+        raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+    if arr.shape[:2] != (h, w):
+        raise ValueError(f"{str(path)!r} is {arr.shape[1]}x{arr.shape[0]}; the run's images are {w}x{h}")
+    t = torch.from_numpy(arr.copy())
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    if mask:
+        if not ((t == 0) | (t == 255)).all():
+            raise ValueError(f"mask {str(path)!r} must be black (0, unknown) and white (255, known) only")
+        return (t[:1] == 255).long().expand(c, h, w).contiguous()
+    return t
 
 
 def list_choices(args) -> int:
@@ -259,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--size", type=int, help="resize/crop images to this size (image data only)")
     tr.add_argument("--mode", choices=["L", "RGB"], help="image colour mode (default: L)")
     tr.add_argument("--class-conditional", dest="class_conditional", action="store_true",
-                    help="condition the U-Net on the data set's class labels (e.g. digits)")
+                    help="condition the network on the data set's class labels (digits, moons, circles, ring, "
+                         "unequal_2d), for classifier-free guidance")
+    tr.add_argument("--label-dropout", dest="label_dropout", type=float,
+                    help="with --class-conditional: share of labels trained as the null label (default: 0.1)")
     tr.add_argument("--discrete", action="store_true", help="integer DDPM timesteps (process ddpm)")
     tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                     help="steps between checkpoints (default: 1000; one is always written at the end)")
@@ -282,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
     sa.add_argument("--out", required=True, help="samples.png (image grid, clipped to 0-255, or scatter plot) or "
                     "samples.npy (the model's coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot)")
+    sa.add_argument("--class", dest="label", type=int, help="class label to sample (class-conditional runs, or "
+                    "with --classifier)")
+    sa.add_argument("--guidance", type=float, help="guidance scale: classifier-free (diffusers/Imagen scale s: 0 "
+                    "unconditional, 1 conditional; Ho & Salimans' w = s - 1), or with --classifier the classifier "
+                    "gradient's weight (1 = Bayes' rule)")
+    sa.add_argument("--classifier", help="classifier folder from `unstir train-classifier`: classifier guidance")
     sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0)")
     sa.add_argument("--order", type=int, help="deis (1-4), unipc (1-3) order (default: 3)")
     sa.add_argument("--snr", type=float, help="pc: Langevin corrector signal-to-noise ratio (default: 0.075)")
@@ -302,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed for the held-out draw and any noise (default: 0)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
 
+    tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
+                        description=train_classifier_cmd.__doc__)
+    tc.add_argument("--data", default="digits", help="labelled data: digits, moons, circles, ring, unequal_2d (default: digits)")
+    tc.add_argument("--out", required=True, help="folder for the classifier")
+    tc.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="the model's process (default: vp)")
+    tc.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    tc.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="batch size (default: 256)")
+    tc.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default: 1e-3)")
+    tc.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    tc.add_argument("--quiet", action="store_true", help="no progress bar")
+    tc.set_defaults(func=train_classifier_cmd)
     lk = sub.add_parser("likelihood", help="bits/dim of held-out data by the PF ODE", description=likelihood_cmd.__doc__)
     common(lk)
     lk.add_argument("-n", type=int, default=500, help="number of held-out samples (default: 500)")
@@ -340,6 +487,25 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--method", default="slerp", choices=["slerp", "lerp"], help="latent interpolation (default: slerp)")
     ip.add_argument("--out", required=True, help="strip.png")
     ip.set_defaults(func=interpolate_cmd)
+    ip2 = sub.add_parser("inpaint", help="inpainting, colorization, super-resolution, or conditioning on coordinates",
+                         description=inpaint_cmd.__doc__)
+    ip2.add_argument("--run", required=True, help="run folder written by `unstir train`")
+    ip2.add_argument("--image", help="the image to restore (PNG of the run's size)")
+    ip2.add_argument("--mask", help="inpainting mask PNG: white = known, black = unknown")
+    ip2.add_argument("--task", default="inpaint", choices=["inpaint", "colorize", "superres"],
+                     help="inpaint (--mask), colorize (RGB runs) or superres (2x) (default: inpaint)")
+    ip2.add_argument("--known", type=int, nargs="+", help="vector data: indices of the known coordinates")
+    ip2.add_argument("--values", type=float, nargs="+", help="vector data: their values")
+    ip2.add_argument("--method", default="repaint", choices=list(INVERSE_METHODS),
+                     help="replacement, repaint (masks only), dps or pigdm (default: repaint)")
+    ip2.add_argument("--sigma-y", dest="sigma_y", type=float, default=0.0, help="measurement noise std (default: 0)")
+    ip2.add_argument("--scale", type=float, default=1.0, help="dps step scale (default: 1.0)")
+    ip2.add_argument("--steps", type=int, default=100, help="sampler steps (default: 100)")
+    ip2.add_argument("--samples", type=int, default=8, help="posterior samples (default: 8)")
+    ip2.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    ip2.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    ip2.add_argument("--out", required=True, help="result .png (truth, measurement, samples) or .npy")
+    ip2.set_defaults(func=inpaint_cmd)
     ls = sub.add_parser("list", help="list processes, grids and samplers")
     ls.set_defaults(func=list_choices)
     return ap

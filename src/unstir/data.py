@@ -45,8 +45,10 @@ class Dataset:
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
 
-def toy_2d(name: str, n: int, seed: int = 0) -> Tensor:
-    """n independent draws from a 2-D toy distribution, roughly within [-3, 3]^2.
+def toy_2d(name: str, n: int, seed: int = 0, *, return_labels: bool = False):
+    """n independent draws from a 2-D toy distribution, roughly within [-3, 3]^2; with ``return_labels``
+    also their class labels where the set has classes (moons and circles: which one; ring and unequal_2d:
+    the mixture component), else None.
 
     scikit-learn's make_moons and make_circles place their points at evenly spaced angles (a
     stratified sample, so two sets of the same size sit far closer to each other than independent
@@ -60,22 +62,26 @@ def toy_2d(name: str, n: int, seed: int = 0) -> Tensor:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     rs = np.random.RandomState(seed)
     fine = min(16 * n, max(n, 1_000_000))
-    if name == "moons":
-        x = datasets.make_moons(fine, noise=0.05, random_state=rs)[0] * 1.5 - [0.75, 0.25]
-        x = x[rs.randint(fine, size=n)]
+    labels = None
+    if name in ("moons", "circles"):
+        if name == "moons":
+            x, y = datasets.make_moons(fine, noise=0.05, random_state=rs)
+            x = x * 1.5 - [0.75, 0.25]
+        else:
+            x, y = datasets.make_circles(fine, factor=0.5, noise=0.04, random_state=rs)
+            x = x * 2.5
+        pick = rs.randint(fine, size=n)
+        x, labels = x[pick], torch.as_tensor(y[pick], dtype=torch.long)
     elif name == "swiss_roll":
         x = datasets.make_swiss_roll(n, noise=0.3, random_state=rs)[0][:, [0, 2]] / 5.0
-    elif name == "circles":
-        x = datasets.make_circles(fine, factor=0.5, noise=0.04, random_state=rs)[0] * 2.5
-        x = x[rs.randint(fine, size=n)]
     elif name == "checkerboard":
         cells = rs.randint(0, 8, size=n)  # the 8 dark squares of a 4x4 board
         row, col = cells // 2, 2 * (cells % 2) + (cells // 2) % 2
         x = np.stack([col + rs.rand(n), row + rs.rand(n)], 1) - 2.0
     else:
-        g = torch.Generator().manual_seed(seed)
-        return oracle.EXAMPLES[name]().sample(n, g).float()
-    return torch.as_tensor(x, dtype=torch.float32)
+        x, labels = oracle.EXAMPLES[name]().sample(n, torch.Generator().manual_seed(seed), return_labels=True)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    return (x, labels) if return_labels else x
 
 
 def to_unit_range(x_uint8) -> Tensor:
@@ -195,7 +201,7 @@ def npy_array(path) -> Dataset:
 def load(spec: str, *, n: int = 20000, size: int | None = None, mode: str = "L", seed: int = 0) -> Dataset:
     """A data set by name ('moons', 'digits', 'digits-test', ...), folder of images, or .npy file."""
     if spec in TOY_2D:
-        return Dataset(spec, toy_2d(spec, n, seed))
+        return Dataset(spec, *toy_2d(spec, n, seed, return_labels=True))
     if spec in ("digits", "digits-test"):
         return digits("train" if spec == "digits" else "test")
     p = Path(spec)

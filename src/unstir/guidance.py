@@ -91,6 +91,18 @@ class ClassifierFree(_Wrapper):
         return ModelOutput(x, t, cond.c, torch.lerp(uncond.eps, cond.eps, self.scale), "eps")
 
 
+class NoiseClassifier:
+    """A trained noise-conditional classifier ``net(x, t_input) -> logits`` for a process: called as
+    ``classifier(x, t)`` with t a float or a (batch,) tensor, like a model."""
+
+    def __init__(self, net, process, num_classes: int):
+        self.net, self.process, self.num_classes = net, process, int(num_classes)
+
+    def __call__(self, x: Tensor, t) -> Tensor:
+        t_in = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        return self.net(x, t_in)
+
+
 def guided(model, classifier, y: Tensor | int | None = None, scale: float = 1.0) -> ClassifierGuided:
     """Classifier guidance: a model whose score is ``model``'s plus ``scale`` times grad_x log p_t(y | x).
 

@@ -35,18 +35,19 @@ class Measurement:
     """y = A x + n with n ~ N(0, sigma_y^2 I).
 
     ``A``: a 0/1 mask of the data shape (observe the 1s), an (m, d) matrix acting on flattened samples, or a
-    callable with ``At`` its adjoint (then ``pinv`` is available only through ``pinv=``). ``y``: shape
+    callable with ``At`` its adjoint (its pseudo-inverse through ``pinv=``, and ``aat=c`` when A A^T = c I). ``y``: shape
     (m,) or (batch, m) (for a mask: the observed values, in mask order, or a full-shape array whose
     unobserved entries are ignored)."""
 
     def __init__(self, A, y, sigma_y: float = 0.0, *, data_shape: tuple[int, ...], At: Callable | None = None,
-                 pinv: Callable | None = None):
+                 pinv: Callable | None = None, aat: float | None = None):
         self.data_shape = tuple(data_shape)
         self.d = math.prod(self.data_shape)
         if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y >= 0):
             raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y!r}")
         self.sigma_y = float(sigma_y)
         self.mask = self.matrix = None
+        self.aat = aat  # for a callable A with A A^T = aat I (pooling, channel averaging): PiGDM's inverse
         if callable(A):
             if At is None:
                 raise ValueError("a callable A needs its adjoint At")
@@ -172,15 +173,15 @@ class PiGDM(_Guidance):
         r2 = self.data_var * c.sigma**2 / (c.alpha**2 * self.data_var + c.sigma**2)
         r2 = r2 if isinstance(r2, float) else r2.flatten()[: x.shape[0]].reshape(-1, 1)
         resid = (m.observed(x.shape[0], x) - m.A(out.x0)).to(torch.float64)
-        if m.mask is not None:
-            v = resid / (r2 + m.sigma_y**2)
+        if m.mask is not None or m.aat is not None:
+            v = resid / (r2 * (1.0 if m.mask is not None else m.aat) + m.sigma_y**2)
         elif m.matrix is not None:
             A = m.matrix.to(resid)
             r2b = torch.as_tensor(r2, dtype=torch.float64).reshape(-1, 1, 1)
             cov = r2b * (A @ A.T) + m.sigma_y**2 * torch.eye(A.shape[0], dtype=torch.float64)
             v = torch.linalg.solve(cov, resid[..., None])[..., 0]
         else:
-            raise ValueError("pigdm needs A as a mask or a matrix")
+            raise ValueError("pigdm needs A as a mask, a matrix, or a callable with aat= (A A^T = aat I)")
         # grad_x of v^T A x0_hat(x) with v held fixed: the vector-Jacobian product of x0_hat.
         return torch.autograd.grad((m.A(out.x0) * v.to(out.x0).detach()).sum(), x)[0]
 
@@ -230,3 +231,119 @@ def repaint(model, measurement: Measurement, x_T: Tensor, steps: int = 50, *, ju
                 x = a * x + b * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         i = end
     return x, nfe
+
+
+def superres_operator(shape: tuple[int, ...], factor: int = 2) -> dict:
+    """A = factor x factor average pooling of (C, H, W) images, as ``Measurement`` keyword arguments:
+    A A^T = I / factor^2, so A^+ = factor^2 A^T (nearest upsampling)."""
+    c, h, w = shape
+    if h % factor or w % factor:
+        raise ValueError(f"image size {h}x{w} must be divisible by the super-resolution factor {factor}")
+    pool = torch.nn.functional.avg_pool2d
+
+    def A(x):
+        return pool(x.reshape(-1, *shape), factor).flatten(1)
+
+    def At(v):
+        up = v.reshape(-1, c, h // factor, w // factor).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+        return up / factor**2
+
+    return {"A": A, "At": At, "pinv": lambda v: At(v) * factor**2, "aat": 1.0 / factor**2}
+
+
+def colorize_operator(shape: tuple[int, ...]) -> dict:
+    """A = the mean over the colour channels of (C, H, W) images (grayscale), as ``Measurement`` keyword
+    arguments: A A^T = I / C, so A^+ = C A^T."""
+    c = shape[0]
+    if c < 2:
+        raise ValueError(f"colorization needs colour images, got {c} channel")
+
+    def At(v):
+        return (v.reshape(-1, 1, *shape[1:]) / c).expand(-1, c, *shape[1:])
+
+    return {"A": lambda x: x.reshape(-1, *shape).mean(1).flatten(1), "At": At, "pinv": lambda v: At(v) * c,
+            "aat": 1.0 / c}
+
+
+def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, particles: int = 16,
+                data_var: float = 1.0, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, int]:
+    """Sequential Monte Carlo with twisting (the twisted diffusion sampler, Wu et al. 2023), twisted by
+    PiGDM's Gaussian approximation p~_t(y | x_t) = N(y; A x0_hat(x_t), r_t^2 A A^T + sigma_y^2 I).
+
+    For each of the ``n`` outputs, ``particles`` particles follow DDPM steps of the PiGDM-guided model on a
+    uniform grid; their weights carry the ratio of the unguided DDPM kernel to the guided proposal and the
+    change of the twist, p~_s(y | x_s) / p~_t(y | x_t); at the end the twist is replaced by the exact
+    likelihood N(y; A x0, sigma_y^2) (noiseless masks: the known entries are pasted). Groups whose effective
+    sample size falls below half are resampled (multinomially). As ``particles`` grows the output tends to the
+    posterior of the model's DDPM chain given y: the only method here that is consistent (benchmarks/
+    inverse_results.md). Returns (samples, model evaluations per particle)."""
+    from .grids import time_grid
+
+    for name, v in (("n", n), ("steps", steps), ("particles", particles)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    m, process = measurement, model.process
+    shape = m.data_shape
+    guide = PiGDM(model, m, data_var)
+    total = n * particles
+    x = process.prior_sample((total, *shape), generator, dtype=dtype)
+
+    def twist(x, t):
+        """(model output, log p~_t(y | x) up to a constant shared by all particles, its gradient in x)."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = model(xg, t)
+            grad = guide.log_likelihood_grad(xg, out)  # J^T A^T C^-1 (y - A x0_hat)
+        resid = (m.observed(total, x) - m.A(out.x0.detach())).to(torch.float64)
+        c = out.c
+        r2 = data_var * c.sigma**2 / (c.alpha**2 * data_var + c.sigma**2)
+        if m.matrix is not None:
+            A = m.matrix.to(resid)
+            cov = r2 * (A @ A.T) + m.sigma_y**2 * torch.eye(A.shape[0], dtype=torch.float64)
+            quad = (resid * torch.linalg.solve(cov, resid.T).T).sum(1)
+        else:
+            quad = resid.pow(2).sum(1) / (r2 * (1.0 if m.mask is not None else m.aat) + m.sigma_y**2)
+        return out, -0.5 * quad, grad.detach()
+
+    def mean(out, eps, x, t, s):
+        ct, cs = coefficients(process, t), coefficients(process, s)
+        a = ct.alpha / cs.alpha
+        post = cs.sigma * math.sqrt(max(ct.sigma**2 - (a * cs.sigma) ** 2, 0.0)) / ct.sigma
+        x0 = (x - ct.sigma * eps) / ct.alpha
+        return cs.alpha * x0 + math.sqrt(max(cs.sigma**2 - post**2, 0.0)) * eps, post
+
+    grid = time_grid(process, steps, "uniform").tolist()
+    out, logtw, grad = twist(x, grid[0])
+    logw = torch.zeros(total, dtype=torch.float64)
+    for t, s in zip(grid[:-1], grid[1:]):
+        if s == 0.0:
+            x = out.x0.detach()
+            if m.sigma_y > 0:
+                logw += -0.5 * (m.observed(total, x) - m.A(x)).to(torch.float64).pow(2).sum(1) / m.sigma_y**2 - logtw
+            else:
+                x = x + m.pinv(m.observed(total, x) - m.A(x))
+            break
+        eps_u = out.eps.detach()
+        mean_u, post = mean(out, eps_u, x, t, s)
+        mean_g, _ = mean(out, eps_u - out.c.sigma * grad.to(eps_u.dtype), x, t, s)
+        x = mean_g + post * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        out, logtw_s, grad = twist(x, s)
+        log_kernel = ((x - mean_g).pow(2) - (x - mean_u).pow(2)).flatten(1).sum(1).to(torch.float64) / (2 * post**2)
+        logw += log_kernel + logtw_s - logtw
+        logtw = logtw_s
+        groups = logw.reshape(n, particles)
+        w = torch.softmax(groups, 1)
+        low = 1.0 / (w**2).sum(1) < particles / 2
+        if low.any():
+            pick = torch.multinomial(w[low], particles, replacement=True, generator=generator)
+            index = torch.arange(total).reshape(n, particles)
+            index[low] = torch.gather(index[low], 1, pick)
+            index = index.flatten()
+            x, logtw, grad = x[index], logtw[index], grad[index]
+            out = ModelOutput(out.x[index], out.t, out.c, out.pred[index].detach(), out.kind)
+            groups[low] = 0.0
+            logw = groups.flatten()
+    chosen = torch.multinomial(torch.softmax(logw.reshape(n, particles), 1), 1, generator=generator)[:, 0]
+    x = x.reshape(n, particles, *shape)[torch.arange(n), chosen]
+    return x, len(grid) - 1

@@ -33,23 +33,40 @@ class TimeEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP for vectors: x (B, d) -> (B, d). Default (d=2, width 128, depth 3): 165,634 parameters."""
+    """Residual MLP for vectors: x (B, d) -> (B, d). Default (d=2, width 128, depth 3): 165,634 parameters.
+    With ``num_classes`` > 0 a class embedding joins the time embedding; label ``num_classes`` (or y None)
+    is the null label of classifier-free guidance."""
 
-    def __init__(self, dim: int, width: int = 128, depth: int = 3, time_scale: float = 1000.0):
+    def __init__(self, dim: int, width: int = 128, depth: int = 3, time_scale: float = 1000.0, num_classes: int = 0,
+                 out_dim: int | None = None):
         super().__init__()
         self.config = {"kind": "mlp", "dim": dim, "width": width, "depth": depth, "time_scale": time_scale}
+        if num_classes:
+            self.config["num_classes"] = num_classes
+        if out_dim is not None:
+            self.config["out_dim"] = out_dim
         self.embed = TimeEmbedding(width, time_scale)
+        self.label = nn.Embedding(num_classes + 1, width) if num_classes else None
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, out_dim or dim))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         h = self.inp(x)
-        emb = self.embed(t)
+        emb = self.embed(t) + _label_embedding(self.label, y, x)
         for block in self.blocks:
             h = h + block(h + emb)
         return self.out(h)
+
+
+def _label_embedding(table: nn.Embedding | None, y: Tensor | None, x: Tensor):
+    """The class embedding of y, the null label's (the last row) for y None; 0 for an unconditional net."""
+    if table is None:
+        return 0.0
+    if y is None:
+        y = torch.full((x.shape[0],), table.num_embeddings - 1, device=x.device, dtype=torch.long)
+    return table(y)
 
 
 class ResBlock(nn.Module):
@@ -116,10 +133,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        emb = self.embed(t)
-        if self.label is not None:
-            null = torch.full((x.shape[0],), self.label.num_embeddings - 1, device=x.device, dtype=torch.long)
-            emb = emb + self.label(null if y is None else y)
+        emb = self.embed(t) + _label_embedding(self.label, y, x)
         h = self.inp(x)
         skips = []
         for block, pool in zip(self.down, self.pool):
@@ -141,7 +155,38 @@ def build(config: dict) -> nn.Module:
     return NETS[kind](**config)
 
 
-NETS = {"mlp": MLP, "unet": UNet}
+class EncoderClassifier(nn.Module):
+    """The U-Net's encoder half (residual blocks, attention at the lowest resolution) with global average
+    pooling and a linear head: class logits of a noised image, for classifier guidance (Dhariwal & Nichol
+    2021 use the same split)."""
+
+    def __init__(self, channels: int = 1, size: int = 8, widths=(32, 64), num_classes: int = 10,
+                 time_scale: float = 1000.0):
+        super().__init__()
+        self.config = {"kind": "encoder", "channels": channels, "size": size, "widths": list(widths),
+                       "num_classes": num_classes, "time_scale": time_scale}
+        emb = widths[0] * 4
+        self.embed = TimeEmbedding(emb, time_scale)
+        self.inp = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.down, self.pool = nn.ModuleList(), nn.ModuleList()
+        c = widths[0]
+        for i, w in enumerate(widths):
+            self.down.append(ResBlock(c, w, emb))
+            c = w
+            self.pool.append(nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(widths) - 1 else nn.Identity())
+        self.mid, self.attn = ResBlock(c, c, emb), Attention(c)
+        self.head = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(c, num_classes))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.embed(t)
+        h = self.inp(x)
+        for block, pool in zip(self.down, self.pool):
+            h = pool(block(h, emb))
+        return self.head(self.attn(self.mid(h, emb)))
+
+
+NETS = {"mlp": MLP, "unet": UNet, "encoder": EncoderClassifier}
 
 
 def count_parameters(net: nn.Module) -> int:

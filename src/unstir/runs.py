@@ -104,6 +104,20 @@ def read_run_info(run) -> dict:
     return json.loads((Path(run) / "run.json").read_text())
 
 
+def load_classifier(run, *, device: str = "cpu"):
+    """The noise-conditional classifier of a folder written by ``unstir train-classifier``."""
+    from .guidance import NoiseClassifier
+
+    run = Path(run)
+    if not (run / "classifier.safetensors").exists():
+        raise ValueError(f"{str(run)!r} is not a classifier folder (no classifier.safetensors); "
+                         f"write one with `unstir train-classifier`")
+    info = read_run_info(run)
+    net = nets.build(info["net"])
+    net.load_state_dict(load_tensors(run / "classifier.safetensors"))
+    return NoiseClassifier(net.to(device).eval(), process_from_config(info["process"]), info["num_classes"])
+
+
 def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
     """The trained model of a run folder, as a ``Denoiser`` (EMA weights by default)."""
     run = Path(run)

@@ -56,6 +56,7 @@ class TrainConfig:
     depth: int = 3
     widths: tuple = (32, 64)
     class_conditional: bool = False
+    label_dropout: float = 0.1  # with class_conditional: the share of labels replaced by the null label (for CFG)
     discrete: bool = False
     checkpoint_every: int = 1000
     log_every: int = 50
@@ -86,6 +87,8 @@ class TrainConfig:
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup} steps) must be shorter than the run (steps = {self.steps})")
+        if not (isinstance(self.label_dropout, (int, float)) and 0 <= self.label_dropout < 1):
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
         if self.discrete and self.process != "ddpm":
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
 
@@ -107,10 +110,11 @@ def _init_distributed(device: torch.device) -> None:
 
 def build_net(cfg: TrainConfig, dataset: data_mod.Dataset, process) -> nn.Module:
     time_scale = 1.0 if cfg.discrete else 1000.0 / process.T
+    num_classes = dataset.num_classes if cfg.class_conditional else 0
     if dataset.is_image:
         c, h, _ = dataset.shape
-        return nets.UNet(c, h, tuple(cfg.widths), dataset.num_classes if cfg.class_conditional else 0, time_scale)
-    return nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale)
+        return nets.UNet(c, h, tuple(cfg.widths), num_classes, time_scale)
+    return nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale, num_classes)
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -185,11 +189,13 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     torch.manual_seed(cfg.seed)
     dataset = data_mod.load(cfg.data, n=cfg.n_data, size=cfg.size, mode=cfg.mode, seed=cfg.seed)
     if not dataset.is_image:
-        ignored = [f"--{k.replace('_', '-')}" for k, bad in (("size", cfg.size is not None), ("mode", cfg.mode != "L"),
-                                                            ("class_conditional", cfg.class_conditional)) if bad]
+        ignored = [f"--{k}" for k, bad in (("size", cfg.size is not None), ("mode", cfg.mode != "L")) if bad]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} only apply to image data; {cfg.data!r} is vector data of shape "
                              f"{dataset.shape}")
+    if cfg.class_conditional and dataset.labels is None:
+        raise ValueError(f"--class-conditional needs class labels; {cfg.data!r} has none (labelled: digits, moons, "
+                         f"circles, ring, unequal_2d)")
     process = make_process(cfg.process)
     net = build_net(cfg, dataset, process).to(device)
     ema = build_net(cfg, dataset, process).to(device)
@@ -229,7 +235,13 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
         t, w = times.sample(cfg.batch_size, generator)
         noise = torch.randn((cfg.batch_size, *dataset.shape), generator=generator)
         x0, t, w, noise = x_all[idx[mine]], t[mine].to(device), w[mine].to(device), noise[mine].to(device)
-        y = labels_all[idx[mine]] if labels_all is not None else None
+        y = None
+        if labels_all is not None:
+            y = labels_all[idx]
+            if cfg.label_dropout > 0:  # classifier-free guidance's null label (Ho & Salimans 2022)
+                y = torch.where(torch.rand(cfg.batch_size, generator=generator) < cfg.label_dropout,
+                                dataset.num_classes, y)
+            y = y[mine]
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -258,3 +270,50 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(run, net, ema, start + done)
+
+
+def train_classifier(cfg: TrainConfig, out, *, progress: bool = True) -> Path:
+    """Train a noise-conditional classifier p_t(y | x_t) for classifier guidance (Dhariwal & Nichol 2021):
+    cross-entropy on x_t = alpha x0 + sigma eps with t uniform on [t_min, T] of ``cfg.process``, on the
+    labelled data ``cfg.data``. The network is an MLP for vectors and the U-Net's encoder half for images.
+    Writes ``run.json`` and ``classifier.safetensors`` into ``out`` (in one go: it does not resume)."""
+    from .runs import atomic_write
+
+    cfg.validate()
+    run = Path(out)
+    if (run / "run.json").exists():
+        raise ValueError(f"{str(run)!r} already holds a run; choose another --out")
+    torch.manual_seed(cfg.seed)
+    dataset = data_mod.load(cfg.data, n=cfg.n_data, size=cfg.size, mode=cfg.mode, seed=cfg.seed)
+    if dataset.labels is None:
+        raise ValueError(f"a classifier needs class labels; {cfg.data!r} has none")
+    process = make_process(cfg.process)
+    time_scale = 1000.0 / process.T
+    if dataset.is_image:
+        c, h, _ = dataset.shape
+        net = nets.EncoderClassifier(c, h, tuple(cfg.widths), dataset.num_classes, time_scale)
+    else:
+        net = nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale, out_dim=dataset.num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    for step in tqdm(range(cfg.steps), disable=not progress, unit="step", desc="classifier"):
+        idx = torch.randint(len(dataset.x), (cfg.batch_size,), generator=generator)
+        t = process.t_min + (process.T - process.t_min) * torch.rand(cfg.batch_size, generator=generator,
+                                                                     dtype=torch.float64)
+        noise = torch.randn((cfg.batch_size, *dataset.shape), generator=generator)
+        x_t = process.perturb(dataset.x[idx], t, noise)
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        loss = nn.functional.cross_entropy(net(x_t, t.float()), dataset.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+    from safetensors.torch import save_file
+
+    write_run_info(run, {"kind": "classifier", "config": dataclasses.asdict(cfg), "net": net.config,
+                         "process": process.config(), "data_shape": list(dataset.shape),
+                         "num_classes": dataset.num_classes})
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    atomic_write(run / "classifier.safetensors", lambda p: save_file(state, str(p)))
+    return run
