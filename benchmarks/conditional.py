@@ -97,7 +97,8 @@ def inpainting(uncond, judge) -> list[str]:
             m = Measurement(mask, known[i], 0.0, data_shape=(1, 8, 8))
             gi = torch.Generator().manual_seed(10 + i)
             if name == "repaint":
-                x, nfe = repaint(uncond, m, x_T[i:i + 1], 100, generator=gi)
+                with torch.no_grad():
+                    x, nfe = repaint(uncond, m, x_T[i:i + 1], 100, generator=gi)
             else:
                 model = {"dps": lambda: dps(uncond, m, 1.0), "pigdm": lambda: pigdm(uncond, m)}.get(name, lambda: uncond)()
                 ctx = torch.no_grad() if name == "replacement" else torch.enable_grad()
@@ -127,6 +128,7 @@ def main():
     judge = _judge()
     lines = ["# Conditional generation on digits", "", f"`.venv/bin/python benchmarks/conditional.py --out {args.out}`", ""]
     lines += guidance_table(cond, uncond, clf, judge)
+    print("\n".join(lines), flush=True)
     lines += inpainting(uncond, judge)
     lines += ["", f"total {time.perf_counter() - t0:.0f} s (training included when the runs are not in {args.work})"]
     text = "\n".join(lines) + "\n"

@@ -75,8 +75,9 @@ def run_methods(gm, A, y, sigma_y, steps, p):
     for scale in (0.3, 1.0):
         r = unstir.sample(dps(model, m, scale), p, x_T, generator=torch.Generator().manual_seed(4), **kw)
         out[f"DPS (scale {scale})"] = (r.x, r.nfe)
-    r = unstir.sample(pigdm(model, m, data_var), p, x_T, generator=torch.Generator().manual_seed(5), **kw)
-    out[f"PiGDM (data_var {data_var:.2f})"] = (r.x, r.nfe)
+    for jac in ("vjp", "gaussian"):
+        r = unstir.sample(pigdm(model, m, data_var, jacobian=jac), p, x_T, generator=torch.Generator().manual_seed(5), **kw)
+        out[f"PiGDM ({jac} Jacobian, data_var {data_var:.2f})"] = (r.x, r.nfe)
     for k in ((16, 64) if gm.dim <= 2 else (16,)):
         x, nfe = twisted_smc(model, m, N, steps, particles=k, data_var=data_var, dtype=torch.float64,
                              generator=torch.Generator().manual_seed(6))

@@ -39,9 +39,11 @@ def test_pigdm_is_the_exact_posterior_score_for_isotropic_gaussian_data():
         posterior = gm.posterior_given(A, y, sigma_y)
         for name in ("vp", "ve", "rf"):
             p = unstir.make_process(name)
-            guided = pigdm(gm.denoiser(p), m, data_var=var)
-            for t in (0.05, 0.4, 0.9 * p.T):
-                torch.testing.assert_close(guided(x, t).score, posterior.denoiser(p)(x, t).score, rtol=1e-7, atol=1e-7)
+            for jacobian in ("vjp", "gaussian"):
+                guided = pigdm(gm.denoiser(p), m, data_var=var, jacobian=jacobian)
+                for t in (0.05, 0.4, 0.9 * p.T):
+                    torch.testing.assert_close(guided(x, t).score, posterior.denoiser(p)(x, t).score, rtol=1e-7,
+                                               atol=1e-7)
 
 
 def test_replacement_and_repaint_keep_the_observed_coordinates():

@@ -1,6 +1,8 @@
 """unstir: one learned object, the score of the noised data, and every correct way to use it."""
 
 from .grids import GRIDS, time_grid
+from .guidance import cfg, guided
+from .inverse import Measurement, dps, pigdm, repaint, twisted_smc
 from .inversion import decode, encode, interpolate
 from .likelihood import LikelihoodResult, log_likelihood
 from .oracle import EXAMPLES, GaussianMixture
@@ -14,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Coefficients", "DDPM", "Denoiser", "Model", "RF", "EXAMPLES", "GRIDS", "GaussianMixture", "ModelOutput", "PREDICTIONS", "PROCESSES",
-    "LikelihoodResult", "Process", "SAMPLERS", "SampleResult", "SubVP", "TrainConfig", "VE", "VP", "convert", "decode", "encode", "interpolate", "load_run", "log_likelihood", "make_process",
-    "sample", "time_grid", "train",
+    "LikelihoodResult", "Measurement", "Process", "SAMPLERS", "SampleResult", "SubVP", "TrainConfig", "VE", "VP", "cfg", "convert", "decode", "dps", "encode", "guided", "interpolate", "load_run", "log_likelihood", "make_process",
+    "pigdm", "repaint", "sample", "twisted_smc", "time_grid", "train",
 ]

@@ -68,7 +68,10 @@ def langevin(model, x: Tensor, t: float, *, snr: float, generator) -> Tensor:
         eps = 2 (snr ||z|| / ||score||)^2,    x <- x + eps score + sqrt(2 eps) z,
 
     with the norms averaged over the batch as in score_sde: per-sample norms in low dimension make
-    the step explode wherever the score vanishes (at the modes).
+    the step explode wherever the score vanishes (at the modes). Song et al.'s Algorithm 5 (and score_sde's
+    ``LangevinCorrector`` on VP) also multiplies the step by alpha_i = 1 - beta_i of the discrete chain; that
+    factor is within beta_max / N of 1 on the grids used here and is left out, so the step is the same on
+    every process.
     """
     score = model(x, t).score
     z = noise_like(x, generator)

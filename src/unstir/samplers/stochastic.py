@@ -156,7 +156,10 @@ def edm(model, x, grid, *, churn: float = 10.0, s_tmin: float = 0.05, s_tmax: fl
         s_noise: float = 1.003, generator=None, callback=None):
     """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): Heun on the PF ODE in xbar = x/alpha and
     sbar = sigma/alpha, after raising the noise level by gamma = min(churn/N, sqrt(2) - 1) on levels in
-    [s_tmin, s_tmax]. ``churn=0`` gives the deterministic Heun sampler (Alg. 1)."""
+    [s_tmin, s_tmax]. ``churn=0`` gives the deterministic Heun sampler (Alg. 1). Two departures from the
+    paper's VE setting, both needed on bounded processes: the raised level sbar_hat is clamped to sbar(T) (a VP
+    process has no noise level above its T), and the step to a final 0 is the plain denoising step of the
+    grid convention, so the last step never churns."""
     if not churn >= 0 or not s_noise > 0:
         raise ValueError(f"need churn >= 0 and s_noise > 0, got churn={churn}, s_noise={s_noise}")
     process = model.process
