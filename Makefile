@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/samplers.py --out benchmarks/samplers_results.md
 	$(BIN)/python benchmarks/training.py --out benchmarks/training_results.md
 	$(BIN)/python benchmarks/likelihood.py --out benchmarks/likelihood_results.md
+	$(BIN)/python benchmarks/conditional.py --out benchmarks/conditional_results.md
+	$(BIN)/python benchmarks/inverse.py --out benchmarks/inverse_results.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -169,7 +169,8 @@ def encode_cmd(args) -> int:
     model = load_run(args.run, device=args.device)
     x, _ = _held_out(model, args.data, args.n, args.seed)
     with torch.no_grad():
-        enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact)
+        enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact,
+                     **({"progress": True} if args.sampler == "ode_rk45" else {}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, enc.z.cpu().numpy())
@@ -192,7 +193,8 @@ def decode_cmd(args) -> int:
     if tuple(z.shape[1:]) != tuple(model.data_shape):
         raise ValueError(f"latents of shape {tuple(z.shape)} do not fit the run's data shape {model.data_shape}")
     with torch.no_grad():
-        r = decode(model, z.float(), sampler=args.sampler, steps=args.steps)
+        r = decode(model, z.float(), sampler=args.sampler, steps=args.steps,
+                   **({"progress": True} if args.sampler == "ode_rk45" else {}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":

@@ -26,8 +26,9 @@ class LogSNRField:
     """d xbar / d lambda of the PF ODE for ``model`` (labels ``y`` bound); state and time in float64, the
     model evaluated in ``dtype``. ``nfe`` counts evaluations."""
 
-    def __init__(self, model, dtype: torch.dtype, y: Tensor | None = None):
+    def __init__(self, model, dtype: torch.dtype, y: Tensor | None = None, bar=None, span=None):
         self.model, self.process, self.dtype, self.y, self.nfe = model, model.process, dtype, y, 0
+        self.bar, self.span = bar, span  # an optional tqdm bar over the log-SNR interval ``span``
 
     def time(self, lam: Tensor) -> float:
         return self.process.t_from_log_snr(lam).item()
@@ -36,6 +37,11 @@ class LogSNRField:
         t = self.time(lam)
         c = coefficients(self.process, t)
         self.nfe += 1
+        if self.bar is not None:
+            done = round(1000 * (lam.item() - self.span[0]) / (self.span[1] - self.span[0]))
+            if done > self.bar.n:
+                self.bar.set_postfix(nfe=self.nfe, refresh=False)
+                self.bar.update(done - self.bar.n)
         return -c.sigma_bar * self.model((c.alpha * xbar).to(self.dtype), t, self.y).eps.to(torch.float64)
 
 

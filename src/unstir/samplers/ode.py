@@ -45,13 +45,13 @@ def ode_heun(model, x, grid, *, generator=None, callback=None):
 
 
 def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
-             generator=None, callback=None):
+             progress: bool = False, generator=None, callback=None):
     """Adaptive Runge-Kutta (Dormand-Prince 5(4) by default, through torchdiffeq) on the PF ODE in
     log-SNR time, d xbar / d lambda = -sbar eps(alpha xbar, t(lambda)) (``unstir.pf_ode.LogSNRField``).
 
     The cost is set by ``rtol`` and ``atol``, not by the grid: the grid's positive points are only the
     output times (for the callback), and a final 0 adds the denoising step. The grid may also ascend
-    (t_min -> T: encoding). ``unstir.sample`` counts the evaluations used.
+    (t_min -> T: encoding). ``unstir.sample`` counts the evaluations used; ``progress`` shows a bar.
     """
     from torchdiffeq import odeint
 
@@ -59,7 +59,11 @@ def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: 
     if grid[-1] == 0 and times[-1] != model.process.t_min:
         times.append(model.process.t_min)  # [T, 0] (steps=1): still solve down to t_min before denoising
     lams = torch.tensor([coef(model, t).log_snr for t in times], dtype=torch.float64, device=x.device)
-    field = LogSNRField(model, x.dtype)
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, disable=not progress, desc="PF ODE (of the log-SNR range)", unit="",
+               bar_format="{l_bar}{bar}| {elapsed} {postfix}", mininterval=0.5)
+    field = LogSNRField(model, x.dtype, bar=bar, span=(lams[0].item(), lams[-1].item()))
     # The solver state and its time stay in float64 (torchdiffeq casts time to the state's dtype).
     xbar = x.to(torch.float64) / coef(model, times[0]).alpha
     if len(times) > 1:
@@ -69,6 +73,7 @@ def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: 
         xbars = odeint(field, xbar, lams, rtol=rtol, atol=atol, method=method, options=options)
     else:
         xbars = xbar[None]
+    bar.close()
     xs = [(coef(model, t).alpha * xb).to(x.dtype) for t, xb in zip(times, xbars)]
     check_finite(xs[-1], f"the end of the adaptive solve (t = {times[-1]:.6g})")
     if callback is not None:
