@@ -5,9 +5,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
+API_MODULES := processes parametrization grids samplers pf_ode likelihood inversion guidance inverse losses \
+	training runs oracle data nets metrics report adapters.diffusers adapters.karras
 STAMP := $(VENV)/.unstir-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/unstir demo --out runs/demo --force
+	$(BIN)/unstir report --run runs/demo/run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -31,5 +34,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/conditional.py --out benchmarks/conditional_results.md
 	$(BIN)/python benchmarks/inverse.py --out benchmarks/inverse_results.md
 
+docs: $(STAMP)
+	$(BIN)/pip install --quiet "pdoc>=14"
+	$(BIN)/pdoc unstir $(addprefix unstir.,$(API_MODULES)) --docformat google -o site 2>/dev/null
+	@echo "API reference: site/index.html"
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

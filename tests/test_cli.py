@@ -100,3 +100,13 @@ def test_conditional_sampling_classifier_and_inpainting_commands(tmp_path, capsy
     assert main(["inpaint", "--run", str(vec), "--known", "0", "--values", "0.5", "--method", "replacement",
                  "--steps", "5", "--samples", "50", "--out", str(tmp_path / "v.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "v.npy")[:, 0], 0.5, atol=1e-6)
+
+
+def test_every_command_help_has_an_example_and_shared_option_names():
+    from unstir.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0]
+    for name, parser in sub.choices.items():
+        assert "example:\n  unstir " + name in parser.format_help(), name
+    for name in ("sample", "likelihood", "encode", "interpolate", "inpaint", "report"):
+        assert "--run" in sub.choices[name].format_help() and "--seed" in sub.choices[name].format_help(), name

@@ -322,6 +322,16 @@ def _read_png(path, shape, mask: bool = False):
     return t
 
 
+def report_cmd(args) -> int:
+    """Write RUN/report.html: one self-contained page with the run's samples, trajectories, quality against
+    NFE, loss curve, bits/dim, interpolation, round trip, guided samples and inpainting."""
+    from .report import write_report
+
+    path = write_report(args.run, args.out, n=args.n, seed=args.seed, progress=not args.quiet)
+    print(f"report -> {path}")
+    return 0
+
+
 def list_choices(args) -> int:
     print("processes:", ", ".join(sorted(PROCESSES)))
     print("grids:    ", ", ".join(GRIDS))
@@ -508,9 +518,36 @@ def build_parser() -> argparse.ArgumentParser:
     ip2.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     ip2.add_argument("--out", required=True, help="result .png (truth, measurement, samples) or .npy")
     ip2.set_defaults(func=inpaint_cmd)
+    rp = sub.add_parser("report", help="write RUN/report.html, a page that shows what the model does",
+                        description=report_cmd.__doc__)
+    rp.add_argument("--run", required=True, help="run folder written by `unstir train`")
+    rp.add_argument("--out", help="page to write (default: RUN/report.html)")
+    rp.add_argument("-n", type=int, default=1000, help="samples per sampler for vector data (default: 1000)")
+    rp.add_argument("--seed", type=int, default=0, help="seed for the noise and the held-out draw (default: 0)")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.set_defaults(func=report_cmd)
     ls = sub.add_parser("list", help="list processes, grids and samplers")
     ls.set_defaults(func=list_choices)
+    for name, parser in sub.choices.items():
+        parser.epilog = "example:\n  " + EXAMPLES[name]
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return ap
+
+
+EXAMPLES = {
+    "demo": "unstir demo --out runs/demo",
+    "oracle": "unstir oracle --process ve --data ring",
+    "train": "unstir train --data moons --out runs/moons",
+    "train-classifier": "unstir train-classifier --data digits --out runs/clf",
+    "sample": "unstir sample --run runs/moons --sampler dpm++2m --steps 20 --out samples.png",
+    "likelihood": "unstir likelihood --run runs/moons",
+    "encode": "unstir encode --run runs/moons --out z.npy",
+    "decode": "unstir decode --run runs/moons --latents z.npy --out x.png",
+    "interpolate": "unstir interpolate --run runs/moons --pair 0 3 --out path.png",
+    "inpaint": "unstir inpaint --run runs/digits --image digit.png --mask mask.png --method repaint --out y.png",
+    "report": "unstir report --run runs/moons",
+    "list": "unstir list",
+}
 
 
 # What a user can get wrong: these end in one line on stderr (and exit status 2), not a traceback.

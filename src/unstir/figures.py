@@ -44,12 +44,17 @@ def plot_limits(panels: dict[str, torch.Tensor], share: float = 0.999) -> tuple[
     return tuple((float(q[0, i] - pad[i]), float(q[1, i] + pad[i])) for i in range(2))
 
 
-def scatter_panels(panels: dict[str, torch.Tensor], path: Path, xlim=None, ylim=None) -> None:
-    """One scatter plot per named 2-D sample, all on the same axes limits (from the data unless given)."""
+def scatter_panels(panels: dict[str, torch.Tensor], path: Path, xlim=None, ylim=None, ncol: int | None = None) -> None:
+    """One scatter plot per named 2-D sample, all on the same axes limits (from the data unless given),
+    ``ncol`` panels per row (default: one row)."""
     auto_x, auto_y = plot_limits(panels)
     xlim, ylim = xlim or auto_x, ylim or auto_y
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.0), squeeze=False)
-    axes = axes[0]
+    ncol = ncol or len(panels)
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.8 * ncol, 3.0 * nrow), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
     for ax, (title, x) in zip(axes, panels.items()):
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1.5, alpha=0.5)
         ax.set_xlim(*xlim)
@@ -106,4 +111,4 @@ def image_grid(images_uint8: torch.Tensor, path: Path, ncol: int | None = None) 
     arr = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr)
     scale = max(1, 256 // img.width)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path, format="PNG")
