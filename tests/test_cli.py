@@ -110,3 +110,11 @@ def test_every_command_help_has_an_example_and_shared_option_names():
         assert "example:\n  unstir " + name in parser.format_help(), name
     for name in ("sample", "likelihood", "encode", "interpolate", "inpaint", "report"):
         assert "--run" in sub.choices[name].format_help() and "--seed" in sub.choices[name].format_help(), name
+
+
+def test_first_try_needs_only_the_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "circles", "--steps", "20", "--quiet"]) == 0
+    assert (tmp_path / "runs" / "circles" / "checkpoint.json").exists()
+    assert main(["sample", "--run", "runs/circles", "-n", "50", "--steps", "3"]) == 0
+    assert (tmp_path / "samples.png").exists()

@@ -1,4 +1,4 @@
-"""Every ```python example in the README runs (```py blocks are illustrations that need files of yours)."""
+"""Every ```python example in the README runs."""
 
 import re
 from pathlib import Path

@@ -50,3 +50,6 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 def test_report_errors(tmp_path, capsys):
     assert main(["report", "--run", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text("{}")
+    assert main(["report", "--run", str(tmp_path)]) == 2
+    assert "has no checkpoint yet" in capsys.readouterr().err

@@ -26,6 +26,8 @@ def train_cmd(args) -> int:
     from .runs import read_run_info
     from .training import TrainConfig, train
 
+    if not hasattr(args, "out"):
+        args.out = str(Path("runs") / Path(getattr(args, "data", "moons")).stem)
     fields = {f for f in TrainConfig.__dataclass_fields__}
     given = {k: v for k, v in vars(args).items() if k in fields}  # only the options on the command line
     resume = getattr(args, "resume", False)
@@ -376,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="moons, swiss_roll, circles, checkerboard, ring, unequal_2d, digits, a folder "
                     "of PNG/JPEG images (8-bit, scaled to [-1, 1]) or a .npy file: vectors as given, float images "
                     "as given (expected in [-1, 1]), integer images as 8-bit levels 0..255 (default: moons)")
-    tr.add_argument("--out", required=True, help="run folder (refused if it already holds a run, unless --resume)")
+    tr.add_argument("--out", help="run folder (refused if it already holds a run, unless --resume; default: "
+                    "runs/<data name>)")
     tr.add_argument("--process", choices=sorted(PROCESSES), help="forward process (default: vp)")
     tr.add_argument("--prediction", choices=list(PREDICTIONS),
                     help="what the network predicts (default: eps; velocity is flow matching, e.g. with --process rf)")
@@ -422,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "ode_rk45 only the output grid: its cost is set by --rtol/--atol (default: 20)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
-    sa.add_argument("--out", required=True, help="samples.png (image grid, clipped to 0-255, or scatter plot) or "
+    sa.add_argument("--out", default="samples.png", help="samples.png (default; image grid, clipped to 0-255, or scatter plot) or "
                     "samples.npy (the model's coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot)")
     sa.add_argument("--class", dest="label", type=int, help="class label to sample (class-conditional runs, or "
                     "with --classifier)")

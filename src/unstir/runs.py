@@ -122,6 +122,9 @@ def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
     """The trained model of a run folder, as a ``Denoiser`` (EMA weights by default)."""
     run = Path(run)
     if not (run / "checkpoint.json").exists():
+        if (run / "run.json").exists():
+            raise ValueError(f"run folder {str(run)!r} has no checkpoint yet (its training has not reached the "
+                             f"first one); resume it with `unstir train --out {run} --resume`")
         raise ValueError(f"{str(run)!r} is not a run folder (no checkpoint.json)")
     info = read_run_info(run)
     net = nets.build(info["net"])
