@@ -9,7 +9,7 @@ API_MODULES := processes parametrization grids samplers pf_ode likelihood invers
 	training runs oracle data nets metrics report adapters.diffusers adapters.karras
 STAMP := $(VENV)/.unstir-installed
 
-.PHONY: demo test bench docs install clean
+.PHONY: demo test test-slow bench docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -s
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"

@@ -32,3 +32,20 @@ def expand_as(coef: Tensor, x: Tensor) -> Tensor:
 def check_choice(kind: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(allowed)}")
+
+
+def check_device(name) -> torch.device:
+    """A torch device that exists here, or a ValueError that says what to do instead."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {name!r} ({err}); use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"device {name!r}: this torch build has no CUDA support (a CPU build); use --device cpu, "
+                             f"or install a CUDA build (make install TORCH_SPEC=\"torch==... --index-url ...\")")
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    return device

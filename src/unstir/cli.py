@@ -39,7 +39,7 @@ def train_cmd(args) -> int:
     result = train(cfg, args.out, resume=resume, progress=not getattr(args, "quiet", False))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run folder: {result.run} (step {result.step})")
-    return 0
+    return 130 if result.interrupted else 0
 
 
 def train_classifier_cmd(args) -> int:
@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "--steps, --checkpoint-every and --device may change. A longer --steps stretches the "
                          "cosine decay from the current learning rate to the new end (a finished run restarts it "
                          "from --lr: a warm restart); the change is recorded in run.json")
+    tr.add_argument("--nonfinite", choices=["stop", "skip"],
+                    help="a non-finite loss or gradient: stop naming the step (default), or skip the batch and "
+                         "count it in log.jsonl")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=train_cmd)
     sa = sub.add_parser("sample", help="sample from a trained run", description=sample_cmd.__doc__)

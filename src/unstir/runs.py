@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import torch
@@ -21,20 +23,49 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import nets
+from ._checks import check_device
 from .parametrization import Denoiser
 from .processes import process_from_config
 
 Tensor = torch.Tensor
 
 
+FORMAT = 1  # run.json's format version
+RUN_KEYS = {"format": int, "kind": str, "config": dict, "net": dict, "process": dict, "data_shape": list,
+            "num_classes": int, "levels": (int, type(None))}
+_WEIGHTS_NAME = re.compile(r"checkpoint-\d+\.safetensors")
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(tmp)`` on a temporary name in the same folder, then rename it."""
+    """Write ``path`` through ``write(tmp)`` on a temporary name in the same folder, then rename it.
+
+    ``UNSTIR_SLOW_WRITES`` (seconds, a test hook) pauses between the write and the rename, so that fault
+    injection can kill a process inside the window."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    if os.environ.get("UNSTIR_SLOW_WRITES"):
+        time.sleep(float(os.environ["UNSTIR_SLOW_WRITES"]))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual permissions
     os.replace(tmp, path)
+
+
+def remove_temporaries(run: Path) -> int:
+    """Delete what interrupted writes left in a run folder: temporary files, and weights files that no
+    checkpoint pointer names (written, but killed before the pointer moved). Returns how many."""
+    run = Path(run)
+    stale = [p for p in run.glob(".*.tmp*") if p.is_file()]
+    pointer = run / "checkpoint.json"
+    try:
+        current = json.loads(pointer.read_text()).get("weights") if pointer.exists() else None
+    except (OSError, ValueError, AttributeError):
+        current = None  # a damaged pointer: leave the weights alone, loading will say what is wrong
+    else:
+        stale += [p for p in run.glob("checkpoint-*.safetensors") if p.name != current]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _generator_state(g: torch.Generator) -> str:
@@ -52,7 +83,11 @@ def load_tensors(path) -> dict[str, Tensor]:
         head = f.read(8)
     if path.suffix != ".safetensors" or head[:1] == b"\x80" or head[:2] == b"PK":
         raise ValueError(f"refusing to load {str(path)!r}: only .safetensors files are read, never pickles")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors' SafetensorError and friends: a damaged file
+        raise ValueError(f"checkpoint {str(path)!r} is damaged and cannot be read ({err}); restore it from a backup "
+                         f"or retrain") from None
 
 
 def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
@@ -77,10 +112,20 @@ def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: t
 
 def load_checkpoint(run: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer | None,
                     generator: torch.Generator | None) -> int:
-    meta = json.loads((run / "checkpoint.json").read_text())
+    meta = _read_json(run / "checkpoint.json")
+    if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("weights"), str)
+            and _WEIGHTS_NAME.fullmatch(meta["weights"]) and isinstance(meta.get("generator"), str)
+            and isinstance(meta.get("param_groups"), list)):
+        raise ValueError(f"{str(run / 'checkpoint.json')!r} is not a valid checkpoint pointer (it needs an integer "
+                         f"step, a weights file named checkpoint-<step>.safetensors in the run folder, the RNG "
+                         f"state and the optimizer's parameter groups)")
     tensors = load_tensors(run / meta["weights"])
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    try:
+        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    except RuntimeError as err:
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        raise ValueError(f"checkpoint {meta['weights']!r} does not match the run's network ({first})") from None
     if opt is not None:
         state: dict = {}
         for k, v in tensors.items():
@@ -97,11 +142,39 @@ def load_checkpoint(run: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.
 
 def write_run_info(run: Path, info: dict) -> None:
     run.mkdir(parents=True, exist_ok=True)
+    info = {"format": FORMAT, **info}
     atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is damaged: not readable JSON ({err})") from None
+
+
 def read_run_info(run) -> dict:
-    return json.loads((Path(run) / "run.json").read_text())
+    """run.json, validated: known keys of the right types and a supported format version."""
+    path = Path(run) / "run.json"
+    if not path.exists():
+        raise ValueError(f"{str(Path(run))!r} is not a run folder (no run.json)")
+    info = _read_json(path)
+    if not isinstance(info, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}")
+    unknown = sorted(set(info) - set(RUN_KEYS))
+    if unknown:
+        raise ValueError(f"{str(path)!r} has keys unstir does not know: {unknown}")
+    for key, kind in RUN_KEYS.items():
+        if key in info and not isinstance(info[key], kind):
+            raise ValueError(f"{str(path)!r}: {key!r} has the wrong type ({type(info[key]).__name__})")
+    if info.get("format", 1) > FORMAT:
+        raise ValueError(f"{str(path)!r} has format {info['format']}; this unstir reads format {FORMAT} and older")
+    missing = [k for k in ("config", "net", "process") if k not in info]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {missing}")
+    return info
 
 
 def load_classifier(run, *, device: str = "cpu"):
@@ -127,11 +200,14 @@ def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
                              f"first one); resume it with `unstir train --out {run} --resume`")
         raise ValueError(f"{str(run)!r} is not a run folder (no checkpoint.json)")
     info = read_run_info(run)
-    net = nets.build(info["net"])
-    shadow = nets.build(info["net"])
+    device = check_device(device)
+    try:
+        net, shadow = nets.build(info["net"]), nets.build(info["net"])
+        process = process_from_config(info["process"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{str(run / 'run.json')!r} describes an invalid network or process ({err})") from None
     load_checkpoint(run, net, shadow, None, None)
     chosen = (shadow if ema else net).to(device).eval()
-    process = process_from_config(info["process"])
     num_classes = info["num_classes"] if info["config"].get("class_conditional") else 0
     model = Denoiser(chosen, process, info["config"]["prediction"], discrete_labels=info["config"]["discrete"],
                      data_shape=tuple(info["data_shape"]), num_classes=num_classes)

@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import nets
-from ._checks import check_choice
+from ._checks import check_choice, check_device
 from .losses import WEIGHTINGS, TimeSampler, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
-from .runs import load_checkpoint, read_run_info, save_checkpoint, write_run_info
+from .runs import load_checkpoint, read_run_info, remove_temporaries, save_checkpoint, write_run_info
 
 Tensor = torch.Tensor
 
@@ -60,6 +60,7 @@ class TrainConfig:
     discrete: bool = False
     checkpoint_every: int = 1000
     log_every: int = 50
+    nonfinite: str = "stop"  # a non-finite loss or gradient: 'stop' (naming the step) or 'skip' the batch
     device: str = "cpu"
     bf16: bool = False
     extra: dict = field(default_factory=dict)
@@ -85,6 +86,7 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, 0 <= ema_decay < 1, grad_clip > 0; got lr={self.lr}, "
                              f"ema_decay={self.ema_decay}, grad_clip={self.grad_clip}")
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_choice("nonfinite", self.nonfinite, ("stop", "skip"))
         if self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup} steps) must be shorter than the run (steps = {self.steps})")
         if not (isinstance(self.label_dropout, (int, float)) and 0 <= self.label_dropout < 1):
@@ -98,6 +100,17 @@ class TrainConfig:
 
 def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _handle_sigint(handler):
+    """Install ``handler`` for SIGINT in the main thread; returns a function that restores the old one."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, old)
 
 
 def _init_distributed(device: torch.device) -> None:
@@ -136,7 +149,7 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 
 # Settings a resumed run may change; every other setting defines the model, the data or the exact
 # optimisation stream and must match the recorded run.
-RESUMABLE = ("steps", "checkpoint_every", "log_every", "device")
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "device", "nonfinite")
 
 
 def _resume_config(cfg: TrainConfig, recorded: dict, start: int) -> TrainConfig:
@@ -166,6 +179,7 @@ class TrainResult:
     net: nn.Module
     ema: nn.Module
     step: int
+    interrupted: bool = False
 
 
 def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
@@ -182,7 +196,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     elif (run / "run.json").exists():
         raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
     rank, world = _dist_info()
-    device = torch.device(cfg.device)
+    device = check_device(cfg.device)
     _init_distributed(device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
@@ -205,6 +219,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     start = 0
+    if rank == 0 and run.exists():
+        remove_temporaries(run)  # left by a process killed inside a write
     if resume and (run / "checkpoint.json").exists():
         start = load_checkpoint(run, net, ema, opt, generator)
     if rank == 0:
@@ -227,7 +243,14 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     log = open(run / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     params, ema_params = list(net.parameters()), list(ema.parameters())
-    tic, done = time.perf_counter(), 0
+    tic, done, skipped = time.perf_counter(), 0, 0
+    interrupted = False
+
+    def on_sigint(signum, frame):  # Ctrl-C: finish the step, write a checkpoint, stop (see the loop's end)
+        nonlocal interrupted
+        interrupted = True
+
+    restore_sigint = _handle_sigint(on_sigint)
     for step in range(start, cfg.steps):
         if stop_after is not None and done >= stop_after:
             break
@@ -249,9 +272,19 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
+        finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()]))
+        if not bool(finite.all()):
+            part = "loss" if not bool(finite[0]) else "gradient"
+            if cfg.nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite {part} at step {step + 1} of {str(run)!r}; nothing after the last checkpoint was "
+                    f"saved, so the run resumes from it. `--nonfinite skip` skips such batches instead")
+            skipped += 1  # the batch is dropped: no optimizer or EMA update
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
         done += 1
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -260,16 +293,23 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if log:
                 log.write(json.dumps({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                                      "lr": _lr(cfg, step), "steps_per_s": rate, "elapsed_s": elapsed}) + "\n")
+                                      "lr": _lr(cfg, step), "steps_per_s": rate, "elapsed_s": elapsed,
+                                      "skipped_nonfinite": skipped}) + "\n")
                 log.flush()
-        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or interrupted):
             save_checkpoint(run, step + 1, net, ema, opt, generator)
+        if interrupted:
+            bar.close()
+            tqdm.write(f"interrupted at step {step + 1}; checkpoint written. Resume with: "
+                       f"unstir train --out {run} --resume")
+            break
+    restore_sigint()
     bar.close()
     if log:
         log.close()
     if world > 1:
         torch.distributed.barrier()
-    return TrainResult(run, net, ema, start + done)
+    return TrainResult(run, net, ema, start + done, interrupted)
 
 
 def train_classifier(cfg: TrainConfig, out, *, progress: bool = True) -> Path:

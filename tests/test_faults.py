@@ -1,0 +1,99 @@
+"""Fault injection: real `unstir train` processes killed at random moments (SIGKILL, including inside
+checkpoint writes, slowed by the UNSTIR_SLOW_WRITES hook) and interrupted (SIGINT), then resumed.
+The short form runs in `make test`; `pytest -m slow` runs the full one (12 kills)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from unstir.runs import load_tensors
+
+ARGS = ["train", "--data", "moons", "--steps", "300", "--checkpoint-every", "10", "--batch-size", "64", "--quiet"]
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "unstir.cli", *ARGS, "--out", str(out), *extra]
+
+
+def _env(slow):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **({"UNSTIR_SLOW_WRITES": str(slow)} if slow else {})}
+
+
+def _final(run):
+    meta = json.loads((run / "checkpoint.json").read_text())
+    return meta, load_tensors(run / meta["weights"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("faults") / "reference"
+    subprocess.run(_cmd(run), env=_env(0), check=True, capture_output=True)
+    return _final(run)
+
+
+def _started(run, proc, before, timeout=60.0):
+    """Wait until the process has (re)written run.json: its imports and set-up are done, the loop starts."""
+    start = time.time()
+    while not ((run / "run.json").exists() and (run / "run.json").stat().st_mtime_ns != before):
+        if proc.poll() is not None or time.time() - start > timeout:
+            raise AssertionError("the training process did not start")
+        time.sleep(0.01)
+
+
+def _mtime(run):
+    return (run / "run.json").stat().st_mtime_ns if (run / "run.json").exists() else None
+
+
+@pytest.mark.parametrize("kills", [pytest.param(3, id="short"), pytest.param(12, marks=pytest.mark.slow, id="full")])
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, reference, kills):
+    run, rng = tmp_path / "run", random.Random(kills)
+    inside_write, steps_seen = 0, []
+    for k in range(kills):
+        before = _mtime(run)
+        proc = subprocess.Popen(_cmd(run, *(["--resume"] if k else [])), env=_env(0.03),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _started(run, proc, before)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.wait()
+        if list(run.glob(".*.tmp*")):
+            inside_write += 1
+        if (run / "checkpoint.json").exists():  # the pointer always names a complete, readable checkpoint
+            meta, _ = _final(run)
+            steps_seen.append(meta["step"])
+    done = subprocess.run(_cmd(run, "--resume"), env=_env(0), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    meta, tensors = _final(run)
+    ref_meta, ref_tensors = reference
+    assert meta["step"] == 300 and meta["generator"] == ref_meta["generator"]
+    assert tensors.keys() == ref_tensors.keys()
+    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in ref_tensors)  # weights, EMA, optimizer
+    assert not list(run.glob(".*.tmp*")) and [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-300.safetensors"]
+    assert steps_seen == sorted(steps_seen)  # resume never went back past a complete checkpoint
+    print(f"kills {kills}, inside a checkpoint write {inside_write}, checkpoint steps at the kills {steps_seen}")
+    if kills >= 10:
+        assert inside_write >= 1
+
+
+def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run), env=_env(0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _started(run, proc, None)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    line = [s for s in (out + err).splitlines() if "interrupted at step" in s]
+    assert len(line) == 1 and f"unstir train --out {run} --resume" in line[0]
+    step = int(line[0].split("interrupted at step ")[1].split(";")[0])
+    assert _final(run)[0]["step"] == step
+    assert subprocess.run(_cmd(run, "--resume"), env=_env(0), capture_output=True).returncode == 0
+    meta, tensors = _final(run)
+    assert all(torch.equal(tensors[k], reference[1][k]) for k in reference[1])

@@ -1,0 +1,87 @@
+"""Run folders from elsewhere: damaged or hostile files get a clear one-line error and nothing is written."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+
+import unstir
+from unstir.cli import main
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("untrusted") / "run"
+    assert main(["train", "--steps", "10", "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def _copy(good_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    return run, next(run.glob("checkpoint-*.safetensors"))
+
+
+def _sample_fails(run, tmp_path, capsys, text):
+    out = tmp_path / "x.npy"
+    assert main(["sample", "--run", str(run), "-n", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert text in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_truncated_and_garbled_weights(good_run, tmp_path, capsys):
+    run, weights = _copy(good_run, tmp_path)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    _sample_fails(run, tmp_path, capsys, "is damaged and cannot be read")
+    weights.write_bytes(struct.pack("<Q", 2**60) + data[8:])  # a header that claims an enormous size
+    _sample_fails(run, tmp_path, capsys, "is damaged and cannot be read")
+    weights.write_bytes(b"\x80\x04" + data[2:])  # a pickle's magic bytes
+    _sample_fails(run, tmp_path, capsys, "never pickles")
+
+
+def test_hostile_or_broken_json(good_run, tmp_path, capsys):
+    run, _ = _copy(good_run, tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    for bad, text in [("{not json", "is damaged: not readable JSON"),
+                      (json.dumps({**info, "exec": "rm -rf /"}), "has keys unstir does not know: ['exec']"),
+                      (json.dumps({**info, "config": [1, 2]}), "'config' has the wrong type (list)"),
+                      (json.dumps({**info, "format": 99}), "has format 99; this unstir reads format 1"),
+                      (json.dumps({**info, "net": {**info["net"], "width": 64}}), "does not match the run's network"),
+                      (json.dumps({**info, "net": {"kind": "transformer"}}), "describes an invalid network")]:
+        (run / "run.json").write_text(bad)
+        _sample_fails(run, tmp_path, capsys, text)
+    (run / "run.json").write_text(json.dumps(info))
+    pointer = json.loads((run / "checkpoint.json").read_text())
+    for weights in ("../../etc/passwd", "/tmp/x.safetensors", "checkpoint-1.pt"):
+        (run / "checkpoint.json").write_text(json.dumps({**pointer, "weights": weights}))
+        _sample_fails(run, tmp_path, capsys, "is not a valid checkpoint pointer")
+
+
+def test_devices_that_are_not_here(good_run, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match=r"device 'cuda'"):
+        unstir.load_run(good_run, device="cuda")
+    assert main(["sample", "--run", str(good_run), "--device", "cuda:0", "--out", "x.npy"]) == 2
+    assert "device 'cuda:0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"unknown device 'gpu0'"):
+        unstir.load_run(good_run, device="gpu0")
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
+    from unstir.training import TrainConfig, train
+
+    import numpy as np
+
+    bad = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
+    np.save(tmp_path / "d.npy", bad)
+    cfg = dict(data=str(tmp_path / "d.npy"), steps=20, checkpoint_every=5, batch_size=16, lr=1e30)
+    with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient) at step \d+ of .* resumes from it"):
+        train(TrainConfig(**cfg), tmp_path / "a", progress=False)
+    result = train(TrainConfig(nonfinite="skip", **cfg), tmp_path / "b", progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert result.step == 20 and logged[-1]["skipped_nonfinite"] > 0
