@@ -97,3 +97,50 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path, reference):
     assert subprocess.run(_cmd(run, "--resume"), env=_env(0), capture_output=True).returncode == 0
     meta, tensors = _final(run)
     assert all(torch.equal(tensors[k], reference[1][k]) for k in reference[1])
+
+
+def _children(pid):
+    kids = []
+    for stat in __import__("pathlib").Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc").exists(), reason="needs /proc to find the ranks")
+def test_torchrun_job_that_loses_a_rank_stops_and_resumes(tmp_path):
+    """Two ranks under torchrun; rank 1 is killed: the job ends with a failure (non-zero exit naming the lost
+    rank) within a bounded time, not a hang, and `--resume` under torchrun completes the run."""
+    from pathlib import Path
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    run = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29533", "-m", "unstir.cli", "train", "--data", "moons",
+           "--steps", "400", "--checkpoint-every", "20", "--batch-size", "64", "--quiet", "--out", str(run)]
+    env = {**_env(0), "UNSTIR_DIST_TIMEOUT": "30"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not (run / "checkpoint.json").exists():
+        assert proc.poll() is None and time.time() - start < 120, "the job did not start"
+        time.sleep(0.05)
+    ranks = {}
+    for pid in _children(proc.pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0])] = pid
+    assert set(ranks) == {0, 1}
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.time()
+    out, err = proc.communicate(timeout=90)
+    elapsed = time.time() - killed
+    print(f"torchrun job ended {elapsed:.1f} s after rank 1 was killed (exit status {proc.returncode})")
+    assert proc.returncode != 0 and elapsed < 60
+    assert "Signal 9" in err or "SIGKILL" in err or "failed" in err.lower(), err[-2000:]
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 400

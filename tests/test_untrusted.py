@@ -85,3 +85,23 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
     result = train(TrainConfig(nonfinite="skip", **cfg), tmp_path / "b", progress=False)
     logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert result.step == 20 and logged[-1]["skipped_nonfinite"] > 0
+
+
+def test_outputs_are_never_clobbered_and_failed_writes_leave_nothing(good_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.npy"
+    assert main(["sample", "--run", str(good_run), "-n", "4", "--steps", "2", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    assert main(["sample", "--run", str(good_run), "-n", "4", "--steps", "2", "--seed", "1", "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["sample", "--run", str(good_run), "-n", "4", "--steps", "2", "--seed", "1", "--out", str(out),
+                 "--force"]) == 0
+    assert out.read_bytes() != before
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("unstir.figures.scatter_panels", broken)
+    png = tmp_path / "s.png"
+    assert main(["sample", "--run", str(good_run), "-n", "4", "--steps", "2", "--out", str(png)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not png.exists() and not list(tmp_path.glob(".*tmp*"))

@@ -19,6 +19,31 @@ from .processes import PROCESSES
 from .samplers import SAMPLERS, sample
 
 
+def _output(args, suffixes=(".png", ".npy")) -> Path:
+    """--out checked before any work: a known suffix, and an existing file only with --force."""
+    out = Path(args.out)
+    if out.suffix not in suffixes:
+        raise ValueError(f"--out must end in {' or '.join(suffixes)}, got {str(out)!r}")
+    if out.exists() and not getattr(args, "force", False):
+        raise ValueError(f"{str(out)!r} exists; pass --force to replace it or choose another --out")
+    return out
+
+
+def _save(out: Path, write) -> None:
+    """Write ``out`` through ``write(path)`` atomically: a failed write leaves no partial file."""
+    from .runs import atomic_write
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write)
+
+
+def _npy(array):
+    def write(path):
+        with open(path, "wb") as f:
+            np.save(f, array)
+    return write
+
+
 def train_cmd(args) -> int:
     """Train a score model by denoising score matching and write a run folder (safetensors checkpoints,
     config, log.jsonl). Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP),
@@ -80,9 +105,7 @@ def sample_cmd(args) -> int:
     from .data import from_unit_range
     from .runs import load_run
 
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npy"):
-        raise ValueError(f"--out must end in .png or .npy, got {str(out)!r}")
+    out = _output(args)
     if args.n < 1:
         raise ValueError(f"-n must be a positive integer, got {args.n}")
     options = _sampler_options(args)
@@ -92,15 +115,13 @@ def sample_cmd(args) -> int:
         r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=args.grid, y=y,
                    generator=torch.Generator().manual_seed(args.seed), **options)
     x = r.x.cpu()
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-
-
-        np.save(out, x.numpy())
+        _save(out, _npy(x.numpy()))
     elif x.ndim == 4:
-        figures.image_grid(from_unit_range(x), out)
+        _save(out, lambda p: figures.image_grid(from_unit_range(x), p))
     else:
-        figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, out, xlim=args.xlim, ylim=args.ylim)
+        _save(out, lambda p: figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, p, xlim=args.xlim,
+                                                    ylim=args.ylim))
     print(f"{args.n} samples with {args.sampler} ({r.nfe} model evaluations) -> {out}")
     return 0
 
@@ -163,19 +184,16 @@ def likelihood_cmd(args) -> int:
 def encode_cmd(args) -> int:
     """Encode data into latents at T along the probability-flow ODE (adaptive, or DDIM inversion with
     --sampler ddim, exact with --exact) and save them as .npy."""
-
-
     from .inversion import encode
     from .runs import load_run
 
+    out = _output(args, (".npy",))
     model = load_run(args.run, device=args.device)
     x, _ = _held_out(model, args.data, args.n, args.seed)
     with torch.no_grad():
         enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact,
                      **({"progress": True} if args.sampler == "ode_rk45" else {}))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, enc.z.cpu().numpy())
+    _save(out, _npy(enc.z.cpu().numpy()))
     print(f"{x.shape[0]} latents ({enc.nfe} model evaluations) -> {out}")
     return 0
 
@@ -188,6 +206,7 @@ def decode_cmd(args) -> int:
     from .inversion import decode
     from .runs import load_run
 
+    out = _output(args)
     model = load_run(args.run, device=args.device)
     from .data import read_npy
 
@@ -197,14 +216,12 @@ def decode_cmd(args) -> int:
     with torch.no_grad():
         r = decode(model, z.float(), sampler=args.sampler, steps=args.steps,
                    **({"progress": True} if args.sampler == "ode_rk45" else {}))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        np.save(out, r.x.cpu().numpy())
+        _save(out, _npy(r.x.cpu().numpy()))
     elif r.x.ndim == 4:
-        figures.image_grid(from_unit_range(r.x.cpu()), out)
+        _save(out, lambda p: figures.image_grid(from_unit_range(r.x.cpu()), p))
     else:
-        figures.scatter_panels({f"decoded ({r.nfe} NFE)": r.x.cpu()}, out)
+        _save(out, lambda p: figures.scatter_panels({f"decoded ({r.nfe} NFE)": r.x.cpu()}, p))
     print(f"{z.shape[0]} decoded ({r.nfe} model evaluations) -> {out}")
     return 0
 
@@ -216,17 +233,16 @@ def interpolate_cmd(args) -> int:
     from .inversion import interpolate
     from .runs import load_run
 
+    out = _output(args, (".png",))
     model = load_run(args.run, device=args.device)
     x, _ = _held_out(model, args.data, max(args.pair) + 1, args.seed)
     with torch.no_grad():
         r = interpolate(model, x[args.pair[0]], x[args.pair[1]], args.frames, method=args.method)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if r.x.ndim == 4:
-        figures.image_grid(from_unit_range(r.x.cpu()), out, ncol=args.frames)
+        _save(out, lambda p: figures.image_grid(from_unit_range(r.x.cpu()), p, ncol=args.frames))
     else:
         background, _ = _held_out(model, args.data, 2000, args.seed)
-        figures.interpolation_path(background, r.x.cpu(), out)
+        _save(out, lambda p: figures.interpolation_path(background, r.x.cpu(), p))
     print(f"{args.frames} frames ({args.method}, {r.nfe} model evaluations) -> {out}")
     return 0
 
@@ -248,9 +264,7 @@ def inpaint_cmd(args) -> int:
         raise ValueError(f"--samples and --steps must be positive, got {args.samples} and {args.steps}")
     if not args.sigma_y >= 0:
         raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npy"):
-        raise ValueError(f"--out must end in .png or .npy, got {str(out)!r}")
+    out = _output(args)
     model = load_run(args.run, device=args.device)
     shape = tuple(model.data_shape)
     g = torch.Generator().manual_seed(args.seed)
@@ -290,15 +304,14 @@ def inpaint_cmd(args) -> int:
             guided = dps(model, m, args.scale) if args.method == "dps" else pigdm(model, m)
             r = sample(guided, None, x_T, sampler="ddpm", steps=args.steps, generator=g)
             x, nfe = r.x, r.nfe
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        np.save(out, x.cpu().numpy())
+        _save(out, _npy(x.cpu().numpy()))
     elif truth is not None:
         shown = m.pinv(m.A(truth)).to(x.dtype)  # the measurement, back in image space
-        figures.image_grid(from_unit_range(torch.cat([truth.to(x.dtype), shown, x]).clamp(-1, 1)), out,
-                           ncol=args.samples + 2)
+        grid = from_unit_range(torch.cat([truth.to(x.dtype), shown, x]).clamp(-1, 1))
+        _save(out, lambda p: figures.image_grid(grid, p, ncol=args.samples + 2))
     else:
-        figures.scatter_panels({f"{args.method} ({nfe} NFE)": x.cpu()}, out)
+        _save(out, lambda p: figures.scatter_panels({f"{args.method} ({nfe} NFE)": x.cpu()}, p))
     print(f"{args.samples} samples with {args.method} ({nfe} model evaluations) -> {out}")
     return 0
 
@@ -329,7 +342,8 @@ def report_cmd(args) -> int:
     NFE, loss curve, bits/dim, interpolation, round trip, guided samples and inpainting."""
     from .report import write_report
 
-    path = write_report(args.run, args.out, n=args.n, seed=args.seed, progress=not args.quiet)
+    args.out = args.out or str(Path(args.run) / "report.html")
+    path = write_report(args.run, _output(args, (".html",)), n=args.n, seed=args.seed, progress=not args.quiet)
     print(f"report -> {path}")
     return 0
 
@@ -447,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--xlim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot x range (default: from the samples)")
     sa.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot y range (default: from the samples)")
     sa.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    sa.add_argument("--force", action="store_true", help="replace --out if it exists")
     sa.set_defaults(func=sample_cmd)
     deterministic = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
 
@@ -487,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ode_rk45 (adaptive, default) or a deterministic sampler run upward (ddim: DDIM inversion)")
     en.add_argument("--steps", type=int, default=20, help="grid intervals for a fixed-step sampler (default: 20)")
     en.add_argument("--exact", action="store_true", help="exact DDIM inversion (with --sampler ddim)")
+    en.add_argument("--force", action="store_true", help="replace --out if it exists")
     en.set_defaults(func=encode_cmd)
     de = sub.add_parser("decode", help="decode latents to data along the PF ODE", description=decode_cmd.__doc__)
     de.add_argument("--run", required=True, help="run folder written by `unstir train`")
@@ -495,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--sampler", default="ode_rk45", choices=deterministic, help="as for encode (default: ode_rk45)")
     de.add_argument("--steps", type=int, default=20, help="grid intervals for a fixed-step sampler (default: 20)")
     de.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    de.add_argument("--force", action="store_true", help="replace --out if it exists")
     de.set_defaults(func=decode_cmd)
     ip = sub.add_parser("interpolate", help="interpolate between two data points through their latents",
                         description=interpolate_cmd.__doc__)
@@ -504,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--frames", type=int, default=8, help="frames including both ends (default: 8)")
     ip.add_argument("--method", default="slerp", choices=["slerp", "lerp"], help="latent interpolation (default: slerp)")
     ip.add_argument("--out", required=True, help="strip.png")
+    ip.add_argument("--force", action="store_true", help="replace --out if it exists")
     ip.set_defaults(func=interpolate_cmd)
     ip2 = sub.add_parser("inpaint", help="inpainting, colorization, super-resolution, or conditioning on coordinates",
                          description=inpaint_cmd.__doc__)
@@ -523,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip2.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     ip2.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     ip2.add_argument("--out", required=True, help="result .png (truth, measurement, samples) or .npy")
+    ip2.add_argument("--force", action="store_true", help="replace --out if it exists")
     ip2.set_defaults(func=inpaint_cmd)
     rp = sub.add_parser("report", help="write RUN/report.html, a page that shows what the model does",
                         description=report_cmd.__doc__)
@@ -531,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-n", type=int, default=1000, help="samples per sampler for vector data (default: 1000)")
     rp.add_argument("--seed", type=int, default=0, help="seed for the noise and the held-out draw (default: 0)")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.add_argument("--force", action="store_true", help="replace --out if it exists")
     rp.set_defaults(func=report_cmd)
     ls = sub.add_parser("list", help="list processes, grids and samplers")
     ls.set_defaults(func=list_choices)
@@ -556,8 +576,8 @@ EXAMPLES = {
 }
 
 
-# What a user can get wrong: these end in one line on stderr (and exit status 2), not a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+# What a user (or the machine: a full disk) can get wrong: one line on stderr and exit status 2, not a traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 
 
 def main(argv=None) -> int:

@@ -41,8 +41,12 @@ def atomic_write(path: Path, write) -> None:
 
     ``UNSTIR_SLOW_WRITES`` (seconds, a test hook) pauses between the write and the rename, so that fault
     injection can kill a process inside the window."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # the suffix tells writers the format
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
+        raise
     if os.environ.get("UNSTIR_SLOW_WRITES"):
         time.sleep(float(os.environ["UNSTIR_SLOW_WRITES"]))
     umask = os.umask(0)

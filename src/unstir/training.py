@@ -114,8 +114,13 @@ def _handle_sigint(handler):
 
 
 def _init_distributed(device: torch.device) -> None:
+    """Join the torchrun group. A collective that waits longer than UNSTIR_DIST_TIMEOUT seconds (default 120)
+    for a lost rank fails instead of hanging (torchrun also stops the other ranks when one dies)."""
+    import datetime
+
     if _dist_info()[1] > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("UNSTIR_DIST_TIMEOUT", 120)))
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
 
 
 # --- the run ------------------------------------------------------------------------------------------
