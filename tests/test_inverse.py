@@ -15,6 +15,23 @@ def _ops():
             Measurement(torch.randn(4, 6, generator=g, dtype=torch.float64), torch.zeros(4), 0.1, data_shape=(2, 3))]
 
 
+def _image_ops():
+    from unstir.inverse import colorize_operator, superres_operator
+
+    return [Measurement(y=torch.zeros(1, 16), data_shape=(3, 4, 4), **colorize_operator((3, 4, 4))),
+            Measurement(y=torch.zeros(1, 12), data_shape=(3, 4, 4), **superres_operator((3, 4, 4)))]
+
+
+@pytest.mark.parametrize("op", _image_ops(), ids=["colorize", "superres"])
+def test_image_operators_adjoint_pinv_and_aat(op):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(5, op.m, generator=g, dtype=torch.float64)
+    torch.testing.assert_close((op.A(x) * v).sum(1), (x * op.At(v)).flatten(1).sum(1))
+    torch.testing.assert_close(op.A(op.pinv(v)), v)
+    torch.testing.assert_close(op.A(op.At(v)), op.aat * v)  # A A^T = aat I, which PiGDM uses
+
+
 @pytest.mark.parametrize("op", _ops(), ids=["mask", "matrix"])
 def test_operator_adjoint_and_pseudo_inverse(op):
     g = torch.Generator().manual_seed(1)

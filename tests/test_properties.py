@@ -76,3 +76,21 @@ def test_conversions_round_trip_for_any_process_and_time(name, u, kind, seed):
     scale *= 1 + (c.sigma / c.alpha if kind in ("x0", "v") else 0) + (1 / c.sigma if kind == "score" else 0)
     assert math.isfinite(pred.abs().max().item())
     torch.testing.assert_close(convert(pred, kind, "eps", x, c), eps, rtol=1e-8, atol=1e-9 * scale)
+
+
+@given(name=PROCESSES, sampler=st.sampled_from(sorted(unstir.SAMPLERS)), batch=st.integers(1, 5),
+       shape=st.sampled_from([(1, 2, 2), (3, 2, 1), (2, 3)]), dtype=st.sampled_from([torch.float32, torch.float64]))
+@settings(max_examples=60, deadline=None)
+def test_samplers_on_image_and_matrix_shaped_data(name, sampler, batch, shape, dtype):
+    """The exact model of a mixture over flattened samples of any shape: every sampler keeps the shape."""
+    p = unstir.make_process(name)
+    spec = unstir.SAMPLERS[sampler]
+    if spec.needs is not None and not isinstance(p, spec.needs):
+        return
+    d = math.prod(shape)
+    flat = random_mixture(d, 2, seed=d).denoiser(p)
+    model = unstir.Denoiser(lambda x, t: flat.net(x.reshape(len(x), d), t).reshape(x.shape), p,
+                            time_dtype=torch.float64, data_shape=shape)
+    r = unstir.sample(model, p, (batch, *shape), sampler=sampler, steps=4, dtype=dtype,
+                      generator=torch.Generator().manual_seed(batch))
+    assert r.x.shape == (batch, *shape) and r.x.dtype == dtype and torch.isfinite(r.x).all()

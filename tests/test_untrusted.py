@@ -80,7 +80,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
     bad = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
     np.save(tmp_path / "d.npy", bad)
     cfg = dict(data=str(tmp_path / "d.npy"), steps=20, checkpoint_every=5, batch_size=16, lr=1e30)
-    with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient) at step \d+ of .* resumes from it"):
+    with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient|parameter).* at step \d+ of .* resumes from it"):
         train(TrainConfig(**cfg), tmp_path / "a", progress=False)
     result = train(TrainConfig(nonfinite="skip", **cfg), tmp_path / "b", progress=False)
     logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]

@@ -429,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "--steps, --checkpoint-every and --device may change. A longer --steps stretches the "
                          "cosine decay from the current learning rate to the new end (a finished run restarts it "
                          "from --lr: a warm restart); the change is recorded in run.json")
+    tr.add_argument("--threads", type=int, help="intra-op CPU threads (default: 1 for vector data, where one "
+                    "thread is 18%% slower alone but 3x faster beside another job; torch's default for images)")
     tr.add_argument("--nonfinite", choices=["stop", "skip"],
                     help="a non-finite loss or gradient: stop naming the step (default), or skip the batch and "
                          "count it in log.jsonl")
