@@ -138,7 +138,7 @@ def digits_section(steps: int, work: Path) -> list[str]:
     mvn = torch.distributions.MultivariateNormal(fit.mean(0), torch.cov(fit.T))
     gauss_nats = torch.stack([mvn.log_prob(deq(x)) for _ in range(8)]).mean(0)
     gauss_bits = -(gauss_nats + d * math.log(delta)) / (d * math.log(2))
-    lines = ["", f"## 3. Digits: bits/dim of the 297 held-out digits (17 levels, uniform dequantisation)", "",
+    lines = ["", "## 3. Digits: bits/dim of the 297 held-out digits (17 levels, uniform dequantisation)", "",
              f"U-Net ({steps} training steps on the 1500 training digits), Hutchinson (4 probes), rtol = atol = 1e-4,",
              f"{r.nfe} evaluations of the augmented ODE over 3 batches, {seconds:.0f} s. Same offset log2(16/2) = 3 bits for all.", "",
              "| model | bits/dim | s.e. |", "|---|---|---|",

@@ -25,7 +25,7 @@ from .figures import plt
 from .inverse import Measurement, pigdm
 from .metrics import sliced_w2, two_sample_floor
 from .runs import atomic_write, load_run
-from .samplers import SAMPLERS, sample
+from .samplers import sample
 
 SAMPLERS_SHOWN = {"ddpm": 50, "ddim": 20, "euler_maruyama": 50, "pc": 25, "dpm++2m": 20, "unipc": 20}
 NFE_CURVE = ("ddim", "ode_heun", "dpm++2m", "unipc", "deis")
@@ -209,7 +209,7 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
             rows = {s: sample(cfg_guidance(model, scale=s), None, (len(labels), *model.data_shape), y=labels,
                               generator=g(5)).x for s in (1.0, 3.0)}
         if is_image:
-            page.section("Classifier-free guidance", f"One row per class; scale 1 (the conditional model) then 3.",
+            page.section("Classifier-free guidance", "One row per class; scale 1 (the conditional model) then 3.",
                          _images(torch.cat([rows[1.0], rows[3.0]]), 8))
         else:
             panels = {f"class {c}, scale {s:g}": rows[s][labels == c] for s in rows for c in range(k)}
