@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
-API_MODULES := processes parametrization grids samplers pf_ode likelihood inversion guidance inverse losses \
+API_MODULES := processes parametrization grids samplers tuning pf_ode likelihood inversion guidance inverse losses \
 	training runs oracle data nets metrics report adapters.diffusers adapters.karras
 STAMP := $(VENV)/.unstir-installed
 

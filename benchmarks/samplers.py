@@ -7,6 +7,11 @@ mode-weight error; then the per-step overhead of each sampler loop with a near-f
 
     make bench            # or: .venv/bin/python benchmarks/samplers.py [--quick]
 
+Seeds: the evaluation noise (seed 2026), exact samples (2027) and floors (3000+) are fresh: not the
+seeds used to choose the default grids (benchmarks/default_grids.py: 0 and 1) nor those the tuned grids
+are fitted on (1000). Tuned grids (``unstir.tune_grid``, 256 prior samples, at most 200 trial grids) are
+judged on the fresh noise, and on a second case they were not fitted on (the transfer table).
+
 diffusers' DDIM and DDPM clip x0 to [-1, 1] by default (clip_sample=True), which is wrong for unbounded
 data: it is turned off here. diffusers' DPM-Solver++ and UniPC return NaN with linspace spacing at 1000
 steps: a table shows it next to unstir's solvers on the same grid. Each diffusers scheduler runs in every configuration it offers that a user
@@ -28,9 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import unstir  # noqa: E402
 from common import cases, endpoint_error, mode_weight_error, reference, sliced_w2, two_sample_floor  # noqa: E402
+from unstir import oracle  # noqa: E402
+from unstir.tuning import tune_grid  # noqa: E402
 
 warnings.filterwarnings("ignore")
-NFES = (5, 8, 10, 15, 20, 50)
+NFES = (5, 6, 8, 10, 15, 20)
+TUNED_NFES = (5, 6, 8, 10)
+TUNED = ("dpm++2m", "ipndm")
+SEED_NOISE, SEED_EXACT, SEED_FLOOR, SEED_TUNE = 2026, 2027, 3000, 1000
 PROCESS = unstir.make_process("ddpm")
 COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
@@ -92,8 +102,9 @@ UNSTIR = {  # name -> (sampler, options, evaluations per step, deterministic?); 
     "ode_euler": ("ode_euler", {}, 1, True),
     "ode_heun": ("ode_heun", {}, 2, True),
     "edm (churn 0)": ("edm", {"churn": 0.0}, 2, True),
-    **{f"{s} {g}": (s, {"grid": g}, 1, True) for s in ("dpm++2m", "dpm++3m", "deis", "unipc")
+    **{f"{s} {g}": (s, {"grid": g}, 1, True) for s in ("dpm++2m", "dpm++3m", "deis", "unipc", "ipndm")
        for g in unstir.GRIDS},
+    **{f"dpm++2m taylor {g}": ("dpm++2m", {"grid": g, "form": "taylor"}, 1, True) for g in ("cubic", "log_snr")},
     **{f"unipc2 {g}": ("unipc", {"order": 2, "grid": g}, 1, True) for g in ("quadratic", "cubic", "log_snr")},
     "ddpm": ("ddpm", {}, 1, False),
     "euler_maruyama": ("euler_maruyama", {}, 1, False),
@@ -115,22 +126,50 @@ def fmt(v):
     return f"{v:9.2e}" if math.isfinite(v) else "      nan"
 
 
-def quality(n: int, nfes) -> list[str]:
+def bench_cases():
+    """The oracle cases (those of benchmarks/common.py) and a 64-D mixture."""
+    return cases() + [("mix64d", oracle.random_mixture(64, 6, seed=0))]
+
+
+def tuned_grids(quick: bool):
+    """(case, sampler, nfe) -> TunedGrid, each fitted on 256 prior samples (seed 1000) of its case."""
+    out = {}
+    for cname, gm in bench_cases():
+        model = gm.denoiser(PROCESS)
+        for sampler in TUNED:
+            for nfe in TUNED_NFES if not quick else (5,):
+                tg = tune_grid(model, sampler, nfe, n=256, max_evals=40 if quick else 200, seed=SEED_TUNE,
+                               dtype=torch.float64)
+                out[(cname, sampler, nfe)] = tg
+                print(f"  tuned {cname} {sampler} NFE {nfe}: {tg.error_start:.3e} ({tg.start}) -> {tg.error:.3e} "
+                      f"on the fitting batch; {tg.evaluations} evaluations, {tg.seconds:.1f} s", file=sys.stderr)
+    return out
+
+
+def quality(n: int, nfes, tuned) -> list[str]:
     lines = []
     dcfg = diffusers_configs()
-    for cname, gm in cases():
+    for cname, gm in bench_cases():
         model = gm.denoiser(PROCESS)
-        z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        z = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(SEED_NOISE), dtype=torch.float64)
         x_T = PROCESS.prior_std * z
         ref = reference(model, PROCESS, x_T)
-        exact = gm.sample(n, torch.Generator().manual_seed(1))
-        floors = two_sample_floor(lambda i: gm.sample(n, torch.Generator().manual_seed(10 + i)), exact)
+        exact = gm.sample(n, torch.Generator().manual_seed(SEED_EXACT))
+        floors = two_sample_floor(lambda i: gm.sample(n, torch.Generator().manual_seed(SEED_FLOOR + i)), exact)
         floor = sum(floors) / len(floors)
         rows = {}
         for name, (sampler, opts, per_step, det) in UNSTIR.items():
             for nfe in nfes:
                 x, calls = run_unstir(model, x_T, name, nfe, torch.Generator().manual_seed(3))
                 rows.setdefault(("unstir", name, det), {})[nfe] = (calls, x)
+        for sampler in TUNED:
+            for nfe in nfes:
+                tg = tuned.get((cname, sampler, nfe))
+                if tg is not None:
+                    r = unstir.sample(model, PROCESS, x_T, sampler=sampler, grid=tg.grid)
+                    rows.setdefault(("unstir", f"{sampler} tuned", True), {})[nfe] = (r.nfe, r.x)
+                else:
+                    rows.setdefault(("unstir", f"{sampler} tuned", True), {})[nfe] = (0, None)
         eps_fn = exact_eps_for_diffusers(gm)
         for name, (factory, per_step, det) in dcfg.items():
             for nfe in nfes:
@@ -152,7 +191,9 @@ def quality(n: int, nfes) -> list[str]:
                 vals = []
                 for nfe in nfes:
                     calls, x = by_nfe[nfe]
-                    if not torch.isfinite(x).all():
+                    if x is None:  # not tuned at this NFE
+                        v = float("nan")
+                    elif not torch.isfinite(x).all():
                         v = float("nan")
                     elif metric == "endpoint error":
                         v = endpoint_error(x, ref)
@@ -168,13 +209,89 @@ def quality(n: int, nfes) -> list[str]:
                 lines.append(f"{side:9s} {name:20s} " + " ".join(fmt(v) for v in vals))
             lines.append("```")
             if metric == "endpoint error":
-                lines.append("best deterministic per NFE (unstir / diffusers = ratio):")
+                lines.append("best deterministic per NFE (unstir / diffusers = ratio; named grids only, then with "
+                             "the tuned grids):")
                 for nfe in nfes:
+                    named = min(((v, k) for k, v in named_best(rows, ref, nfe).items()), default=None)
                     u, dd = best.get(("unstir", nfe)), best.get(("diffusers", nfe))
-                    if u and dd:
-                        lines.append(f"- NFE {nfe}: unstir {u[1]} {u[0]:.3e} / diffusers {dd[1]} {dd[0]:.3e} "
-                                     f"= {u[0] / dd[0]:.2f}")
+                    if u and dd and named:
+                        sw = sliced_w2(rows[("unstir", u[1], True)][nfe][1], exact) / floor
+                        lines.append(f"- NFE {nfe}: named {named[1]} {named[0]:.3e} = {named[0] / dd[0]:.2f}; "
+                                     f"with tuned: {u[1]} {u[0]:.3e} = {u[0] / dd[0]:.2f} "
+                                     f"(diffusers {dd[1]} {dd[0]:.3e}); its sliced-W2 {sw:.2f} x floor")
         print("\n".join(lines[first:]), flush=True)
+    return lines
+
+
+def named_best(rows, ref, nfe) -> dict:
+    """unstir's deterministic rows on named grids: name -> endpoint error at ``nfe``."""
+    out = {}
+    for (side, name, det), by_nfe in rows.items():
+        x = by_nfe[nfe][1]
+        if side == "unstir" and det and "tuned" not in name and x is not None and torch.isfinite(x).all():
+            out[name] = endpoint_error(x, ref)
+    return out
+
+
+def transfer(n: int, tuned) -> list[str]:
+    """A tuned grid on a case it was not fitted on: each case's dpm++2m / ipndm grid at NFE 8 used on its
+    partner case, against the partner's default grid and its own tuned grid (fresh noise)."""
+    pairs = [("ring8", "unequal3"), ("unequal3", "ring8"), ("mix8d", "mix64d"), ("mix64d", "mix8d")]
+    by_name = dict(bench_cases())
+    lines = ["\n### transfer: a grid tuned on one case, used on another (NFE 8, fresh noise, endpoint error)\n",
+             "```", f"{'fitted on':10s} {'used on':10s} {'sampler':8s} {'default':>10s} {'transferred':>12s} "
+                    f"{'own tuned':>10s}"]
+    for src, dst in pairs:
+        gm = by_name[dst]
+        model = gm.denoiser(PROCESS)
+        x_T = PROCESS.prior_std * torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(SEED_NOISE),
+                                              dtype=torch.float64)
+        ref = reference(model, PROCESS, x_T)
+        for sampler in TUNED:
+            if (src, sampler, 8) not in tuned:
+                continue
+            errs = [endpoint_error(unstir.sample(model, PROCESS, x_T, sampler=sampler, steps=8, grid=g).x, ref)
+                    for g in (None, tuned[(src, sampler, 8)].grid, tuned[(dst, sampler, 8)].grid)]
+            lines.append(f"{src:10s} {dst:10s} {sampler:8s} " + " ".join(f"{e:10.3e}  " for e in errs))
+    lines.append("```")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def digits(run: Path | None, steps: int = 2000, n: int = 256) -> list[str]:
+    """The trained digits U-Net: endpoint error against the model's own tight ODE solve (rtol 1e-6), default
+    against tuned grid, on fresh noise (seed 2026; the grids are fitted on seed 1000). Trains the U-Net
+    (``steps``, as benchmarks/training.py does) unless ``run`` names a digits run folder."""
+    import tempfile
+
+    from unstir.runs import load_run
+    from unstir.training import TrainConfig, train
+
+    if run is None:
+        run = Path(tempfile.mkdtemp()) / "digits"
+        t0 = time.perf_counter()
+        train(TrainConfig(data="digits", steps=steps, batch_size=128, lr=1e-3, warmup=200, ema_decay=0.999), run,
+              progress=False)
+        print(f"  trained the digits U-Net ({steps} steps) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    model = load_run(run)
+    process = model.process
+    x_T = process.prior_sample((n, *model.data_shape), torch.Generator().manual_seed(SEED_NOISE))
+    with torch.no_grad():
+        ref = unstir.sample(model, None, x_T, sampler="ode_rk45", rtol=1e-6, atol=1e-6,
+                            grid=torch.tensor([process.T, process.t_min, 0.0], dtype=torch.float64))
+    lines = [f"\n### digits U-Net ({run}), endpoint error per pixel (RMS) against its own ode_rk45 solve at rtol "
+             f"1e-6 ({ref.nfe} NFE), {n} fresh samples\n", "```",
+             f"{'sampler':8s} {'NFE':>4s} {'default grid':>13s} {'tuned grid':>11s} {'ratio':>6s} {'tuning cost':>22s}"]
+    for sampler in TUNED:
+        for nfe in (5, 8, 10):
+            tg = tune_grid(model, sampler, nfe, n=128, max_evals=150, seed=SEED_TUNE)
+            with torch.no_grad():
+                errs = [(unstir.sample(model, None, x_T, sampler=sampler, steps=nfe, grid=g).x - ref.x).pow(2)
+                        .flatten(1).mean(1).sqrt().mean().item() for g in (None, tg.grid)]
+            lines.append(f"{sampler:8s} {nfe:4d} {errs[0]:13.3e} {errs[1]:11.3e} {errs[1] / errs[0]:6.2f} "
+                         f"{tg.evaluations:6d} NFE x 128, {tg.seconds:4.0f} s")
+            print(lines[-1], flush=True)
+    lines.append("```")
     return lines
 
 
@@ -258,14 +375,19 @@ def main():
     ap.add_argument("--n", type=int, default=2000, help="samples per case")
     ap.add_argument("--skip-overhead", action="store_true", help="only the quality tables")
     ap.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    ap.add_argument("--digits-run", type=Path, help="a trained digits run for the U-Net table (default: train one)")
+    ap.add_argument("--skip-digits", action="store_true", help="no U-Net table")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     n, nfes = (200, (5, 10)) if args.quick else (args.n, NFES)
+    tuned = tuned_grids(args.quick)
     import diffusers
     header = [f"unstir {unstir.__version__} vs diffusers {diffusers.__version__}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads"]
     print(header[0])
-    lines = header + (overhead() if not args.skip_overhead else []) + thousand_steps() + quality(n, nfes)
+    lines = (header + (overhead() if not args.skip_overhead else []) + thousand_steps() + quality(n, nfes, tuned)
+             + (transfer(n, tuned) if not args.quick else [])
+             + (digits(args.digits_run, 100 if args.quick else 2000) if not args.skip_digits else []))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

@@ -111,8 +111,18 @@ def sample_cmd(args) -> int:
     options = _sampler_options(args)
     model, y = _guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
     shape = (args.n, *model.data_shape)
+    grid = args.grid
+    if grid is None:  # a grid tuned for this sampler and NFE (`unstir tune-grid`) beats the named default
+        from .tuning import load_tuned, nfe_for_steps
+
+        nfe = nfe_for_steps(args.sampler, args.steps)
+        tuned = load_tuned(args.run, model.process, args.sampler, nfe)
+        if tuned is not None:
+            grid = tuned.grid
+            print(f"using the grid tuned for {args.sampler} at {nfe} NFE in {args.run}/grids.json (fitted error "
+                  f"{tuned.error:.3g} against {tuned.error_start:.3g} on the {tuned.start!r} grid); --grid overrides it")
     with torch.no_grad():
-        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=args.grid, y=y,
+        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=grid, y=y,
                    generator=torch.Generator().manual_seed(args.seed), **options)
     x = r.x.cpu()
     if out.suffix == ".npy":
@@ -126,15 +136,17 @@ def sample_cmd(args) -> int:
     return 0
 
 
-SAMPLER_OPTIONS = ("eta", "order", "snr", "churn", "rtol", "atol")
+SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol")
 
 
 def _sampler_options(args) -> dict:
     """The sampler options given on the command line, each checked to apply to the chosen sampler."""
     import inspect
 
-    def takes(name, option):  # dpm++2m/3m fix their order in the name
-        return option in inspect.signature(SAMPLERS[name].fn).parameters and not (option == "order" and "dpm++" in name)
+    def takes(name, option):  # dpm++2m/3m fix their order in the name; form is second order's
+        if "dpm++" in name and option in ("order", "form"):
+            return option == "form" and name == "dpm++2m"
+        return option in inspect.signature(SAMPLERS[name].fn).parameters
 
     options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
     for k in options:
@@ -337,6 +349,26 @@ def _read_png(path, shape, mask: bool = False):
     return t
 
 
+def tune_grid_cmd(args) -> int:
+    """Fit the time points of an NFE-evaluation grid to the run's model and store them in RUN/grids.json;
+    `unstir sample` with the same sampler and --steps then uses them (and says so)."""
+    from .runs import load_run
+    from .tuning import save_tuned, tune_grid
+
+    options = _sampler_options(args)
+    if args.sampler == "edm":
+        options["churn"] = 0.0
+    model = load_run(args.run, ema=not args.no_ema, device=args.device)
+    tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
+                      progress=not args.quiet, **options)
+    path = save_tuned(args.run, tuned)
+    print(f"{args.sampler} at {args.nfe} NFE: mean endpoint error {tuned.error:.4g} (best named grid "
+          f"{tuned.start!r}: {tuned.error_start:.4g}) on {tuned.n} prior samples; cost {tuned.evaluations} model "
+          f"evaluations, {tuned.seconds:.1f} s -> {path}")
+    print("times: " + " ".join(f"{t:.5g}" for t in tuned.times))
+    return 0
+
+
 def report_cmd(args) -> int:
     """Write RUN/report.html: one self-contained page with the run's samples, trajectories, quality against
     NFE, loss curve, bits/dim, interpolation, round trip, guided samples and inpainting."""
@@ -453,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "gradient's weight (1 = Bayes' rule)")
     sa.add_argument("--classifier", help="classifier folder from `unstir train-classifier`: classifier guidance")
     sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0)")
-    sa.add_argument("--order", type=int, help="deis (1-4), unipc (1-3) order (default: 3)")
+    sa.add_argument("--order", type=int, help="deis (1-4, default 3), ipndm (1-4, default 4), unipc (1-3, default 3)")
+    sa.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's second-order term: Lu et al. "
+                    "Algorithm 2 (midpoint, default) or the phi_2 integral (taylor)")
     sa.add_argument("--snr", type=float, help="pc: Langevin corrector signal-to-noise ratio (default: 0.075)")
     sa.add_argument("--churn", type=float, help="edm: S_churn (default: 10)")
     sa.add_argument("--rtol", type=float, help="ode_rk45: relative tolerance (default: 1e-5)")
@@ -545,6 +579,22 @@ def build_parser() -> argparse.ArgumentParser:
     ip2.add_argument("--out", required=True, help="result .png (truth, measurement, samples) or .npy")
     ip2.add_argument("--force", action="store_true", help="replace --out if it exists")
     ip2.set_defaults(func=inpaint_cmd)
+    tg = sub.add_parser("tune-grid", help="fit a sampler's time grid to the run's model (stored in the run)",
+                        description=tune_grid_cmd.__doc__)
+    tg.add_argument("--run", required=True, help="run folder written by `unstir train`")
+    tg.add_argument("--sampler", default="dpm++2m", choices=sorted(set(deterministic) - {"ode_rk45"} | {"edm"}),
+                    help="deterministic fixed-grid sampler (edm runs with churn 0) (default: dpm++2m)")
+    tg.add_argument("--nfe", type=int, default=8, help="model evaluations of the grid (default: 8)")
+    tg.add_argument("-n", type=int, default=256, help="prior samples the grid is fitted on (default: 256)")
+    tg.add_argument("--max-evals", type=int, default=300, help="bound on the optimiser's trial grids, each costing "
+                    "NFE evaluations on the batch (default: 300)")
+    tg.add_argument("--order", type=int, help="deis, ipndm, unipc order (default: the sampler's)")
+    tg.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's second-order term (default: midpoint)")
+    tg.add_argument("--seed", type=int, default=0, help="seed of the fitting batch (default: 0)")
+    tg.add_argument("--no-ema", action="store_true", help="tune for the raw weights instead of the EMA")
+    tg.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    tg.add_argument("--quiet", action="store_true", help="no progress bar")
+    tg.set_defaults(func=tune_grid_cmd)
     rp = sub.add_parser("report", help="write RUN/report.html, a page that shows what the model does",
                         description=report_cmd.__doc__)
     rp.add_argument("--run", required=True, help="run folder written by `unstir train`")
@@ -573,6 +623,7 @@ EXAMPLES = {
     "decode": "unstir decode --run runs/moons --latents z.npy --out x.png",
     "interpolate": "unstir interpolate --run runs/moons --pair 0 3 --out path.png",
     "inpaint": "unstir inpaint --run runs/digits --image digit.png --mask mask.png --method repaint --out y.png",
+    "tune-grid": "unstir tune-grid --run runs/moons --sampler dpm++2m --nfe 8",
     "report": "unstir report --run runs/moons",
     "list": "unstir list",
 }

@@ -16,7 +16,7 @@ from .._checks import check_choice
 from ..grids import GRIDS, check_grid, time_grid
 from ..parametrization import Denoiser, Model
 from ..processes import VE, Process
-from .ode import deis, dpmpp, ode_euler, ode_heun, ode_rk45, unipc
+from .ode import deis, dpmpp, ipndm, ode_euler, ode_heun, ode_rk45, unipc
 from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, reverse_diffusion
 
 Tensor = torch.Tensor
@@ -49,6 +49,7 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "cubic", False, doc="DPM-Solver++(2M)"),
     "dpm++3m": Sampler(functools.partial(dpmpp, order=3), "log_snr", False, doc="DPM-Solver++(3M)"),
     "deis": Sampler(deis, "quadratic", False, doc="DEIS rho-AB, order 3"),
+    "ipndm": Sampler(ipndm, "quadratic", False, doc="iPNDM, order 4 Adams-Bashforth in sigma/alpha"),
     "unipc": Sampler(unipc, "cubic", False, doc="UniPC, order 3 predictor + corrector"),
     "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn"),
 }
@@ -169,5 +170,5 @@ def _initial(model, process: Process, x_T, generator, dtype) -> Tensor:
 
 
 __all__ = ["SAMPLERS", "check_labels", "run_sampler", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
-           "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "unipc",
+           "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "ipndm", "unipc",
            "edm"]

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from .._checks import check_choice
 from ..pf_ode import LogSNRField
 from .base import check_finite, coef, integrate
 
@@ -82,22 +83,32 @@ def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: 
     return model(xs[-1], times[-1]).x0 if grid[-1] == 0 else xs[-1]
 
 
-def dpmpp(model, x, grid, *, order: int = 2, generator=None, callback=None):
+def dpmpp(model, x, grid, *, order: int = 2, form: str = "midpoint", generator=None, callback=None):
     """DPM-Solver++ multistep (Lu et al. 2022, Alg. 2 and its third-order extension), data prediction.
 
-    With h = lambda_s - lambda_t, phi_1 = e^{-h} - 1, phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2:
+    With h = lambda_s - lambda_t, phi_1 = e^{-h} - 1, phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2 and
+    D0 = x0(lambda_t) the current prediction, D1 ~ h x0', D2 ~ h^2 x0'' divided differences of the last
+    three predictions in lambda:
 
-        x_s = (sigma_s/sigma_t) x_t - alpha_s phi_1 D0 + alpha_s phi_2 D1 - alpha_s phi_3 D2,
+        x_s = (sigma_s/sigma_t) x_t - alpha_s phi_1 D0 + alpha_s c_1 D1 - alpha_s phi_3 D2.
 
-    where D0 = x0(lambda_t) is the current prediction and D1 ~ h x0', D2 ~ h^2 x0'' are divided differences
-    of the last three predictions in lambda. The h^2 term integrates (u^2/2) x0'' against e^{u-h}, so
+    Second order has two published forms of c_1, both of order 2 (``form``):
+
+    * ``"midpoint"`` (default): c_1 = -phi_1 / 2, i.e. Lu et al. (2022b) Algorithm 2's
+      D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev; diffusers' and k-diffusion's DPM++(2M) (diffusers:
+      solver_type="midpoint").
+    * ``"taylor"``: c_1 = phi_2, the exact integral of the linear term (Lu et al. 2022a's DPM-Solver-2
+      form; diffusers: solver_type="heun").
+
+    The default was chosen by measurement (benchmarks/default_grids.py): on the oracle cases at 5-20 NFE
+    the midpoint form's error is lower. The h^2 term (order 3) integrates (u^2/2) x0'' against e^{u-h}, so
     D2 = 2 (D1_0 - D1_1) / (r0 + r1). The DPM-Solver reference code, k-diffusion and diffusers use half of
     that, which leaves a third-order local error and makes their 3M converge at order 2; this one
     converges at order 3 (tests/test_samplers.py::test_convergence_order). The first steps warm up at
     lower order.
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    _check_order(order, (1, 2, 3))
+    check_choice("form", form, ("midpoint", "taylor"))
     hist: list[tuple[float, Tensor]] = []  # (lambda, x0) of previous evaluations, newest last
 
     def step(x, t, s):
@@ -115,7 +126,8 @@ def dpmpp(model, x, grid, *, order: int = 2, generator=None, callback=None):
             r0 = (ct.log_snr - lam1) / h
             d1_0 = (m0 - m1) / r0
             if k == 2:
-                x_s = x_s + (cs.alpha * phi2) * d1_0
+                c1 = -0.5 * phi1 if form == "midpoint" else phi2
+                x_s = x_s + (cs.alpha * c1) * d1_0
             else:
                 lam2, m2 = hist[-2]
                 r1 = (lam1 - lam2) / h
@@ -141,15 +153,9 @@ def _lagrange_integrals(nodes: list[float], a: float, b: float) -> list[float]:
     return np.linalg.solve(vander, moments).tolist()
 
 
-def deis(model, x, grid, *, order: int = 3, generator=None, callback=None):
-    """DEIS in its rho-AB form (Zhang & Chen 2023): variable-step Adams-Bashforth on
-    d xbar / d sbar = eps, integrating exactly the polynomial through the last ``order`` eps values:
-
-        xbar_s = xbar_t + sum_j w_j eps_j,   w_j = int_{sbar_t}^{sbar_s} l_j(u) du.
-
-    Order 1 is DDIM."""
-    if order not in (1, 2, 3, 4):
-        raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
+def _adams_bashforth(model, x, grid, order, weights, callback):
+    """Multistep Adams-Bashforth on d xbar / d sbar = eps with the last ``order`` eps values (fewer while
+    warming up): xbar_s = xbar_t + sum_j w_j eps_j, ``weights(nodes, sbar_t, sbar_s)`` giving the w_j."""
     hist: list[tuple[float, Tensor]] = []  # (sbar, eps), newest last
 
     def step(x, t, s):
@@ -157,11 +163,51 @@ def deis(model, x, grid, *, order: int = 3, generator=None, callback=None):
         ct, cs = coef(model, t), coef(model, s)
         hist.append((ct.sigma_bar, out.eps))
         del hist[:-order]
-        weights = _lagrange_integrals([n for n, _ in hist], ct.sigma_bar, cs.sigma_bar)
-        xbar = x / ct.alpha + sum(w * e for w, (_, e) in zip(weights, hist))
+        w = weights([n for n, _ in hist], ct.sigma_bar, cs.sigma_bar)
+        xbar = x / ct.alpha + sum(wj * e for wj, (_, e) in zip(w, hist))
         return cs.alpha * xbar, out
 
     return integrate(model, x, grid, step, callback)
+
+
+def _check_order(order, allowed):
+    if isinstance(order, bool) or order not in allowed:
+        raise ValueError(f"order must be one of {list(allowed)}, got {order!r}")
+
+
+def deis(model, x, grid, *, order: int = 3, generator=None, callback=None):
+    """DEIS in its rho-AB form (Zhang & Chen 2023): variable-step Adams-Bashforth on
+    d xbar / d sbar = eps, integrating exactly the polynomial through the last ``order`` eps values:
+
+        xbar_s = xbar_t + sum_j w_j eps_j,   w_j = int_{sbar_t}^{sbar_s} l_j(u) du.
+
+    Order 1 is DDIM; order 4 is the variable-step iPNDM (Zhou et al. 2024's iPNDM_v)."""
+    _check_order(order, (1, 2, 3, 4))
+    return _adams_bashforth(model, x, grid, order, _lagrange_integrals, callback)
+
+
+# Adams-Bashforth coefficients for equal steps, newest eps last (Zhang & Chen 2023, Appendix; the PNDM
+# "pseudo linear multistep" of Liu et al. 2022 without its Runge-Kutta warm start).
+_AB_FIXED = {1: (1.0,), 2: (-1 / 2, 3 / 2), 3: (5 / 12, -16 / 12, 23 / 12),
+             4: (-9 / 24, 37 / 24, -59 / 24, 55 / 24)}
+
+
+def _fixed_weights(nodes, a, b):
+    return [(b - a) * c for c in _AB_FIXED[len(nodes)]]
+
+
+def ipndm(model, x, grid, *, order: int = 4, generator=None, callback=None):
+    """iPNDM (Zhang & Chen 2023; measured best training-free solver at 10 NFE by Zhou et al. 2024):
+    Adams-Bashforth of order ``order`` on d xbar / d sbar = eps with the equal-step coefficients
+    (1; 3/2, -1/2; 23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24), warming up at lower order.
+
+    The coefficients are exact for equal steps in sbar; on a grid whose steps vary smoothly they lose
+    accuracy at second order in the step change, so the global order there is 2 (the variable-step
+    form, ``deis`` with order 4, keeps order 4). Few-step accuracy is what it is for: its fixed weights
+    extrapolate less aggressively than the variable-step ones on the strongly graded grids used at 5-10
+    NFE (benchmarks/samplers.py)."""
+    _check_order(order, (1, 2, 3, 4))
+    return _adams_bashforth(model, x, grid, order, _fixed_weights, callback)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -209,8 +255,7 @@ def unipc(model, x, grid, *, order: int = 3, generator=None, callback=None):
     """UniPC (Zhao et al. 2023), data prediction with B(h) = e^h - 1: a multistep predictor UniP of order
     ``order``, and the corrector UniC, which re-solves the last step with the model evaluation at its
     end point (the evaluation the next step needs anyway), raising the order by one at no extra NFE."""
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    _check_order(order, (1, 2, 3))
     hist: list[tuple[float, Tensor]] = []  # (lambda, x0), newest last
     last = None  # (x, coefficients, order) at the start of the previous predictor step
 

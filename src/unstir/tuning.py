@@ -1,0 +1,216 @@
+"""Time grids fitted to the model: ``tune_grid``.
+
+A named grid (``unstir.grids``) spaces its points by a rule chosen for every model at once. At 5-10 model
+evaluations the placement of the few points matters more than the solver (Sabour et al. 2024, "Align
+Your Steps"; Watson et al. 2021 learned the DDPM grid the same way), so ``tune_grid`` places them for the
+model at hand: it minimises the mean endpoint error of a deterministic sampler against a tight
+adaptive solve of the same PF ODE, on a fixed batch of prior samples.
+
+The grid is parametrised in log-SNR: with lambda_0 = lambda(T) and lambda_m = lambda(t_min) fixed, the
+m increments are softmax(theta) * (lambda_m - lambda_0), theta_0 = 0, so every theta gives a strictly
+decreasing grid in t with exact end points and the final denoising step to 0 (the convention of
+``unstir.grids``). The m - 1 free parameters are fitted by Nelder-Mead (scipy), started from the best
+named grid; the cost is bounded by ``max_evals`` objective evaluations and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._checks import check_choice
+from .grids import GRIDS, check_grid, time_grid
+from .samplers import SAMPLERS, check_labels, run_sampler
+
+Tensor = torch.Tensor
+
+_TWO_EVALS = {"ode_heun", "edm"}  # two evaluations per step except the final denoising one
+
+
+def tunable() -> list[str]:
+    """Samplers whose grid can be tuned: the deterministic fixed-grid ones."""
+    return sorted(k for k, v in SAMPLERS.items() if not v.stochastic and k != "ode_rk45") + ["edm"]
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """Grid intervals that make ``sampler`` use exactly ``nfe`` model evaluations on a denoising grid."""
+    if sampler in _TWO_EVALS:
+        if nfe % 2 == 0:
+            raise ValueError(f"sampler {sampler!r} uses 2 evaluations per step and 1 for the final denoising "
+                             f"step, so its NFE is odd; got nfe={nfe}")
+        return (nfe + 1) // 2
+    return nfe
+
+
+def nfe_for_steps(sampler: str, steps: int) -> int:
+    """Model evaluations of ``sampler`` over a denoising grid of ``steps`` intervals (inverse of the above)."""
+    return 2 * steps - 1 if sampler in _TWO_EVALS else steps
+
+
+@dataclass
+class TunedGrid:
+    """A grid fitted by ``tune_grid`` and what it cost. Errors are mean endpoint distances to the tight
+    solve on the fitting batch: ``error_start`` for the best named grid (``start``), ``error`` for the
+    tuned one. ``evaluations`` counts model calls on the batch of ``n``, the reference solve included."""
+
+    sampler: str
+    nfe: int
+    times: list[float]
+    start: str
+    error_start: float
+    error: float
+    evaluations: int
+    seconds: float
+    n: int
+    seed: int
+    options: dict
+
+    @property
+    def grid(self) -> Tensor:
+        return torch.tensor(self.times, dtype=torch.float64)
+
+
+def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, max_evals: int = 300,
+              rtol: float = 1e-7, seed: int = 0, y=None, dtype=torch.float32, progress: bool = False,
+              **options) -> TunedGrid:
+    """Fit the points of an ``nfe``-evaluation grid for ``sampler`` to ``model`` (see the module docstring).
+
+    ``n`` prior samples drawn with ``seed`` are the fitting batch; ``max_evals`` bounds the objective
+    evaluations, each costing ``nfe`` model calls on the batch (total <= (max_evals + 6) * nfe calls plus the
+    reference solve's). The batch has ``dtype`` (float64 for an oracle gives the cleanest errors); ``y``
+    labels a conditional model's batch. ``options`` go to the sampler (``order``, ``form``, ``churn=0`` for ``edm``).
+    Judge the result on noise it was not fitted on (``benchmarks/samplers.py`` does).
+    """
+    from scipy.optimize import minimize
+    from tqdm import tqdm
+
+    check_choice("sampler", sampler, tunable())
+    if sampler == "edm" and options.get("churn", None) != 0:
+        raise ValueError("edm draws noise unless churn=0; pass churn=0 to tune its grid")
+    if sampler == "ddim" and options.get("eta", 0) != 0:
+        raise ValueError("ddim with eta > 0 draws noise; tune_grid needs a deterministic sampler (eta=0)")
+    for name, value, low in (("nfe", nfe, 3), ("n", n, 1), ("max_evals", max_evals, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
+    steps = steps_for_nfe(sampler, nfe)
+    if steps < 3:
+        raise ValueError(f"a grid of {steps} steps has no free point to tune (need nfe >= 3 evaluations)")
+    process, shape = model.process, getattr(model, "data_shape", None)
+    if shape is None:
+        raise ValueError("the model must declare its data_shape to be tuned on prior samples")
+    t0 = time.perf_counter()
+    x_T = process.prior_sample((n, *shape), torch.Generator().manual_seed(seed), dtype=dtype)
+    labels = check_labels(model, y, n)
+    with torch.no_grad():
+        ref = run_sampler(model, x_T, torch.tensor([process.T, process.t_min, 0.0], dtype=torch.float64),
+                          "ode_rk45", y=labels, rtol=rtol, atol=rtol)
+    spent = ref.nfe
+
+    def error(grid: Tensor) -> float:
+        nonlocal spent
+        with torch.no_grad():
+            r = run_sampler(model, x_T, grid, sampler, y=labels, **options)
+        spent += r.nfe
+        e = (r.x - ref.x).flatten(1).norm(dim=1).mean().item()
+        return e if math.isfinite(e) else math.inf
+
+    starts = {g: error(time_grid(process, steps, g)) for g in GRIDS}
+    start = min(starts, key=starts.get)
+    lam_T, lam_min = float(process.log_snr(process.T)), float(process.log_snr(process.t_min))
+
+    def grid_of(theta: np.ndarray) -> Tensor:
+        logits = np.concatenate([[0.0], theta])
+        w = np.exp(logits - logits.max())
+        lam = lam_T + (lam_min - lam_T) * np.cumsum(w / w.sum())[:-1]
+        inner = process.t_from_log_snr(torch.tensor(lam, dtype=torch.float64))
+        t = torch.cat([torch.tensor([process.T], dtype=torch.float64), inner,
+                       torch.tensor([process.t_min, 0.0], dtype=torch.float64)])
+        return t
+
+    # Start from the best named grid's log-SNR increments.
+    g0 = time_grid(process, steps, start)[:-1]
+    inc = np.diff(np.array([float(process.log_snr(float(t))) for t in g0]))
+    theta0 = np.log(np.maximum(inc, 1e-12) / max(inc[0], 1e-12))[1:]
+    bar = tqdm(total=max_evals, disable=not progress, desc=f"tune {sampler} grid ({nfe} NFE)", unit="eval")
+
+    def objective(theta):
+        bar.update(1)
+        try:
+            grid = grid_of(theta)
+            if not (torch.diff(grid) < 0).all():
+                return math.inf
+            return error(grid)
+        except FloatingPointError:
+            return math.inf
+
+    best_theta, best = theta0, starts[start]
+    if max_evals > 0:
+        # scipy's default first simplex moves a zero coordinate by 2.5e-4 only (a uniform start is all
+        # zeros); a step of 0.5 in the logits moves a point by about a quarter of its interval.
+        simplex = np.vstack([theta0, theta0 + 0.5 * np.eye(theta0.size)])
+        res = minimize(objective, theta0, method="Nelder-Mead",
+                       options={"maxfev": max_evals, "adaptive": theta0.size > 4, "xatol": 1e-3, "fatol": 0.0,
+                                "initial_simplex": simplex})
+        if res.fun < best:
+            best_theta, best = res.x, float(res.fun)
+    bar.close()
+    grid = grid_of(best_theta) if best < starts[start] else time_grid(process, steps, start)
+    return TunedGrid(sampler, nfe, grid.tolist(), start, starts[start], best, spent,
+                     time.perf_counter() - t0, n, seed, dict(options))
+
+
+# --- stored grids in a run folder -------------------------------------------------------------------
+
+GRIDS_FILE = "grids.json"
+
+
+def _key(sampler: str, nfe: int) -> str:
+    return f"{sampler}@{nfe}"
+
+
+def save_tuned(run, tuned: TunedGrid) -> Path:
+    """Add (or replace) ``tuned`` in ``run/grids.json``, written atomically."""
+    from .runs import atomic_write
+
+    path = Path(run) / GRIDS_FILE
+    stored = _read_grids(path) if path.exists() else {}
+    stored[_key(tuned.sampler, tuned.nfe)] = asdict(tuned)
+    atomic_write(path, lambda p: p.write_text(json.dumps(stored, indent=1)))
+    return path
+
+
+def load_tuned(run, process, sampler: str, nfe: int) -> TunedGrid | None:
+    """The grid stored for ``sampler`` at ``nfe`` evaluations in ``run/grids.json``, validated, or None."""
+    path = Path(run) / GRIDS_FILE
+    if not path.exists():
+        return None
+    entry = _read_grids(path).get(_key(sampler, nfe))
+    if entry is None:
+        return None
+    try:
+        tuned = TunedGrid(**entry)
+        check_grid(process, tuned.grid)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r}: the entry {_key(sampler, nfe)!r} is not a valid grid ({err}); "
+                         f"delete it or tune again with `unstir tune-grid`") from None
+    if tuned.grid[-1] != 0 or len(tuned.times) != steps_for_nfe(sampler, nfe) + 1:
+        raise ValueError(f"{str(path)!r}: the entry {_key(sampler, nfe)!r} has {len(tuned.times)} points, "
+                         f"not the {steps_for_nfe(sampler, nfe) + 1} of a denoising {nfe}-evaluation grid")
+    return tuned
+
+
+def _read_grids(path: Path) -> dict:
+    from .runs import _read_json
+
+    stored = _read_json(path)
+    if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
+        raise ValueError(f"{str(path)!r} must hold a JSON object of grids; delete it or tune again")
+    return stored

@@ -1,0 +1,105 @@
+"""tune_grid: grids fitted to the model, judged on noise and on a mixture they were not fitted on."""
+
+import json
+
+import pytest
+import torch
+
+import unstir
+from unstir import oracle
+from unstir.cli import main
+from unstir.tuning import load_tuned, save_tuned, tune_grid
+
+
+def _endpoint_error(model, p, x_T, sampler, nfe, grid, **options):
+    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", rtol=1e-9, atol=1e-9,
+                        grid=torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)).x
+    x = unstir.sample(model, p, x_T, sampler=sampler, steps=nfe, grid=grid, **options).x
+    return (x - ref).norm(dim=1).mean().item()
+
+
+@pytest.fixture(scope="module")
+def tuned_ring():
+    p = unstir.make_process("ddpm")
+    model = oracle.ring().denoiser(p)
+    return p, model, tune_grid(model, "dpm++2m", 5, n=128, max_evals=80, seed=0, dtype=torch.float64)
+
+
+def test_tuned_grid_is_a_valid_grid_and_records_its_cost(tuned_ring):
+    p, model, tuned = tuned_ring
+    g = tuned.grid
+    assert len(g) == 6 and g[0] == p.T and g[-2] == p.t_min and g[-1] == 0
+    assert (torch.diff(g) < 0).all()
+    assert tuned.error <= tuned.error_start
+    # 5 named starts + at most 80 trial grids, 5 evaluations each, plus the reference solve.
+    assert 5 * (5 + 1) < tuned.evaluations <= 5 * (5 + 80) + 2000
+    assert tuned.seconds > 0
+
+
+def test_tuned_grid_generalises_to_fresh_noise_and_belongs_to_its_model(tuned_ring):
+    """Fitted on 128 prior samples of ring8 (seed 0), judged on 1000 fresh ones (seed 99): the tuned grid's
+    error is far below the best named grid's (measured 0.22 -> 0.007 at 5 NFE). A grid is a property of
+    the model: on unequal3, a mixture it never saw, ring8's grid is worse than the default (measured 0.45
+    against 0.19), and unequal3's own tuned grid beats both."""
+    p, model, tuned = tuned_ring
+    x_T = p.prior_sample((1000, 2), torch.Generator().manual_seed(99), dtype=torch.float64)
+    default = _endpoint_error(model, p, x_T, "dpm++2m", 5, None)
+    fitted = _endpoint_error(model, p, x_T, "dpm++2m", 5, tuned.grid)
+    assert fitted < 0.25 * default, (fitted, default)
+    other = oracle.unequal_2d().denoiser(p)
+    own = tune_grid(other, "dpm++2m", 5, n=128, max_evals=80, seed=0, dtype=torch.float64)
+    errors = {name: _endpoint_error(other, p, x_T, "dpm++2m", 5, g)
+              for name, g in (("default", None), ("ring8's", tuned.grid), ("own", own.grid))}
+    assert errors["own"] < min(errors["default"], errors["ring8's"]), errors
+
+
+def test_tune_grid_bad_input():
+    p = unstir.make_process("vp")
+    model = oracle.ring().denoiser(p)
+    with pytest.raises(ValueError, match="sampler 'ddpm'; choose one of \\['ddim'"):
+        tune_grid(model, "ddpm", 5)
+    with pytest.raises(ValueError, match="nfe must be an integer >= 3, got 2"):
+        tune_grid(model, "dpm++2m", 2)
+    with pytest.raises(ValueError, match="NFE is odd; got nfe=6"):
+        tune_grid(model, "ode_heun", 6)
+    with pytest.raises(ValueError, match="eta > 0"):
+        tune_grid(model, "ddim", 5, eta=0.5)
+    with pytest.raises(ValueError, match="churn=0"):
+        tune_grid(model, "edm", 5)
+    with pytest.raises(ValueError, match="max_evals must be an integer >= 0"):
+        tune_grid(model, "dpm++2m", 5, max_evals=-1)
+    with pytest.raises(ValueError, match=r"rtol must lie in \(0, 1\)"):
+        tune_grid(model, "dpm++2m", 5, rtol=0)
+
+
+def test_stored_grids_round_trip_and_damage_is_named(tmp_path, tuned_ring):
+    p, _, tuned = tuned_ring
+    assert load_tuned(tmp_path, p, "dpm++2m", 5) is None
+    save_tuned(tmp_path, tuned)
+    back = load_tuned(tmp_path, p, "dpm++2m", 5)
+    assert torch.equal(back.grid, tuned.grid) and back.error == tuned.error
+    assert load_tuned(tmp_path, p, "dpm++2m", 8) is None
+    stored = json.loads((tmp_path / "grids.json").read_text())
+    stored["dpm++2m@5"]["times"] = [1.0, 0.2, 0.5, 0.0]
+    (tmp_path / "grids.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="grids.json.*'dpm\\+\\+2m@5' is not a valid grid.*strictly decreasing"):
+        load_tuned(tmp_path, p, "dpm++2m", 5)
+    (tmp_path / "grids.json").write_text("{not json")
+    with pytest.raises(ValueError, match="grids.json' is damaged"):
+        load_tuned(tmp_path, p, "dpm++2m", 5)
+
+
+def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "60", "--out", str(run), "--quiet"]) == 0
+    assert main(["tune-grid", "--run", str(run), "--nfe", "5", "-n", "64", "--max-evals", "20", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "dpm++2m at 5 NFE: mean endpoint error" in text and "grids.json" in text
+    assert main(["sample", "--run", str(run), "--steps", "5", "-n", "50", "--out", str(tmp_path / "a.npy")]) == 0
+    assert "using the grid tuned for dpm++2m at 5 NFE" in capsys.readouterr().out
+    assert main(["sample", "--run", str(run), "--steps", "6", "-n", "50", "--out", str(tmp_path / "b.npy")]) == 0
+    assert "using the grid tuned" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: ddpm is not a tunable sampler
+        main(["tune-grid", "--run", str(run), "--sampler", "ddpm", "--nfe", "5"])
+    assert main(["tune-grid", "--run", str(run), "--nfe", "2", "--quiet"]) == 2
+    assert "nfe must be an integer >= 3, got 2" in capsys.readouterr().err
