@@ -83,7 +83,13 @@ def test_posterior_is_bayes_rule_and_x0_is_tweedie():
     logn = torch.stack([torch.distributions.MultivariateNormal(a * gm.means[k], a**2 * gm.covs[k] + s**2 * torch.eye(2, dtype=torch.float64))
                         .log_prob(x) for k in range(gm.n_components)], 1)
     torch.testing.assert_close(gm.posterior(x, t, p), torch.softmax(torch.log(gm.weights) + logn, 1))
-    torch.testing.assert_close(gm.x0(x, t, p), (x + s**2 * gm.score(x, t, p)) / a)
+    # E[x0 | x_t] by Gaussian conditioning per component, not through the score (an independent route to
+    # Tweedie's formula): E[x0 | x_t, k] = mu_k + a Sigma_k C_k^-1 (x_t - a mu_k), C_k = a^2 Sigma_k + s^2 I.
+    eye = torch.eye(2, dtype=torch.float64)
+    cond = torch.stack([gm.means[k] + (a * gm.covs[k] @ torch.linalg.solve(a**2 * gm.covs[k] + s**2 * eye,
+                                                                         (x - a * gm.means[k]).T)).T
+                        for k in range(gm.n_components)], 1)
+    torch.testing.assert_close(gm.x0(x, t, p), (gm.posterior(x, t, p)[..., None] * cond).sum(1), rtol=1e-10, atol=1e-10)
 
 
 def test_conditional_of_coordinates_matches_bayes():

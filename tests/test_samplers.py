@@ -269,6 +269,11 @@ def test_bad_sampler_input():
         unstir.sample(model, p, (4, 2), sampler="pc", predictor="heun")
     with pytest.raises(ValueError, match=r"a time grid must be strictly decreasing"):
         unstir.sample(model, p, (4, 2), grid=torch.tensor([0.5, 0.7]))
+    with pytest.raises(ValueError, match=r"unknown form 'heun'; choose one of \['midpoint', 'taylor'\]"):
+        unstir.sample(model, p, (4, 2), sampler="dpm++2m", form="heun")
+    for sampler, order in (("ipndm", 5), ("deis", 0), ("unipc", 4), ("ipndm", True)):
+        with pytest.raises(ValueError, match=rf"order must be one of \[1, 2, 3.*got {order}"):
+            unstir.sample(model, p, (4, 2), sampler=sampler, order=order)
 
 
 def _class_conditional_ring(p):
