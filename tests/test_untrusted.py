@@ -105,3 +105,45 @@ def test_outputs_are_never_clobbered_and_failed_writes_leave_nothing(good_run, t
     assert main(["sample", "--run", str(good_run), "-n", "4", "--steps", "2", "--out", str(png)]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert not png.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def _user_errors(run, tmp):
+    """Bad invocations a new user makes, each with the words its one-line error must contain."""
+    r, o = str(run), str(tmp / "o.png")
+    return [
+        (["train", "--data", "spirals", "--out", str(tmp / "a")], "unknown data 'spirals'"),
+        (["train", "--steps", "0", "--out", str(tmp / "b")], "steps"),
+        (["train", "--out", str(tmp / "nothing"), "--resume"], "nothing to resume"),
+        (["train", "--data", "moons", "--warmup", "500", "--steps", "100", "--out", str(tmp / "c")], "warm"),
+        (["sample", "--run", r, "-n", "0", "--out", o], "-n must be a positive integer, got 0"),
+        (["sample", "--run", r, "--steps", "0", "--out", o], "steps must be an integer >= 1, got 0"),
+        (["sample", "--run", str(tmp), "--out", o], "is not a run folder"),
+        (["sample", "--run", r, "--sampler", "annealed_langevin", "--out", o], "needs a process of type ['VE']"),
+        (["sample", "--run", r, "--out", str(tmp / "o.jpg")], "--out must end in .png or .npy"),
+        (["sample", "--run", r, "--eta", "0.5", "--out", o], "--eta does not apply to sampler 'dpm++2m'"),
+        (["sample", "--run", r, "--sampler", "ddim", "--eta", "2", "--out", o], "eta must be in [0, 1], got 2.0"),
+        (["sample", "--run", r, "--class", "3", "--out", o], "class"),
+        (["sample", "--run", r, "--device", "cuda", "--out", o], "device 'cuda'"),
+        (["likelihood", "--run", r, "--rtol", "0"], "rtol"),
+        (["likelihood", "--run", r, "--divergence", "hutchinson", "--probes", "0"], "probes"),
+        (["encode", "--run", r, "--data", "digits", "--out", str(tmp / "z.npy")], "per-sample shape"),
+        (["decode", "--run", r, "--latents", str(tmp / "missing.npy"), "--out", o], "missing.npy"),
+        (["interpolate", "--run", r, "--pair", "0", "3", "--frames", "1", "--out", o], "frames"),
+        (["tune-grid", "--run", r, "--nfe", "2"], "nfe must be an integer >= 3, got 2"),
+        (["tune-grid", "--run", r, "--sampler", "ode_heun", "--nfe", "6"], "NFE is odd; got nfe=6"),
+        (["report", "--run", str(tmp)], "is not a run folder"),
+        (["oracle", "-n", "0", "--out", str(tmp / "or")], "-n"),
+    ]
+
+
+def test_user_errors_are_one_line_and_write_nothing(good_run, tmp_path, capsys):
+    """Each bad invocation: exit status 2, one line on stderr naming the problem, no traceback, and no
+    output written (the count goes into docs/reliability.md)."""
+    before = set(tmp_path.rglob("*"))
+    cases = _user_errors(good_run, tmp_path)
+    for argv, text in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and text in err, (argv, err)
+    assert set(tmp_path.rglob("*")) == before
+    assert len(cases) == 22

@@ -19,11 +19,16 @@ from .samplers import sample
 DEMO_SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "pc", "dpm++2m", "unipc")
 
 
+def _flag(name: str) -> str:
+    """The option as the user typed it: -n, --train-steps."""
+    return "-n" if name == "n" else "--" + name.replace("_", "-")
+
+
 def oracle_demo(args) -> int:
     """The core on the exact score of a Gaussian mixture: marginals, score field, samplers, trajectories."""
     for name in ("n", "steps", "paths"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+            raise ValueError(f"{_flag(name)} must be a positive integer, got {getattr(args, name)}")
     if args.paths > args.n:
         raise ValueError(f"--paths ({args.paths}) cannot exceed -n ({args.n})")
     process = make_process(args.process)
@@ -90,7 +95,7 @@ def demo(args) -> int:
 
     for name in ("n", "train_steps", "paths"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise ValueError(f"{_flag(name)} must be a positive integer, got {getattr(args, name)}")
     out = Path(args.out)
     run = out / "run"
     if run.exists():
