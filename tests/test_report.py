@@ -17,6 +17,8 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     assert main(["train", "--data", "unequal_2d", "--class-conditional", "--steps", "150", "--out",
                  str(root / "run"), "--quiet"]) == 0
+    assert main(["tune-grid", "--run", str(root / "run"), "--nfe", "5", "-n", "32", "--max-evals", "10",
+                 "--quiet"]) == 0
     assert main(["report", "--run", str(root / "run"), "-n", "200", "--quiet"]) == 0
     return root / "run" / "report.html"
 
@@ -25,7 +27,7 @@ def test_report_has_every_section(report):
     text = report.read_text()
     for heading in ("Samples", "Trajectories", "Deterministic samplers against model evaluations", "Training loss",
                     "Likelihood", "Interpolation", "Encode / decode", "Classifier-free guidance",
-                    "Conditioning on a coordinate"):
+                    "Conditioning on a coordinate", "Tuned time grids"):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "placeholder" not in text.lower() and text.count("data:image/png;base64,") >= 7
 
