@@ -82,7 +82,7 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
     """Fit the points of an ``nfe``-evaluation grid for ``sampler`` to ``model`` (see the module docstring).
 
     ``n`` prior samples drawn with ``seed`` are the fitting batch; ``max_evals`` bounds the objective
-    evaluations, each costing ``nfe`` model calls on the batch (total <= (max_evals + 6) * nfe calls plus the
+    evaluations, each costing ``nfe`` model calls on the batch (about (max_evals + 5) * nfe calls plus the
     reference solve's). The batch has ``dtype`` (float64 for an oracle gives the cleanest errors); ``y``
     labels a conditional model's batch. ``options`` go to the sampler (``order``, ``form``, ``churn=0`` for ``edm``).
     Judge the result on noise it was not fitted on (``benchmarks/samplers.py`` does).
