@@ -24,7 +24,7 @@ def _copy(good_run, tmp_path):
     return run, next(run.glob("checkpoint-*.safetensors"))
 
 
-def _sample_fails(run, tmp_path, capsys, text):
+def _assert_sample_fails(run, tmp_path, capsys, text):
     out = tmp_path / "x.npy"
     assert main(["sample", "--run", str(run), "-n", "4", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -36,11 +36,11 @@ def test_truncated_and_garbled_weights(good_run, tmp_path, capsys):
     run, weights = _copy(good_run, tmp_path)
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    _sample_fails(run, tmp_path, capsys, "is damaged and cannot be read")
+    _assert_sample_fails(run, tmp_path, capsys, "is damaged and cannot be read")
     weights.write_bytes(struct.pack("<Q", 2**60) + data[8:])  # a header that claims an enormous size
-    _sample_fails(run, tmp_path, capsys, "is damaged and cannot be read")
+    _assert_sample_fails(run, tmp_path, capsys, "is damaged and cannot be read")
     weights.write_bytes(b"\x80\x04" + data[2:])  # a pickle's magic bytes
-    _sample_fails(run, tmp_path, capsys, "never pickles")
+    _assert_sample_fails(run, tmp_path, capsys, "never pickles")
 
 
 def test_hostile_or_broken_json(good_run, tmp_path, capsys):
@@ -53,12 +53,12 @@ def test_hostile_or_broken_json(good_run, tmp_path, capsys):
                       (json.dumps({**info, "net": {**info["net"], "width": 64}}), "does not match the run's network"),
                       (json.dumps({**info, "net": {"kind": "transformer"}}), "describes an invalid network")]:
         (run / "run.json").write_text(bad)
-        _sample_fails(run, tmp_path, capsys, text)
+        _assert_sample_fails(run, tmp_path, capsys, text)
     (run / "run.json").write_text(json.dumps(info))
     pointer = json.loads((run / "checkpoint.json").read_text())
     for weights in ("../../etc/passwd", "/tmp/x.safetensors", "checkpoint-1.pt"):
         (run / "checkpoint.json").write_text(json.dumps({**pointer, "weights": weights}))
-        _sample_fails(run, tmp_path, capsys, "is not a valid checkpoint pointer")
+        _assert_sample_fails(run, tmp_path, capsys, "is not a valid checkpoint pointer")
 
 
 def test_devices_that_are_not_here(good_run, capsys):
