@@ -100,8 +100,9 @@ def dpmpp(model, x, grid, *, order: int = 2, form: str = "midpoint", generator=N
     * ``"taylor"``: c_1 = phi_2, the exact integral of the linear term (Lu et al. 2022a's DPM-Solver-2
       form; diffusers: solver_type="heun").
 
-    The default was chosen by measurement (benchmarks/default_grids.py): on the oracle cases at 5-20 NFE
-    the midpoint form's error is lower. The h^2 term (order 3) integrates (u^2/2) x0'' against e^{u-h}, so
+    The default was chosen by measurement: on the oracle cases at 10-20 NFE (benchmarks/default_grids.py)
+    the midpoint form's error is lower on every grid, and on fresh seeds at 5-20 NFE (benchmarks/samplers.py)
+    on three of four cases. The h^2 term (order 3) integrates (u^2/2) x0'' against e^{u-h}, so
     D2 = 2 (D1_0 - D1_1) / (r0 + r1). The DPM-Solver reference code, k-diffusion and diffusers use half of
     that, which leaves a third-order local error and makes their 3M converge at order 2; this one
     converges at order 3 (tests/test_samplers.py::test_convergence_order). The first steps warm up at
@@ -203,9 +204,9 @@ def ipndm(model, x, grid, *, order: int = 4, generator=None, callback=None):
 
     The coefficients are exact for equal steps in sbar; on a grid whose steps vary smoothly they lose
     accuracy at second order in the step change, so the global order there is 2 (the variable-step
-    form, ``deis`` with order 4, keeps order 4). Few-step accuracy is what it is for: its fixed weights
-    extrapolate less aggressively than the variable-step ones on the strongly graded grids used at 5-10
-    NFE (benchmarks/samplers.py)."""
+    form, ``deis`` with order 4, keeps order 4). Few-step accuracy is what it is for: at 6-20 NFE it has
+    the lowest endpoint error of unstir's named-grid samplers on three of the four oracle cases in
+    benchmarks/RESULTS.md (on fresh seeds)."""
     _check_order(order, (1, 2, 3, 4))
     return _adams_bashforth(model, x, grid, order, _fixed_weights, callback)
 
