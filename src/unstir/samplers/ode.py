@@ -204,7 +204,7 @@ def ipndm(model, x, grid, *, order: int = 4, generator=None, callback=None):
 
     The coefficients are exact for equal steps in sbar; on a grid whose steps vary smoothly they lose
     accuracy at second order in the step change, so the global order there is 2 (the variable-step
-    form, ``deis`` with order 4, keeps order 4). Few-step accuracy is what it is for: at 6-20 NFE it has
+    form, ``deis`` with order 4, keeps order 4). Few-step accuracy is what it is for: at 8-15 NFE it has
     the lowest endpoint error of unstir's named-grid samplers on three of the four oracle cases in
     benchmarks/RESULTS.md (on fresh seeds)."""
     _check_order(order, (1, 2, 3, 4))
