@@ -60,7 +60,7 @@ def test_tune_grid_bad_input():
         tune_grid(model, "ddpm", 5)
     with pytest.raises(ValueError, match="nfe must be an integer >= 3, got 2"):
         tune_grid(model, "dpm++2m", 2)
-    with pytest.raises(ValueError, match="NFE is odd; got nfe=6"):
+    with pytest.raises(ValueError, match=r"NFE is 2 m \+ 1; got nfe=6"):
         tune_grid(model, "ode_heun", 6)
     with pytest.raises(ValueError, match="eta > 0"):
         tune_grid(model, "ddim", 5, eta=0.5)

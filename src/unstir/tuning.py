@@ -30,9 +30,6 @@ from .samplers import SAMPLERS, check_labels, run_sampler
 
 Tensor = torch.Tensor
 
-_TWO_EVALS = {"ode_heun", "edm"}  # two evaluations per step except the final denoising one
-
-
 def tunable() -> list[str]:
     """Samplers whose grid can be tuned: the deterministic fixed-grid ones."""
     return sorted(k for k, v in SAMPLERS.items() if not v.stochastic and k != "ode_rk45") + ["edm"]
@@ -40,17 +37,16 @@ def tunable() -> list[str]:
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
     """Grid intervals that make ``sampler`` use exactly ``nfe`` model evaluations on a denoising grid."""
-    if sampler in _TWO_EVALS:
-        if nfe % 2 == 0:
-            raise ValueError(f"sampler {sampler!r} uses 2 evaluations per step and 1 for the final denoising "
-                             f"step, so its NFE is odd; got nfe={nfe}")
-        return (nfe + 1) // 2
-    return nfe
+    k = SAMPLERS[sampler].evals
+    if (nfe - 1) % k:
+        raise ValueError(f"sampler {sampler!r} uses {k} evaluations per step and 1 for the final denoising "
+                         f"step, so its NFE is {k} m + 1; got nfe={nfe}")
+    return (nfe - 1) // k + 1
 
 
 def nfe_for_steps(sampler: str, steps: int) -> int:
     """Model evaluations of ``sampler`` over a denoising grid of ``steps`` intervals (inverse of the above)."""
-    return 2 * steps - 1 if sampler in _TWO_EVALS else steps
+    return SAMPLERS[sampler].evals * (steps - 1) + 1
 
 
 @dataclass
@@ -102,7 +98,8 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
         raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
     steps = steps_for_nfe(sampler, nfe)
     if steps < 3:
-        raise ValueError(f"a grid of {steps} steps has no free point to tune (need nfe >= 3 evaluations)")
+        raise ValueError(f"a grid of {steps} steps has no free point to tune: {sampler!r} needs nfe >= "
+                         f"{nfe_for_steps(sampler, 3)}, got {nfe}")
     process, shape = model.process, getattr(model, "data_shape", None)
     if shape is None:
         raise ValueError("the model must declare its data_shape to be tuned on prior samples")
@@ -116,11 +113,14 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
     def error(grid: Tensor) -> float:
         nonlocal spent
-        with torch.no_grad():
-            r = run_sampler(model, x_T, grid, sampler, y=labels, **options)
+        try:
+            with torch.no_grad():
+                r = run_sampler(model, x_T, grid, sampler, y=labels, **options)
+        except FloatingPointError:  # the sampler diverged on this grid
+            spent += nfe  # at most; it stopped where it diverged
+            return math.inf
         spent += r.nfe
-        e = (r.x - ref.x).flatten(1).norm(dim=1).mean().item()
-        return e if math.isfinite(e) else math.inf
+        return (r.x - ref.x).flatten(1).norm(dim=1).mean().item()
 
     starts = {g: error(time_grid(process, steps, g)) for g in GRIDS}
     start = min(starts, key=starts.get)
@@ -131,9 +131,8 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
         w = np.exp(logits - logits.max())
         lam = lam_T + (lam_min - lam_T) * np.cumsum(w / w.sum())[:-1]
         inner = process.t_from_log_snr(torch.tensor(lam, dtype=torch.float64))
-        t = torch.cat([torch.tensor([process.T], dtype=torch.float64), inner,
-                       torch.tensor([process.t_min, 0.0], dtype=torch.float64)])
-        return t
+        return torch.cat([torch.tensor([process.T], dtype=torch.float64), inner,
+                          torch.tensor([process.t_min, 0.0], dtype=torch.float64)])
 
     # Start from the best named grid's log-SNR increments.
     g0 = time_grid(process, steps, start)[:-1]
@@ -143,13 +142,8 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
     def objective(theta):
         bar.update(1)
-        try:
-            grid = grid_of(theta)
-            if not (torch.diff(grid) < 0).all():
-                return math.inf
-            return error(grid)
-        except FloatingPointError:
-            return math.inf
+        grid = grid_of(theta)
+        return error(grid) if (torch.diff(grid) < 0).all() else math.inf  # rounding can merge two points
 
     best_theta, best = theta0, starts[start]
     if max_evals > 0:

@@ -24,14 +24,16 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class Sampler:
-    """A registered sampler: the function, its default grid, whether it draws noise, and (if it cannot
-    run on every process) the process classes it needs."""
+    """A registered sampler: the function, its default grid, whether it draws noise, (if it cannot run on
+    every process) the process classes it needs, and its model evaluations per grid step with default
+    options (the final denoising step costs one)."""
 
     fn: Callable
     grid: str
     stochastic: bool
     needs: tuple[type, ...] | None = None
     doc: str = field(default="", compare=False)
+    evals: int = 1
 
 
 # Default grids: the lowest geometric-mean error at 10-20 NFE over the oracle cases and vp/ve/ddpm,
@@ -41,17 +43,17 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler(ddim, "quadratic", False, doc="DDIM, eta in [0, 1] (eta=0: PF-ODE Euler in sigma/alpha)"),
     "euler_maruyama": Sampler(euler_maruyama, "edm", True, doc="reverse SDE, Euler-Maruyama"),
     "reverse_diffusion": Sampler(reverse_diffusion, "quadratic", True, doc="reverse-diffusion predictor"),
-    "pc": Sampler(pc, "log_snr", True, doc="predictor-corrector with Langevin corrector"),
-    "annealed_langevin": Sampler(annealed_langevin, "edm", True, (VE,), doc="NCSN annealed Langevin"),
+    "pc": Sampler(pc, "log_snr", True, doc="predictor-corrector with Langevin corrector", evals=2),
+    "annealed_langevin": Sampler(annealed_langevin, "edm", True, (VE,), doc="NCSN annealed Langevin", evals=5),
     "ode_euler": Sampler(ode_euler, "quadratic", False, doc="PF ODE, Euler in t"),
-    "ode_heun": Sampler(ode_heun, "edm", False, doc="PF ODE, Heun in t"),
+    "ode_heun": Sampler(ode_heun, "edm", False, doc="PF ODE, Heun in t", evals=2),
     "ode_rk45": Sampler(ode_rk45, "log_snr", False, doc="PF ODE, adaptive RK45 (torchdiffeq)"),
     "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "cubic", False, doc="DPM-Solver++(2M)"),
     "dpm++3m": Sampler(functools.partial(dpmpp, order=3), "log_snr", False, doc="DPM-Solver++(3M)"),
     "deis": Sampler(deis, "quadratic", False, doc="DEIS rho-AB, order 3"),
     "ipndm": Sampler(ipndm, "quadratic", False, doc="iPNDM, order 4 Adams-Bashforth in sigma/alpha"),
     "unipc": Sampler(unipc, "cubic", False, doc="UniPC, order 3 predictor + corrector"),
-    "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn"),
+    "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn", evals=2),
 }
 
 
