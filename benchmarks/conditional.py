@@ -98,9 +98,13 @@ def inpainting(uncond, judge) -> list[str]:
             gi = torch.Generator().manual_seed(10 + i)
             if name == "repaint":
                 with torch.no_grad():
-                    x, nfe = repaint(uncond, m, x_T[i:i + 1], 100, generator=gi)
+                    r = repaint(uncond, m, x_T[i:i + 1], 100, generator=gi)
+                x, nfe = r.x, r.nfe
+            elif name == "dps":
+                r = dps(uncond, m, x_T[i:i + 1], 100, zeta=1.0, generator=gi)
+                x, nfe = r.x, r.nfe
             else:
-                model = {"dps": lambda: dps(uncond, m, 1.0), "pigdm": lambda: pigdm(uncond, m)}.get(name, lambda: uncond)()
+                model = pigdm(uncond, m) if name == "pigdm" else uncond
                 ctx = torch.no_grad() if name == "replacement" else torch.enable_grad()
                 with ctx:
                     r = unstir.sample(model, None, x_T[i:i + 1], sampler="ddpm", steps=100, generator=gi,

@@ -70,18 +70,18 @@ def run_methods(gm, A, y, sigma_y, steps, p):
         r = unstir.sample(model, p, x_T, project=m.replacement(torch.Generator().manual_seed(1)),
                           generator=torch.Generator().manual_seed(2), **kw)
         out["replacement"] = (r.x, r.nfe)
-        out["RePaint (jump 10, 10 resamples)"] = repaint(model, m, x_T, steps, jump_length=10, resamples=10,
-                                                         generator=torch.Generator().manual_seed(3))
-    for scale in (0.3, 1.0):
-        r = unstir.sample(dps(model, m, scale), p, x_T, generator=torch.Generator().manual_seed(4), **kw)
-        out[f"DPS (scale {scale})"] = (r.x, r.nfe)
+        r = repaint(model, m, x_T, steps, jump_length=10, resamples=10, generator=torch.Generator().manual_seed(3))
+        out["RePaint (jump 10, 10 resamples)"] = (r.x, r.nfe)
+    for zeta in (0.3, 1.0):
+        r = dps(model, m, x_T, steps, zeta=zeta, generator=torch.Generator().manual_seed(4))
+        out[f"DPS (Alg. 1, zeta' {zeta})"] = (r.x, r.nfe)
     for jac in ("vjp", "gaussian"):
         r = unstir.sample(pigdm(model, m, data_var, jacobian=jac), p, x_T, generator=torch.Generator().manual_seed(5), **kw)
         out[f"PiGDM ({jac} Jacobian, data_var {data_var:.2f})"] = (r.x, r.nfe)
     for k in ((16, 64) if gm.dim <= 2 else (16,)):
-        x, nfe = twisted_smc(model, m, N, steps, particles=k, data_var=data_var, dtype=torch.float64,
-                             generator=torch.Generator().manual_seed(6))
-        out[f"twisted SMC ({k} particles; NFE per particle)"] = (x, nfe)
+        r = twisted_smc(model, m, N, steps, particles=k, data_var=data_var, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(6))
+        out[f"twisted SMC ({k} particles)"] = (r.x, r.nfe)
     return out
 
 

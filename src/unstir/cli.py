@@ -308,14 +308,14 @@ def inpaint_cmd(args) -> int:
     x_T = model.process.prior_sample((args.samples, *shape), g)
     with torch.no_grad():
         if args.method == "repaint":
-            x, nfe = repaint(model, m, x_T, args.steps, generator=g)
+            r = repaint(model, m, x_T, args.steps, generator=g)
         elif args.method == "replacement":
             r = sample(model, None, x_T, sampler="ddpm", steps=args.steps, project=m.replacement(g), generator=g)
-            x, nfe = r.x, r.nfe
+        elif args.method == "dps":
+            r = dps(model, m, x_T, args.steps, zeta=args.scale, generator=g)
         else:
-            guided = dps(model, m, args.scale) if args.method == "dps" else pigdm(model, m)
-            r = sample(guided, None, x_T, sampler="ddpm", steps=args.steps, generator=g)
-            x, nfe = r.x, r.nfe
+            r = sample(pigdm(model, m), None, x_T, sampler="ddpm", steps=args.steps, generator=g)
+    x, nfe = r.x, r.nfe
     if out.suffix == ".npy":
         _save(out, _npy(x.cpu().numpy()))
     elif truth is not None:

@@ -42,7 +42,7 @@ class _Wrapper:
         self._y = y
         self._check_labels = check_labels
         if y is not None:
-            check_labels(self, y, 1 if isinstance(y, int) else len(y))
+            check_labels(self, y, 1 if isinstance(y, int) or (isinstance(y, torch.Tensor) and y.ndim == 0) else len(y))
 
     def labels(self, x: Tensor, y) -> Tensor:
         y = self._y if y is None else y
@@ -61,13 +61,26 @@ class ClassifierGuided(_Wrapper):
     def __call__(self, x: Tensor, t, y: Tensor | None = None) -> ModelOutput:
         labels = self.labels(x, y)
         out = self.model(x, t)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            logp = torch.log_softmax(self.classifier(xg, t), dim=1)
-            grad = torch.autograd.grad(logp.gather(1, labels[:, None]).sum(), xg)[0]
+        grad = class_log_prob_grad(self.classifier, x, t, labels)
         # eps = -sigma score, so adding scale * grad to the score subtracts sigma * scale * grad from eps.
         eps = out.eps - (self.scale * out.c.sigma) * grad.to(out.eps.dtype)
         return ModelOutput(x, t, out.c, eps, "eps")
+
+
+def keeps_graph(x: Tensor) -> bool:
+    """Whether the caller differentiates through this evaluation (the likelihood's divergence, a gradient
+    of a guided x0): then a wrapper's own gradient must stay in the graph (``create_graph``), or the caller
+    sees that term as a constant of x and gets a wrong divergence."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def class_log_prob_grad(classifier, x: Tensor, t, labels: Tensor) -> Tensor:
+    """grad_x log p_t(y | x) of a classifier, per sample; differentiable in x when ``keeps_graph(x)``."""
+    differentiate = keeps_graph(x)
+    with torch.enable_grad():
+        xg = x if differentiate else x.detach().requires_grad_(True)
+        logp = torch.log_softmax(classifier(xg, t), dim=1)
+        return torch.autograd.grad(logp.gather(1, labels[:, None]).sum(), xg, create_graph=differentiate)[0]
 
 
 class ClassifierFree(_Wrapper):
@@ -110,6 +123,10 @@ def guided(model, classifier, y: Tensor | int | None = None, scale: float = 1.0)
     and has ``num_classes``; it must be differentiable in x. ``model`` is called without labels."""
     if not hasattr(classifier, "num_classes"):
         raise TypeError("the classifier needs a num_classes attribute and a call classifier(x, t) -> logits")
+    cp = getattr(classifier, "process", None)
+    if cp is not None and cp.config() != model.process.config():
+        raise ValueError(f"the classifier was trained on process {cp!r}, the model runs on {model.process!r}: its "
+                         f"log p_t(y | x) belongs to other noise levels")
     return ClassifierGuided(model, classifier, y, scale)
 
 

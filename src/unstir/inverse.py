@@ -8,15 +8,19 @@ methods, each a wrapper over any model or an option of the samplers:
   (``unstir.sample(..., project=m.replacement(generator))``), for any fixed-grid sampler.
 * ``repaint`` (Lugmayr et al. 2022): replacement with DDPM steps, and resampling: every ``jump_length``
   steps the state is noised back up by as many steps and the stretch is run again, ``resamples`` times.
-* ``dps(model, m, scale)`` (Chung et al. 2023): adds -zeta_b grad_x ||y - A x0_hat(x_t)||^2 to the score
-  with zeta_b = scale / ||y - A x0_hat||_b, the norm taken **per sample** (the reference code takes it over
-  the whole batch and un-squared, so a sample's update depends on its batch mates; here it does not).
+* ``dps(model, m, x_T, zeta=...)`` (Chung et al. 2023, Alg. 1): DDPM steps, each followed by
+  x <- x - zeta_b grad_{x_t} ||y - A x0_hat(x_t)||^2 with zeta_b = zeta / ||y - A x0_hat||_b, the norm taken
+  **per sample** (the reference code takes it over the whole batch, so a sample's update depends on its
+  batch mates; here it does not). A sampler, not a score wrapper: the paper moves x itself.
 * ``pigdm(model, m, data_var)`` (Song et al. 2023, pseudo-inverse guidance): adds
   (y - A x0_hat)^T (r_t^2 A A^T + sigma_y^2 I)^-1 A d x0_hat / d x_t, with r_t^2 = Var[x0 | x_t] of data
   N(mu, data_var I): exact for such data (tests/test_inverse.py). The Jacobian is back-propagated
   (``jacobian='vjp'``) or that of such data (default; see ``pigdm``).
 * ``twisted_smc`` (Wu et al. 2023): particles proposed by PiGDM-guided DDPM steps and reweighted, the one
   method here that converges to the posterior (as its particles grow).
+
+Every sampler here returns ``unstir.SampleResult(x, nfe, grid)``, with ``nfe`` the model evaluations spent
+per output sample (SMC: particles x steps).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from typing import Callable
 
 import torch
 
-from .guidance import _check_scale
+from .guidance import keeps_graph
 from .parametrization import ModelOutput
 from .processes import coefficients
-from .samplers.stochastic import ddpm_step
+from .samplers import SampleResult
+from .samplers.base import noise_like
+from .samplers.stochastic import _kernel, ddim_update, ddpm_step
 
 Tensor = torch.Tensor
 
@@ -133,7 +139,9 @@ class Measurement:
 
 
 class _Guidance:
-    """A model whose score adds an approximation of grad_x log p(y | x_t) (the Model protocol)."""
+    """A model whose score adds an approximation of grad_x log p(y | x_t) (the Model protocol). When the caller
+    differentiates (the likelihood's divergence, DPS's gradient through x0_hat) the added term stays in the
+    graph, so every use sees the whole field."""
 
     def __init__(self, model, measurement: Measurement):
         self.model, self.measurement = model, measurement
@@ -142,25 +150,14 @@ class _Guidance:
 
     def __call__(self, x: Tensor, t, y: Tensor | None = None) -> ModelOutput:
         self.measurement.check(x)
+        differentiate = keeps_graph(x)
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+            xg = x if differentiate else x.detach().requires_grad_(True)
             out = self.model(xg, t, y)
-            grad = self.log_likelihood_grad(xg, out)
+            grad = self.log_likelihood_grad(xg, out, create_graph=differentiate)
+        eps = out.eps if differentiate else out.eps.detach()
         # Adding grad to the score subtracts sigma * grad from eps (eps = -sigma score).
-        return ModelOutput(x, t, out.c, out.eps.detach() - out.c.sigma * grad.to(x.dtype), "eps")
-
-
-class DPS(_Guidance):
-    def __init__(self, model, measurement, scale: float):
-        super().__init__(model, measurement)
-        self.scale = _check_scale(scale)
-
-    def log_likelihood_grad(self, x, out):
-        resid = self.measurement.observed(x.shape[0], x) - self.measurement.A(out.x0)
-        sq = resid.pow(2).sum(1)
-        grad = torch.autograd.grad(sq.sum(), x)[0]
-        zeta = self.scale / sq.detach().sqrt().clamp_min(1e-12)
-        return -zeta.reshape(-1, *([1] * (x.ndim - 1))) * grad
+        return ModelOutput(x, t, out.c, eps - out.c.sigma * grad.to(x.dtype), "eps")
 
 
 class PiGDM(_Guidance):
@@ -172,7 +169,7 @@ class PiGDM(_Guidance):
             raise ValueError(f"unknown jacobian {jacobian!r}; choose one of ['gaussian', 'vjp']")
         self.data_var, self.jacobian = float(data_var), jacobian
 
-    def log_likelihood_grad(self, x, out):
+    def log_likelihood_grad(self, x, out, create_graph: bool = False):
         m = self.measurement
         c = out.c
         r2 = self.data_var * c.sigma**2 / (c.alpha**2 * self.data_var + c.sigma**2)
@@ -192,13 +189,16 @@ class PiGDM(_Guidance):
             scale = c.alpha * r2 / c.sigma**2
             scale = scale if isinstance(scale, float) else scale.reshape(-1, *([1] * (x.ndim - 1)))
             return scale * m.At(v.to(x.dtype)).reshape(x.shape)
-        # grad_x of v^T A x0_hat(x) with v held fixed: the vector-Jacobian product of x0_hat.
-        return torch.autograd.grad((m.A(out.x0) * v.to(out.x0).detach()).sum(), x)[0]
+        # (d x0_hat / d x)^T A^T v, the vector-Jacobian product of x0_hat; with create_graph it is differentiable
+        # in x through both the Jacobian and v.
+        ax0 = m.A(out.x0)
+        if not ax0.requires_grad:
+            raise ValueError(_DETACHED.format(what="pigdm(jacobian='vjp')"))
+        return torch.autograd.grad(ax0, x, v.to(ax0.dtype), create_graph=create_graph)[0]
 
 
-def dps(model, measurement: Measurement, scale: float = 1.0) -> DPS:
-    """Diffusion posterior sampling (module docstring): per-sample step size scale / ||y - A x0_hat||."""
-    return DPS(model, measurement, scale)
+_DETACHED = ("{what} differentiates the model's x0 prediction in x, but this model's output is detached from its "
+             "input (no gradient flows through it)")
 
 
 def pigdm(model, measurement: Measurement, data_var: float = 1.0, *, jacobian: str = "gaussian") -> PiGDM:
@@ -209,45 +209,124 @@ def pigdm(model, measurement: Measurement, data_var: float = 1.0, *, jacobian: s
     a trained network the vjp multiplies the network's error in d eps / d x by sigma^2 / alpha^2 in x0 (2e4 at
     T on the linear VP schedule) and diverged on the digits U-Net within 10 steps; the Gaussian Jacobian
     does not, and costs no backward pass. Where the model's Jacobian is accurate (the oracle) the vjp is the
-    better guide on multimodal data (benchmarks/inverse_results.md: 0.01-0.1 against 0.3-0.6 TV)."""
+    better guide on multimodal data (benchmarks/inverse_results.md: 0.01-0.1 against 0.3-0.6 TV).
+
+    The result is a model like any other: for data N(mu, data_var I) it is the exact posterior's model, so its
+    samples, encodings and likelihood are the posterior's (tests/test_composition.py)."""
     return PiGDM(model, measurement, data_var, jacobian)
 
 
+def _check_counts(**counts) -> None:
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _start(model, measurement: Measurement, x_T: Tensor, y):
+    """The shared preamble of the posterior samplers: checks, and the model with labels bound and calls counted."""
+    from .samplers import _Counted, check_labels
+
+    if not isinstance(x_T, Tensor) or x_T.ndim < 2:
+        raise ValueError(f"x_T must be a tensor of shape (batch, *data_shape), got {getattr(x_T, 'shape', type(x_T))}")
+    measurement.check(x_T)
+    return _Counted(model, check_labels(model, y, x_T.shape[0], x_T.device))
+
+
+def dps_step(model, measurement: Measurement, x: Tensor, t: float, s: float, *, zeta: float = 1.0,
+             generator: torch.Generator | None = None) -> tuple[Tensor, ModelOutput]:
+    """One step of DPS (Chung et al. 2023, Alg. 1, lines 4-9), from t to s < t:
+
+        x0_hat = E[x0 | x_t]  (Tweedie),   x'_s = the DDPM ancestral step (posterior mean + sigma_post z),
+        x_s = x'_s - zeta_b grad_{x_t} ||y - A x0_hat(x_t)||^2,   zeta_b = zeta / ||y - A x0_hat(x_t)||_b.
+
+    Two departures, both stated: the norm in zeta_b is each sample's own (the reference code takes one norm
+    over the whole batch, so a sample's step depends on its batch mates); and the reference code's ``scale``
+    multiplies grad ||r|| (un-squared), which is 2 zeta grad-of-the-squared-norm / 2: its scale is 2 zeta
+    in the paper's convention used here. At s = 0 the ancestral step is x0_hat itself."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = model(xg, t)
+        if not out.x0.requires_grad:
+            raise ValueError(_DETACHED.format(what="dps"))
+        sq = (measurement.observed(x.shape[0], x) - measurement.A(out.x0)).pow(2).sum(1)
+        grad = torch.autograd.grad(sq.sum(), xg)[0]
+    out = ModelOutput(x, t, out.c, out.pred.detach(), out.kind)
+    if s == 0.0:
+        x_prime = out.x0
+    else:
+        cs, post = coefficients(model.process, s), _kernel(model, t, s)[2]
+        x_prime = ddim_update(out, cs.alpha, cs.sigma, post, post, noise_like(x, generator))
+    zeta_b = zeta / sq.detach().sqrt().clamp_min(1e-12)
+    return x_prime - zeta_b.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype) * grad, out
+
+
+def dps(model, measurement: Measurement, x_T: Tensor, steps: int = 1000, *, zeta: float = 1.0,
+        y: Tensor | int | None = None, generator: torch.Generator | None = None, callback=None) -> SampleResult:
+    """Diffusion posterior sampling (Chung et al. 2023, Alg. 1): DDPM ancestral steps on a uniform grid of
+    ``steps`` intervals (the paper's N = 1000), each followed by the measurement step of ``dps_step`` with
+    step size zeta' = ``zeta``, including the final step to 0. DPS moves x itself, not the score, so it is a
+    sampler of its own, not a model wrapper: added to the score, the step would be scaled by each sampler's
+    score coefficient (0.002-0.18 per DDPM step on the linear VP schedule). The paper tunes zeta' per task.
+    ``nfe`` counts model evaluations per sample (each with one backward pass)."""
+    from .grids import time_grid
+    from .samplers.base import check_finite
+
+    _check_counts(steps=steps)
+    if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not math.isfinite(zeta) or zeta < 0:
+        raise ValueError(f"zeta must be a finite number >= 0 (a negative step pushes samples away from the "
+                         f"measurement), got {zeta!r}")
+    counted = _start(model, measurement, x_T, y)
+    grid = time_grid(model.process, steps, "uniform")
+    times = grid.tolist()
+    x = x_T
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+        x_next, out = dps_step(counted, measurement, x, t, s, zeta=float(zeta), generator=generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": out.x0})
+        check_finite(x_next, f"DPS step {i} (t = {t:.6g} -> {s:.6g})")
+        x = x_next
+    return SampleResult(x, counted.nfe, grid)
+
+
 def repaint(model, measurement: Measurement, x_T: Tensor, steps: int = 250, *, jump_length: int = 10,
-            resamples: int = 10, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+            resamples: int = 10, y: Tensor | int | None = None,
+            generator: torch.Generator | None = None) -> SampleResult:
     """RePaint (Lugmayr et al. 2022, Alg. 1 with its jump schedule): DDPM steps on a uniform grid of ``steps``
     intervals with replacement after each, and every ``jump_length`` steps the stretch is re-noised and run
     again, ``resamples`` times in all (the paper's defaults: 250 steps, jumps of 10, 10 resamplings).
-    Returns (x0, model evaluations)."""
+    ``nfe`` counts model evaluations per sample (steps x resamples)."""
     from .grids import time_grid
 
-    for name, v in (("steps", steps), ("jump_length", jump_length), ("resamples", resamples)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    measurement.check(x_T)
-    grid = time_grid(model.process, steps, "uniform").tolist()
+    _check_counts(steps=steps, jump_length=jump_length, resamples=resamples)
+    model = _start(model, measurement, x_T, y)
+    grid = time_grid(model.process, steps, "uniform")
+    times = grid.tolist()
     project = measurement.replacement(generator)
-    x, nfe, i = x_T, 0, 0
+    x, i = x_T, 0
     while i < steps:
         end = min(i + jump_length, steps)
         for r in range(resamples):
             for j in range(i, end):
-                t, s = grid[j], grid[j + 1]
+                t, s = times[j], times[j + 1]
                 if s == 0.0:
                     x = model(x, t).x0
                 else:
                     x = ddpm_step(model, x, t, s, generator=generator)[0]
-                nfe += 1
                 x = project(model, x, s)
             if r < resamples - 1:
-                # Back up from grid[end] to grid[i] in one draw of the forward kernel q(x_{t_i} | x_{t_end}).
-                ct = coefficients(model.process, grid[i])
-                a_s, s_s = (1.0, 0.0) if grid[end] == 0 else coefficients(model.process, grid[end])[:2]
-                a = ct.alpha / a_s
-                b = math.sqrt(max(ct.sigma**2 - (a * s_s) ** 2, 0.0))
-                x = a * x + b * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                x = renoise(model.process, x, times[end], times[i], generator)
         i = end
-    return x, nfe
+    return SampleResult(x, model.nfe, grid)
+
+
+def renoise(process, x: Tensor, s: float, t: float, generator=None) -> Tensor:
+    """A draw of the forward kernel q(x_t | x_s), t > s (s = 0: the data): alpha_t/alpha_s x + b z with
+    b^2 = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2. RePaint's jump back up the grid."""
+    ct = coefficients(process, t)
+    a_s, s_s = (1.0, 0.0) if s == 0 else coefficients(process, s)[:2]
+    a = ct.alpha / a_s
+    b = math.sqrt(max(ct.sigma**2 - (a * s_s) ** 2, 0.0))
+    return a * x + b * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 def superres_operator(shape: tuple[int, ...], factor: int = 2) -> dict:
@@ -283,28 +362,37 @@ def colorize_operator(shape: tuple[int, ...]) -> dict:
 
 
 def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, particles: int = 16,
-                data_var: float = 1.0, jacobian: str = "gaussian", generator: torch.Generator | None = None,
-                dtype: torch.dtype = torch.float32) -> tuple[Tensor, int]:
-    """Sequential Monte Carlo with twisting (the twisted diffusion sampler, Wu et al. 2023), twisted by
+                data_var: float = 1.0, jacobian: str = "gaussian", x_T: Tensor | None = None,
+                y: Tensor | int | None = None, generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> SampleResult:
+    """Sequential Monte Carlo with twisting (the twisted diffusion sampler, Wu et al. 2023, Alg. 1), twisted by
     PiGDM's Gaussian approximation p~_t(y | x_t) = N(y; A x0_hat(x_t), r_t^2 A A^T + sigma_y^2 I).
 
-    For each of the ``n`` outputs, ``particles`` particles follow DDPM steps of the PiGDM-guided model on a
-    uniform grid; their weights carry the ratio of the unguided DDPM kernel to the guided proposal and the
-    change of the twist, p~_s(y | x_s) / p~_t(y | x_t); at the end the twist is replaced by the exact
-    likelihood N(y; A x0, sigma_y^2) (noiseless masks: the known entries are pasted). Groups whose effective
-    sample size falls below half are resampled (multinomially). As ``particles`` grows the output tends to the
-    posterior of the model's DDPM chain given y: the only method here that is consistent (benchmarks/
-    inverse_results.md). Returns (samples, model evaluations per particle)."""
+    For each of the ``n`` outputs, ``particles`` particles start from the prior (or ``x_T``, shape
+    (n * particles, *data_shape), particle k of output i at row i * particles + k) weighted by the twist
+    p~_T(y | x_T), as in Alg. 1; they follow DDPM steps of the PiGDM-guided model on a uniform grid; their
+    weights carry the ratio of the unguided DDPM kernel to the guided proposal and the change of the twist,
+    p~_s(y | x_s) / p~_t(y | x_t); at the end the twist is replaced by the exact likelihood N(y; A x0,
+    sigma_y^2) (noiseless measurements: the known entries are pasted). Groups whose effective sample size
+    falls below half are resampled (multinomially). As ``particles`` grows the output tends to the posterior
+    of the model's DDPM chain given y: the only method here that is consistent (benchmarks/
+    inverse_results.md). ``nfe`` counts model evaluations per output: particles x steps, each with a backward
+    pass when ``jacobian='vjp'``."""
     from .grids import time_grid
 
-    for name, v in (("n", n), ("steps", steps), ("particles", particles)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    _check_counts(n=n, steps=steps, particles=particles)
     m, process = measurement, model.process
     shape = m.data_shape
-    guide = PiGDM(model, m, data_var, jacobian)
     total = n * particles
-    x = process.prior_sample((total, *shape), generator, dtype=dtype)
+    if x_T is None:
+        x = process.prior_sample((total, *shape), generator, dtype=dtype)
+    else:
+        if not isinstance(x_T, Tensor) or tuple(x_T.shape) != (total, *shape):
+            raise ValueError(f"x_T must have shape ({total}, *{shape}) (n * particles initial particles), got "
+                             f"{tuple(getattr(x_T, 'shape', ()))}")
+        x = x_T
+    model = _start(model, m, x, y)
+    guide = PiGDM(model, m, data_var, jacobian)
 
     def twist(x, t):
         """(model output, log p~_t(y | x) up to a constant shared by all particles, its gradient in x)."""
@@ -321,6 +409,7 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
             quad = (resid * torch.linalg.solve(cov, resid.T).T).sum(1)
         else:
             quad = resid.pow(2).sum(1) / (r2 * (1.0 if m.mask is not None else m.aat) + m.sigma_y**2)
+        out = ModelOutput(x, t, out.c, out.pred.detach(), out.kind)
         return out, -0.5 * quad, grad.detach()
 
     def mean(out, eps, x, t, s):
@@ -330,37 +419,44 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
         x0 = (x - ct.sigma * eps) / ct.alpha
         return cs.alpha * x0 + math.sqrt(max(cs.sigma**2 - post**2, 0.0)) * eps, post
 
-    grid = time_grid(process, steps, "uniform").tolist()
-    out, logtw, grad = twist(x, grid[0])
-    logw = torch.zeros(total, dtype=torch.float64)
-    for t, s in zip(grid[:-1], grid[1:]):
+    def resample(x, out, logtw, grad, logw):
+        """Multinomial resampling of the groups whose effective sample size fell below half."""
+        groups = logw.reshape(n, particles)
+        w = torch.softmax(groups, 1)
+        low = 1.0 / (w**2).sum(1) < particles / 2
+        if not low.any():
+            return x, out, logtw, grad, logw
+        pick = torch.multinomial(w[low], particles, replacement=True, generator=generator)
+        index = torch.arange(total).reshape(n, particles)
+        index[low] = torch.gather(index[low], 1, pick)
+        index = index.flatten()
+        out = ModelOutput(out.x[index], out.t, out.c, out.pred[index], out.kind)
+        groups = groups.clone()
+        groups[low] = 0.0
+        return x[index], out, logtw[index], grad[index], groups.flatten()
+
+    grid = time_grid(process, steps, "uniform")
+    times = grid.tolist()
+    out, logtw, grad = twist(x, times[0])
+    logw = logtw.clone()  # Alg. 1: the initial particles are weighted by the twist p~_T(y | x_T)
+    x, out, logtw, grad, logw = resample(x, out, logtw, grad, logw)
+    for t, s in zip(times[:-1], times[1:]):
         if s == 0.0:
-            x = out.x0.detach()
+            x = out.x0
             if m.sigma_y > 0:
                 logw += -0.5 * (m.observed(total, x) - m.A(x)).to(torch.float64).pow(2).sum(1) / m.sigma_y**2 - logtw
             else:
                 x = x + m.pinv(m.observed(total, x) - m.A(x))
             break
-        eps_u = out.eps.detach()
+        eps_u = out.eps
         mean_u, post = mean(out, eps_u, x, t, s)
         mean_g, _ = mean(out, eps_u - out.c.sigma * grad.to(eps_u.dtype), x, t, s)
         x = mean_g + post * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         out, logtw_s, grad = twist(x, s)
         log_kernel = ((x - mean_g).pow(2) - (x - mean_u).pow(2)).flatten(1).sum(1).to(torch.float64) / (2 * post**2)
-        logw += log_kernel + logtw_s - logtw
+        logw = logw + log_kernel + logtw_s - logtw
         logtw = logtw_s
-        groups = logw.reshape(n, particles)
-        w = torch.softmax(groups, 1)
-        low = 1.0 / (w**2).sum(1) < particles / 2
-        if low.any():
-            pick = torch.multinomial(w[low], particles, replacement=True, generator=generator)
-            index = torch.arange(total).reshape(n, particles)
-            index[low] = torch.gather(index[low], 1, pick)
-            index = index.flatten()
-            x, logtw, grad = x[index], logtw[index], grad[index]
-            out = ModelOutput(out.x[index], out.t, out.c, out.pred[index].detach(), out.kind)
-            groups[low] = 0.0
-            logw = groups.flatten()
+        x, out, logtw, grad, logw = resample(x, out, logtw, grad, logw)
     chosen = torch.multinomial(torch.softmax(logw.reshape(n, particles), 1), 1, generator=generator)[:, 0]
     x = x.reshape(n, particles, *shape)[torch.arange(n), chosen]
-    return x, len(grid) - 1
+    return SampleResult(x, model.nfe * particles, grid)

@@ -63,7 +63,8 @@ class LikelihoodResult:
     bits_per_dim: Tensor   # -nats/(d ln 2), or the discrete data's bits/dim with levels (module docstring)
     prior: Tensor          # log pi(x_T), the prior's log-density at the encoded point
     divergence: Tensor     # the rest: d log(alpha_T/alpha_t_min) + the integrated divergence
-    nfe: int               # evaluations of the augmented field (each: one forward, one batched backward)
+    nfe: int               # evaluations of the augmented field per sample (each: one forward, one batched
+                           # backward); with batch_size, that of the costliest part
     stderr: Tensor | None  # Hutchinson: standard error of nats over the probes (None if exact)
     latent: Tensor         # x_T, the PF-ODE encoding of x
     levels: int | None
@@ -115,7 +116,7 @@ def log_likelihood(model, x: Tensor, *, y: Tensor | int | None = None, divergenc
     bpd = -nats / (d * math.log(2))
     if levels is not None:
         bpd = bpd + math.log2((levels - 1) / 2)
-    return LikelihoodResult(nats, bpd, prior, rest.mean(1), sum(p[3] for p in parts), stderr, latent, levels)
+    return LikelihoodResult(nats, bpd, prior, rest.mean(1), max(p[3] for p in parts), stderr, latent, levels)
 
 
 def _solve(model, x, y, probes, rtol, atol, prior_logp, progress):
