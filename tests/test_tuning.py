@@ -30,7 +30,6 @@ def test_tuned_grid_is_a_valid_grid_and_records_its_cost(tuned_ring):
     g = tuned.grid
     assert len(g) == 6 and g[0] == p.T and g[-2] == p.t_min and g[-1] == 0
     assert (torch.diff(g) < 0).all()
-    assert tuned.error <= tuned.error_start
     # 5 named starts + at most 80 trial grids, 5 evaluations each, plus the reference solve.
     assert 5 * (5 + 1) < tuned.evaluations <= 5 * (5 + 80) + 2000
     assert tuned.seconds > 0
@@ -38,14 +37,15 @@ def test_tuned_grid_is_a_valid_grid_and_records_its_cost(tuned_ring):
 
 def test_tuned_grid_generalises_to_fresh_noise_and_belongs_to_its_model(tuned_ring):
     """Fitted on 128 prior samples of ring8 (seed 0), judged on 1000 fresh ones (seed 99): the tuned grid's
-    error is far below the best named grid's (measured 0.22 -> 0.007 at 5 NFE). A grid is a property of
+    error is below a quarter of the default grid's and of the named grid it started from (measured 0.22 -> 0.007 at 5 NFE). A grid is a property of
     the model: on unequal3, a mixture it never saw, ring8's grid is worse than the default (measured 0.45
     against 0.19), and unequal3's own tuned grid beats both."""
     p, model, tuned = tuned_ring
     x_T = p.prior_sample((1000, 2), torch.Generator().manual_seed(99), dtype=torch.float64)
     default = _endpoint_error(model, p, x_T, "dpm++2m", 5, None)
+    start = _endpoint_error(model, p, x_T, "dpm++2m", 5, unstir.time_grid(p, 5, tuned.start))
     fitted = _endpoint_error(model, p, x_T, "dpm++2m", 5, tuned.grid)
-    assert fitted < 0.25 * default, (fitted, default)
+    assert fitted < 0.25 * min(default, start), (fitted, default, start)
     other = oracle.unequal_2d().denoiser(p)
     own = tune_grid(other, "dpm++2m", 5, n=128, max_evals=80, seed=0, dtype=torch.float64)
     errors = {name: _endpoint_error(other, p, x_T, "dpm++2m", 5, g)

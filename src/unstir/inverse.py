@@ -191,9 +191,9 @@ class PiGDM(_Guidance):
             return scale * m.At(v.to(x.dtype)).reshape(x.shape)
         # (d x0_hat / d x)^T A^T v, the vector-Jacobian product of x0_hat; with create_graph it is differentiable
         # in x through both the Jacobian and v.
-        ax0 = m.A(out.x0)
-        if not ax0.requires_grad:
+        if not out.pred.requires_grad:
             raise ValueError(_DETACHED.format(what="pigdm(jacobian='vjp')"))
+        ax0 = m.A(out.x0)
         return torch.autograd.grad(ax0, x, v.to(ax0.dtype), create_graph=create_graph)[0]
 
 
@@ -246,7 +246,7 @@ def dps_step(model, measurement: Measurement, x: Tensor, t: float, s: float, *, 
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         out = model(xg, t)
-        if not out.x0.requires_grad:
+        if not out.pred.requires_grad:
             raise ValueError(_DETACHED.format(what="dps"))
         sq = (measurement.observed(x.shape[0], x) - measurement.A(out.x0)).pow(2).sum(1)
         grad = torch.autograd.grad(sq.sum(), xg)[0]

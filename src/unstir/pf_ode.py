@@ -56,8 +56,8 @@ def divergence(fn, x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, Ten
         x = x.detach().requires_grad_(True)
         out = fn(x)
         if not out.requires_grad:
-            raise ValueError("the divergence needs the model's output as a differentiable function of x, but this "
-                             "model's output is detached from its input (no gradient flows through it)")
+            raise ValueError("the divergence needs fn(x) as a differentiable function of x, but its output is "
+                             "detached from its input (no gradient flows through it)")
         if probes is None:
             batch, d = x.shape[0], x[0].numel()
             basis = torch.eye(d, dtype=out.dtype, device=out.device).reshape(d, 1, *x.shape[1:])
