@@ -82,7 +82,7 @@ def test_conditional_sampling_classifier_and_inpainting_commands(tmp_path, capsy
     Image.fromarray(from_unit_range(load("digits-test").x[0, 0]).numpy()).save(tmp_path / "digit.png")
     for method in ("replacement", "repaint", "dps", "pigdm"):
         assert main(["inpaint", "--run", str(run), "--image", str(tmp_path / "digit.png"), "--mask",
-                     str(tmp_path / "mask.png"), "--method", method, "--steps", "3", "--samples", "2",
+                     str(tmp_path / "mask.png"), "--method", method, "--steps", "3", "-n", "2",
                      "--out", str(tmp_path / f"{method}.npy")]) == 0
         assert np.isfinite(np.load(tmp_path / f"{method}.npy")).all()
     assert main(["inpaint", "--run", str(run), "--image", str(tmp_path / "digit.png"), "--task", "superres",
@@ -98,8 +98,19 @@ def test_conditional_sampling_classifier_and_inpainting_commands(tmp_path, capsy
     assert main(["sample", "--run", str(vec), "--guidance", "2", "--class", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "needs a model with a class input" in capsys.readouterr().err
     assert main(["inpaint", "--run", str(vec), "--known", "0", "--values", "0.5", "--method", "replacement",
-                 "--steps", "5", "--samples", "50", "--out", str(tmp_path / "v.npy")]) == 0
+                 "--steps", "5", "-n", "50", "--out", str(tmp_path / "v.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "v.npy")[:, 0], 0.5, atol=1e-6)
+    # twisted SMC from the command line: the known coordinate pasted, every particle's evaluations counted
+    assert main(["inpaint", "--run", str(vec), "--known", "0", "--values", "0.5", "--method", "smc", "--particles", "4",
+                 "--steps", "5", "-n", "6", "--out", str(tmp_path / "smc.npy")]) == 0
+    assert "with smc (20 model evaluations)" in capsys.readouterr().out
+    smc = np.load(tmp_path / "smc.npy")
+    assert smc.shape == (6, 2) and np.allclose(smc[:, 0], 0.5, atol=1e-6)
+    # a vector PNG shows the data and the conditioned samples; an absurd strength is named in a warning
+    assert main(["inpaint", "--run", str(vec), "--known", "0", "--values", "0.5", "--method", "dps", "--guidance", "1e9",
+                 "--steps", "5", "-n", "6", "--out", str(tmp_path / "dps.png")]) == 0
+    assert "--guidance 1e+09 is likely too strong" in capsys.readouterr().err
+    assert Image.open(tmp_path / "dps.png").size[0] > 300
 
 
 def test_every_command_help_has_an_example_and_shared_option_names():

@@ -96,9 +96,29 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "dpm++2m at 5 NFE: mean endpoint error" in text and "grids.json" in text
     assert main(["sample", "--run", str(run), "--steps", "5", "-n", "50", "--out", str(tmp_path / "a.npy")]) == 0
-    assert "using the grid tuned for dpm++2m at 5 NFE" in capsys.readouterr().out
+    notice = capsys.readouterr().err
+    assert "using the grid tuned for dpm++2m at 5 NFE" in notice and "on the named" in notice
+    assert main(["sample", "--run", str(run), "--nfe", "5", "-n", "50", "--out", str(tmp_path / "a2.npy")]) == 0
+    assert "using the grid tuned for dpm++2m at 5 NFE" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--steps", "6", "-n", "50", "--out", str(tmp_path / "b.npy")]) == 0
-    assert "using the grid tuned" not in capsys.readouterr().out
+    assert "using the grid tuned" not in capsys.readouterr().err
+    # A stored grid is never replaced without --force, and an unfitted one is never stored.
+    before = (run / "grids.json").read_text()
+    assert main(["tune-grid", "--run", str(run), "--nfe", "5", "-n", "64", "--max-evals", "20", "--quiet"]) == 2
+    assert "already holds a grid for dpm++2m at 5 NFE; pass --force" in capsys.readouterr().err
+    assert main(["tune-grid", "--run", str(run), "--nfe", "5", "--max-evals", "0", "--force", "--quiet"]) == 0
+    assert "nothing stored" in capsys.readouterr().out and (run / "grids.json").read_text() == before
+    # Sampler options are stored with the grid: edm's grid is tuned with churn 0 and is sampled with it.
+    stored = json.loads((run / "grids.json").read_text())
+    times = unstir.time_grid(unstir.load_run(run).process, 4, "uniform").tolist()
+    stored["edm@7"] = {**stored["dpm++2m@5"], "sampler": "edm", "nfe": 7, "times": times, "options": {"churn": 0.0}}
+    (run / "grids.json").write_text(json.dumps(stored))
+    assert main(["sample", "--run", str(run), "--sampler", "edm", "--nfe", "7", "-n", "8",
+                 "--out", str(tmp_path / "e.npy")]) == 0
+    assert "--churn 0.0" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--sampler", "edm", "--nfe", "7", "--churn", "10", "-n", "8",
+                 "--out", str(tmp_path / "e2.npy")]) == 2
+    assert "was tuned with --churn 0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: ddpm is not a tunable sampler
         main(["tune-grid", "--run", str(run), "--sampler", "ddpm", "--nfe", "5"])
     assert main(["tune-grid", "--run", str(run), "--nfe", "2", "--quiet"]) == 2

@@ -136,14 +136,60 @@ def _user_errors(run, tmp):
     ]
 
 
-def test_user_errors_are_one_line_and_write_nothing(good_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def props(tmp_path_factory):
+    """What the bad invocations point at: a digits classifier, 50 held-out rows, an empty latent file."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("props")
+    assert main(["train-classifier", "--data", "digits", "--steps", "2", "--batch-size", "8", "--out",
+                 str(root / "clf"), "--quiet"]) == 0
+    np.save(root / "held.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    np.save(root / "empty.npy", np.zeros((0, 2), np.float32))
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(root / "m.png")
+    (root / "dir.npy").mkdir()
+    return root
+
+
+def _more_user_errors(run, tmp, props):
+    """The bad invocations of issue 18 that used to end in a traceback or exit 0 with an option ignored."""
+    r, o = str(run), str(tmp / "o.png")
+    vec = ["inpaint", "--run", r, "--out", str(tmp / "i.npy")]
+    return [
+        (["sample", "--run", r, "--classifier", str(props / "clf"), "--class", "1", "--out", o],
+         "the classifier was trained on data of shape (1, 8, 8), the run's data have shape (2,)"),
+        (["interpolate", "--run", r, "--data", str(props / "held.npy"), "--pair", "0", "60", "--out", o],
+         "the held-out data have 50 points"),
+        (["decode", "--run", r, "--latents", str(props / "empty.npy"), "--out", o], "holds no latents"),
+        (["interpolate", "--run", r, "--pair", "-1", "3", "--out", o], "--pair needs two different indices >= 0"),
+        (["interpolate", "--run", r, "--pair", "2", "2", "--out", o], "--pair needs two different indices >= 0"),
+        (vec + ["--known", "0", "0", "--values", "0.4", "0.5"], "--known lists an index twice"),
+        (vec + ["--known", "0", "--values", "0.4", "--task", "superres"], "--task apply to image runs"),
+        (vec + ["--known", "0", "--values", "0.4", "--mask", str(props / "m.png")], "--mask apply to image runs"),
+        (vec + ["--known", "0", "--values", "0.4", "--method", "pigdm", "--guidance", "3"],
+         "--guidance is DPS's step size; --method pigdm has none"),
+        (vec + ["--known", "0", "--values", "0.4", "--method", "dps", "--guidance", "-5"], "--guidance must be >= 0"),
+        (vec + ["--known", "0", "--values", "0.4", "--method", "repaint", "--particles", "4"],
+         "--particles is for --method smc"),
+        (["sample", "--run", r, "--guidance", "-1", "--class", "0", "--out", o], "--guidance must be >= 0"),
+        (["likelihood", "--run", r, "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["encode", "--run", r, "--out", str(tmp / "nonexistent" / "e.npy")], "does not exist; create it first"),
+        (["sample", "--run", str(props / "clf"), "--out", o], "is a classifier folder"),
+        (["sample", "--run", r, "--out", str(props / "dir.npy"), "--force"], "is a folder"),
+        (["sample", "--run", r, "--steps", "4", "--nfe", "5", "--out", o], "give --steps or --nfe, not both"),
+    ]
+
+
+def test_user_errors_are_one_line_and_write_nothing(good_run, props, tmp_path, capsys):
     """Each bad invocation: exit status 2, one line on stderr naming the problem, no traceback, and no
     output written (the count goes into docs/reliability.md)."""
     before = set(tmp_path.rglob("*"))
-    cases = _user_errors(good_run, tmp_path)
+    cases = _user_errors(good_run, tmp_path) + _more_user_errors(good_run, tmp_path, props)
     for argv, text in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err and text in err, (argv, err)
     assert set(tmp_path.rglob("*")) == before
-    assert len(cases) == 22
+    assert len(cases) == 39

@@ -20,10 +20,16 @@ from .samplers import SAMPLERS, sample
 
 
 def _output(args, suffixes=(".png", ".npy")) -> Path:
-    """--out checked before any work: a known suffix, and an existing file only with --force."""
+    """--out checked before any work: a known suffix, not a folder, in a folder that exists (one rule for every
+    verb that writes a file, as for cp or numpy.save: unstir creates run folders, never the folder of a file),
+    and an existing file only with --force."""
     out = Path(args.out)
     if out.suffix not in suffixes:
         raise ValueError(f"--out must end in {' or '.join(suffixes)}, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if not out.parent.is_dir():
+        raise ValueError(f"the folder of --out, {str(out.parent)!r}, does not exist; create it first")
     if out.exists() and not getattr(args, "force", False):
         raise ValueError(f"{str(out)!r} exists; pass --force to replace it or choose another --out")
     return out
@@ -33,8 +39,27 @@ def _save(out: Path, write) -> None:
     """Write ``out`` through ``write(path)`` atomically: a failed write leaves no partial file."""
     from .runs import atomic_write
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, write)
+
+
+def _positive(**values) -> None:
+    """Counts from the command line: each a positive integer, named as typed."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_strength(value) -> None:
+    if value is not None and not value >= 0:
+        raise ValueError(f"--guidance must be >= 0 (a negative strength pushes away from the condition), got {value}")
+
+
+def _warn_out_of_range(x, bound: float, what: str) -> None:
+    """Samples orders of magnitude outside the data's range are a strength set too high, not a result."""
+    top = x.abs().max().item()
+    if top > 100 * bound:
+        print(f"warning: samples reach |x| = {top:.3g}, over 100x the data's range (|x| <= {bound:.3g}); {what} is "
+              f"likely too strong", file=sys.stderr)
 
 
 def _npy(array):
@@ -86,12 +111,16 @@ def _guidance_model(model, args):
     from .guidance import guided
     from .runs import load_classifier
 
+    _check_strength(args.guidance)
     if args.classifier is not None:
         if args.label is None:
             raise ValueError("--classifier needs --class, the label to guide towards")
         clf = load_classifier(args.classifier, device=args.device)
         if clf.process.config() != model.process.config():
             raise ValueError(f"the classifier was trained on process {clf.process!r}, the model on {model.process!r}")
+        if clf.data_shape is not None and tuple(clf.data_shape) != tuple(model.data_shape):
+            raise ValueError(f"the classifier was trained on data of shape {tuple(clf.data_shape)}, the run's data "
+                             f"have shape {tuple(model.data_shape)}")
         return guided(model, clf, args.label, 1.0 if args.guidance is None else args.guidance), None
     if args.guidance is not None:
         if args.label is None:
@@ -111,20 +140,35 @@ def sample_cmd(args) -> int:
     options = _sampler_options(args)
     model, y = _guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
     shape = (args.n, *model.data_shape)
+    from .tuning import load_tuned, nfe_for_steps, steps_for_nfe
+
+    if args.nfe is not None:
+        if args.steps is not None:
+            raise ValueError("give --steps or --nfe, not both")
+        args.steps = steps_for_nfe(args.sampler, args.nfe)
+    args.steps = 20 if args.steps is None else args.steps
     grid = args.grid
     if grid is None:  # a grid tuned for this sampler and NFE (`unstir tune-grid`) beats the named default
-        from .tuning import load_tuned, nfe_for_steps
-
         nfe = nfe_for_steps(args.sampler, args.steps)
         tuned = load_tuned(args.run, model.process, args.sampler, nfe)
         if tuned is not None:
+            clash = {k: (v, tuned.options[k]) for k, v in options.items() if k in tuned.options and tuned.options[k] != v}
+            if clash:
+                raise ValueError(f"the grid stored for {args.sampler} at {nfe} NFE was tuned with "
+                                 + ", ".join(f"--{k} {t}" for k, (_, t) in clash.items())
+                                 + "; sample with those options, or choose a named grid with --grid")
+            options = {**tuned.options, **options}
             grid = tuned.grid
-            print(f"using the grid tuned for {args.sampler} at {nfe} NFE in {args.run}/grids.json (fitted error "
-                  f"{tuned.error:.3g} against {tuned.error_start:.3g} on the {tuned.start!r} grid); --grid overrides it")
+            given = "".join(f" --{k} {v}" for k, v in tuned.options.items())
+            print(f"using the grid tuned for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (fitted "
+                  f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid); "
+                  f"--grid overrides it", file=sys.stderr)
     with torch.no_grad():
         r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=grid, y=y,
                    generator=torch.Generator().manual_seed(args.seed), **options)
     x = r.x.cpu()
+    if args.guidance is not None:
+        _warn_out_of_range(x, _data_bound(model, args.seed), f"--guidance {args.guidance:g}")
     if out.suffix == ".npy":
         _save(out, _npy(x.numpy()))
     elif x.ndim == 4:
@@ -169,6 +213,13 @@ def _held_out(model, spec: str | None, n: int, seed: int):
     return ds.x[:n], ds.levels
 
 
+def _data_bound(model, seed: int) -> float:
+    """The largest |x| of the run's data: 1 for images (scaled to [-1, 1]), else of a held-out draw."""
+    if len(model.data_shape) == 3:
+        return 1.0
+    return _held_out(model, None, 1000, seed)[0].abs().max().item()
+
+
 def likelihood_cmd(args) -> int:
     """Log-likelihood of held-out data under a trained run, by the probability-flow ODE: mean nats and
     bits/dim with their standard error, and the model evaluations. Quantised data (images, digits) are
@@ -176,10 +227,11 @@ def likelihood_cmd(args) -> int:
     from .likelihood import log_likelihood
     from .runs import load_run
 
+    _positive(**{"-n": args.n, "--batch-size": args.batch_size})
     model = load_run(args.run, device=args.device)
     x, levels = _held_out(model, args.data, args.n, args.seed)
     r = log_likelihood(model, x, divergence=args.divergence, probes=args.probes, rtol=args.rtol, atol=args.atol,
-                       levels=levels, batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
+                       levels=levels, batch_size=args.batch_size, y=args.label, generator=torch.Generator().manual_seed(args.seed),
                        progress=not args.quiet)
     d = x[0].numel()
     bpd, se = r.mean()
@@ -203,7 +255,7 @@ def encode_cmd(args) -> int:
     model = load_run(args.run, device=args.device)
     x, _ = _held_out(model, args.data, args.n, args.seed)
     with torch.no_grad():
-        enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact,
+        enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact, y=args.label,
                      **({"progress": True} if args.sampler == "ode_rk45" else {}))
     _save(out, _npy(enc.z.cpu().numpy()))
     print(f"{x.shape[0]} latents ({enc.nfe} model evaluations) -> {out}")
@@ -223,6 +275,9 @@ def decode_cmd(args) -> int:
     from .data import read_npy
 
     z = torch.as_tensor(read_npy(args.latents))
+    if z.ndim < 2 or z.shape[0] == 0:
+        raise ValueError(f"{args.latents!r} holds no latents (shape {tuple(z.shape)}); it needs shape (n, "
+                         f"{', '.join(map(str, model.data_shape))}) with n >= 1")
     if tuple(z.shape[1:]) != tuple(model.data_shape):
         raise ValueError(f"latents of shape {tuple(z.shape)} do not fit the run's data shape {model.data_shape}")
     with torch.no_grad():
@@ -245,12 +300,19 @@ def interpolate_cmd(args) -> int:
     from .inversion import interpolate
     from .runs import load_run
 
-    out = _output(args, (".png",))
+    out = _output(args)
+    i, j = args.pair
+    if min(i, j) < 0 or i == j:
+        raise ValueError(f"--pair needs two different indices >= 0 into the held-out data, got {i} {j}")
     model = load_run(args.run, device=args.device)
     x, _ = _held_out(model, args.data, max(args.pair) + 1, args.seed)
+    if max(i, j) >= x.shape[0]:
+        raise ValueError(f"--pair {i} {j}: the held-out data have {x.shape[0]} points (indices 0-{x.shape[0] - 1})")
     with torch.no_grad():
-        r = interpolate(model, x[args.pair[0]], x[args.pair[1]], args.frames, method=args.method)
-    if r.x.ndim == 4:
+        r = interpolate(model, x[i], x[j], args.frames, method=args.method, y=args.label)
+    if out.suffix == ".npy":
+        _save(out, _npy(r.x.cpu().numpy()))
+    elif r.x.ndim == 4:
         _save(out, lambda p: figures.image_grid(from_unit_range(r.x.cpu()), p, ncol=args.frames))
     else:
         background, _ = _held_out(model, args.data, 2000, args.seed)
@@ -259,28 +321,39 @@ def interpolate_cmd(args) -> int:
     return 0
 
 
-INVERSE_METHODS = ("replacement", "repaint", "dps", "pigdm")
+INVERSE_METHODS = ("replacement", "repaint", "dps", "pigdm", "smc")
 
 
 def inpaint_cmd(args) -> int:
     """Solve a linear inverse problem with a trained run: inpainting (--mask), colorization or 2x
     super-resolution of --image, or, for vector data, conditioning on coordinates (--known, --values).
-    Writes the measurement beside --samples posterior samples (images), or a scatter plot / .npy."""
-
-
+    Writes the measurement beside -n posterior samples (images), or a scatter plot / .npy. Methods:
+    replacement and RePaint paste the known entries (masks only); DPS (Chung et al. 2023, Alg. 1; --guidance
+    is its step size zeta', default 1.0); PiGDM; smc, twisted SMC (Wu et al. 2023) with --particles per
+    sample, the one method that converges to the posterior."""
     from .data import from_unit_range, to_unit_range
-    from .inverse import Measurement, colorize_operator, dps, pigdm, repaint, superres_operator
+    from .inverse import Measurement, colorize_operator, dps, pigdm, repaint, superres_operator, twisted_smc
     from .runs import load_run
 
-    if args.samples < 1 or args.steps < 1:
-        raise ValueError(f"--samples and --steps must be positive, got {args.samples} and {args.steps}")
+    _positive(**{"-n": args.n, "--steps": args.steps, "--particles": args.particles})
     if not args.sigma_y >= 0:
         raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+    if args.guidance is not None and args.method != "dps":
+        raise ValueError(f"--guidance is DPS's step size; --method {args.method} has none")
+    if args.particles is not None and args.method != "smc":
+        raise ValueError(f"--particles is for --method smc, not {args.method}")
+    _check_strength(args.guidance)
     out = _output(args)
     model = load_run(args.run, device=args.device)
     shape = tuple(model.data_shape)
     g = torch.Generator().manual_seed(args.seed)
+    image_options = [name for name, given in (("--image", args.image), ("--mask", args.mask),
+                                              ("--task", args.task != "inpaint")) if given]
+    vector_options = [name for name, given in (("--known", args.known), ("--values", args.values)) if given]
     if len(shape) == 3:
+        if vector_options:
+            raise ValueError(f"{' and '.join(vector_options)} condition vector data; this run's data are images "
+                             f"{shape}: use --image with --mask or --task")
         if args.image is None:
             raise ValueError("image runs need --image (a PNG of the run's size)")
         truth = to_unit_range(_read_png(args.image, shape))[None].double()
@@ -290,41 +363,56 @@ def inpaint_cmd(args) -> int:
             mask = _read_png(args.mask, shape, mask=True)
             m = Measurement(mask, truth.flatten(1)[:, mask.flatten().bool()], args.sigma_y, data_shape=shape)
         else:
+            if args.mask is not None:
+                raise ValueError(f"--mask is for --task inpaint; --task {args.task} measures the whole image")
             ops = superres_operator(shape) if args.task == "superres" else colorize_operator(shape)
             m = Measurement(y=ops["A"](truth), sigma_y=args.sigma_y, data_shape=shape, **ops)
     else:
+        if image_options:
+            raise ValueError(f"{' and '.join(image_options)} apply to image runs; this run's data are vectors of "
+                             f"shape {shape}: use --known I [I ...] --values V [V ...]")
         if args.known is None or args.values is None or len(args.known) != len(args.values):
             raise ValueError("vector runs need --known I [I ...] and as many --values")
         if min(args.known) < 0 or max(args.known) >= shape[0]:
             raise ValueError(f"--known indices must lie in [0, {shape[0] - 1}], got {args.known}")
+        if len(set(args.known)) != len(args.known):
+            raise ValueError(f"--known lists an index twice: {args.known}; give each known coordinate once")
         mask = torch.zeros(shape, dtype=torch.long)
         mask[list(args.known)] = 1
         m = Measurement(mask, torch.tensor([args.values[args.known.index(i)] for i in sorted(args.known)]),
                         args.sigma_y, data_shape=shape)
         truth = None
     if args.method in ("replacement", "repaint") and m.mask is None:
-        raise ValueError(f"--method {args.method} pastes known entries and needs a mask; use dps or pigdm for "
+        raise ValueError(f"--method {args.method} pastes known entries and needs a mask; use dps, pigdm or smc for "
                          f"--task {args.task}")
-    x_T = model.process.prior_sample((args.samples, *shape), g)
+    y = args.label
+    x_T = model.process.prior_sample((args.n, *shape), g)
     with torch.no_grad():
         if args.method == "repaint":
-            r = repaint(model, m, x_T, args.steps, generator=g)
+            r = repaint(model, m, x_T, args.steps, y=y, generator=g)
         elif args.method == "replacement":
-            r = sample(model, None, x_T, sampler="ddpm", steps=args.steps, project=m.replacement(g), generator=g)
+            r = sample(model, None, x_T, sampler="ddpm", steps=args.steps, project=m.replacement(g), y=y, generator=g)
         elif args.method == "dps":
-            r = dps(model, m, x_T, args.steps, zeta=args.scale, generator=g)
+            r = dps(model, m, x_T, args.steps, zeta=1.0 if args.guidance is None else args.guidance, y=y, generator=g)
+        elif args.method == "smc":
+            r = twisted_smc(model, m, args.n, args.steps, particles=args.particles or 16, y=y, generator=g)
         else:
-            r = sample(pigdm(model, m), None, x_T, sampler="ddpm", steps=args.steps, generator=g)
+            r = sample(pigdm(model, m), None, x_T, sampler="ddpm", steps=args.steps, y=y, generator=g)
     x, nfe = r.x, r.nfe
+    if args.method == "dps":
+        _warn_out_of_range(x, _data_bound(model, args.seed), f"--guidance {args.guidance if args.guidance is not None else 1.0:g}")
     if out.suffix == ".npy":
         _save(out, _npy(x.cpu().numpy()))
     elif truth is not None:
         shown = m.pinv(m.A(truth)).to(x.dtype)  # the measurement, back in image space
         grid = from_unit_range(torch.cat([truth.to(x.dtype), shown, x]).clamp(-1, 1))
-        _save(out, lambda p: figures.image_grid(grid, p, ncol=args.samples + 2))
+        _save(out, lambda p: figures.image_grid(grid, p, ncol=args.n + 2))
     else:
-        _save(out, lambda p: figures.scatter_panels({f"{args.method} ({nfe} NFE)": x.cpu()}, p))
-    print(f"{args.samples} samples with {args.method} ({nfe} model evaluations) -> {out}")
+        background, _ = _held_out(model, None, 2000, args.seed)
+        known = ", ".join(f"x[{i}] = {v:g}" for i, v in zip(args.known, args.values))
+        _save(out, lambda p: figures.conditioned_samples(background.cpu(), x.cpu(), p,
+                                                         title=f"{args.method} ({nfe} NFE), given {known}"))
+    print(f"{args.n} samples with {args.method} ({nfe} model evaluations) -> {out}")
     return 0
 
 
@@ -355,16 +443,26 @@ def tune_grid_cmd(args) -> int:
     from .runs import load_run
     from .tuning import save_tuned, tune_grid
 
+    from .tuning import GRIDS_FILE, _key, _read_grids
+
     options = _sampler_options(args)
     if args.sampler == "edm":
         options["churn"] = 0.0
+    stored = Path(args.run) / GRIDS_FILE
+    if stored.exists() and _key(args.sampler, args.nfe) in _read_grids(stored) and not args.force:
+        raise ValueError(f"{str(stored)!r} already holds a grid for {args.sampler} at {args.nfe} NFE; pass --force to "
+                         f"replace it (the new one is stored only if it beats the best named grid)")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
                       progress=not args.quiet, **options)
+    summary = (f"{args.sampler} at {args.nfe} NFE: mean endpoint error {tuned.error:.4g} (best named grid "
+               f"{tuned.start!r}: {tuned.error_start:.4g}) on {tuned.n} prior samples; cost {tuned.evaluations} model "
+               f"evaluations, {tuned.seconds:.1f} s")
+    if not tuned.error < tuned.error_start:
+        print(f"{summary}: no grid beat the named one, nothing stored")
+        return 0
     path = save_tuned(args.run, tuned)
-    print(f"{args.sampler} at {args.nfe} NFE: mean endpoint error {tuned.error:.4g} (best named grid "
-          f"{tuned.start!r}: {tuned.error_start:.4g}) on {tuned.n} prior samples; cost {tuned.evaluations} model "
-          f"evaluations, {tuned.seconds:.1f} s -> {path}")
+    print(f"{summary} -> {path}")
     print("times: " + " ".join(f"{t:.5g}" for t in tuned.times))
     return 0
 
@@ -381,6 +479,16 @@ def report_cmd(args) -> int:
 
 
 def list_choices(args) -> int:
+    """Every name the other commands take: data, processes, predictions, weightings, networks, grids,
+    samplers, inverse-problem methods and oracle mixtures."""
+    from .data import TOY_2D
+    from .nets import NETS
+
+    print("data:       ", ", ".join([*TOY_2D, "digits", "digits-test"]), "(or a folder of images, or a .npy file)")
+    print("predictions:", ", ".join(PREDICTIONS))
+    print("weightings: ", ", ".join(["auto", *WEIGHTINGS]))
+    print("networks:   ", ", ".join(k for k in NETS if k != "encoder"), "(chosen by the data's shape)")
+    print("inpaint methods:", ", ".join(INVERSE_METHODS))
     print("processes:", ", ".join(sorted(PROCESSES)))
     print("grids:    ", ", ".join(GRIDS))
     print("samplers:")
@@ -472,8 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--run", required=True, help="run folder written by `unstir train`")
     sa.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS),
                     help="see `unstir list` (default: dpm++2m)")
-    sa.add_argument("--steps", type=int, default=20, help="grid intervals; the model evaluations are reported. For "
+    sa.add_argument("--steps", type=int, help="grid intervals; the model evaluations are reported. For "
                     "ode_rk45 only the output grid: its cost is set by --rtol/--atol (default: 20)")
+    sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers; a grid "
+                    "stored by `unstir tune-grid` for this sampler and NFE is used)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
     sa.add_argument("--out", default="samples.png", help="samples.png (default; image grid, clipped to 0-255, or scatter plot) or "
@@ -506,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help=data_help)
         p.add_argument("--seed", type=int, default=0, help="seed for the held-out draw and any noise (default: 0)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+        p.add_argument("--class", dest="label", type=int, help="class label (class-conditional runs)")
 
     tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
                         description=train_classifier_cmd.__doc__)
@@ -556,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="indices of the two held-out points (default: 0 1)")
     ip.add_argument("--frames", type=int, default=8, help="frames including both ends (default: 8)")
     ip.add_argument("--method", default="slerp", choices=["slerp", "lerp"], help="latent interpolation (default: slerp)")
-    ip.add_argument("--out", required=True, help="strip.png")
+    ip.add_argument("--out", required=True, help="strip.png (image strip, or the path drawn over the data) or "
+                    "frames.npy")
     ip.add_argument("--force", action="store_true", help="replace --out if it exists")
     ip.set_defaults(func=interpolate_cmd)
     ip2 = sub.add_parser("inpaint", help="inpainting, colorization, super-resolution, or conditioning on coordinates",
@@ -569,14 +681,17 @@ def build_parser() -> argparse.ArgumentParser:
     ip2.add_argument("--known", type=int, nargs="+", help="vector data: indices of the known coordinates")
     ip2.add_argument("--values", type=float, nargs="+", help="vector data: their values")
     ip2.add_argument("--method", default="repaint", choices=list(INVERSE_METHODS),
-                     help="replacement, repaint (masks only), dps or pigdm (default: repaint)")
+                     help="replacement, repaint (masks only), dps, pigdm or smc (twisted SMC) (default: repaint)")
     ip2.add_argument("--sigma-y", dest="sigma_y", type=float, default=0.0, help="measurement noise std (default: 0)")
-    ip2.add_argument("--scale", type=float, default=1.0, help="dps step scale (default: 1.0)")
+    ip2.add_argument("--guidance", type=float, help="dps: the step size zeta' of Chung et al. Alg. 1 (default: 1.0)")
+    ip2.add_argument("--particles", type=int, help="smc: particles per sample (default: 16)")
+    ip2.add_argument("--class", dest="label", type=int, help="class label (class-conditional runs)")
     ip2.add_argument("--steps", type=int, default=100, help="sampler steps (default: 100)")
-    ip2.add_argument("--samples", type=int, default=8, help="posterior samples (default: 8)")
+    ip2.add_argument("-n", type=int, default=8, help="number of posterior samples (default: 8)")
     ip2.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     ip2.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    ip2.add_argument("--out", required=True, help="result .png (truth, measurement, samples) or .npy")
+    ip2.add_argument("--out", required=True, help="result .png (truth, measurement, samples; for vectors the "
+                     "samples over the data) or .npy")
     ip2.add_argument("--force", action="store_true", help="replace --out if it exists")
     ip2.set_defaults(func=inpaint_cmd)
     tg = sub.add_parser("tune-grid", help="fit a sampler's time grid to the run's model (stored in the run)",
@@ -594,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--no-ema", action="store_true", help="tune for the raw weights instead of the EMA")
     tg.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     tg.add_argument("--quiet", action="store_true", help="no progress bar")
+    tg.add_argument("--force", action="store_true", help="replace a grid stored for this sampler and NFE")
     tg.set_defaults(func=tune_grid_cmd)
     rp = sub.add_parser("report", help="write RUN/report.html, a page that shows what the model does",
                         description=report_cmd.__doc__)
@@ -604,7 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
     rp.add_argument("--force", action="store_true", help="replace --out if it exists")
     rp.set_defaults(func=report_cmd)
-    ls = sub.add_parser("list", help="list processes, grids and samplers")
+    ls = sub.add_parser("list", help="list the data sets, processes, predictions, weightings, networks, grids and "
+                        "samplers", description=list_choices.__doc__)
     ls.set_defaults(func=list_choices)
     for name, parser in sub.choices.items():
         parser.epilog = "example:\n  " + EXAMPLES[name]

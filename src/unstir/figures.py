@@ -97,6 +97,21 @@ def interpolation_path(data: torch.Tensor, frames: torch.Tensor, path: Path) -> 
     plt.close(fig)
 
 
+def conditioned_samples(data: torch.Tensor, samples: torch.Tensor, path: Path, title: str) -> None:
+    """Posterior samples of 2-D data (the first two coordinates) over the data, with axes."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.scatter(data[:, 0].numpy(), data[:, 1].numpy(), s=1.5, alpha=0.3, color="gray", label="data")
+    ax.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=14, color="C3", label="conditioned samples")
+    ax.set_xlabel("x[0]")
+    ax.set_ylabel("x[1]")
+    ax.set_title(title, fontsize=9)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def image_grid(images_uint8: torch.Tensor, path: Path, ncol: int | None = None) -> None:
     """Save (N, C, H, W) uint8 images as one PNG grid (1-pixel gaps)."""
     from PIL import Image

@@ -108,8 +108,9 @@ class NoiseClassifier:
     """A trained noise-conditional classifier ``net(x, t_input) -> logits`` for a process: called as
     ``classifier(x, t)`` with t a float or a (batch,) tensor, like a model."""
 
-    def __init__(self, net, process, num_classes: int):
+    def __init__(self, net, process, num_classes: int, data_shape: tuple[int, ...] | None = None):
         self.net, self.process, self.num_classes = net, process, int(num_classes)
+        self.data_shape = None if data_shape is None else tuple(data_shape)
 
     def __call__(self, x: Tensor, t) -> Tensor:
         t_in = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
@@ -127,6 +128,10 @@ def guided(model, classifier, y: Tensor | int | None = None, scale: float = 1.0)
     if cp is not None and cp.config() != model.process.config():
         raise ValueError(f"the classifier was trained on process {cp!r}, the model runs on {model.process!r}: its "
                          f"log p_t(y | x) belongs to other noise levels")
+    shape, model_shape = getattr(classifier, "data_shape", None), getattr(model, "data_shape", None)
+    if shape is not None and model_shape is not None and tuple(shape) != tuple(model_shape):
+        raise ValueError(f"the classifier takes data of shape {tuple(shape)}, the model's data have shape "
+                         f"{tuple(model_shape)}")
     return ClassifierGuided(model, classifier, y, scale)
 
 

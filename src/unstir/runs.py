@@ -192,13 +192,17 @@ def load_classifier(run, *, device: str = "cpu"):
     info = read_run_info(run)
     net = nets.build(info["net"])
     net.load_state_dict(load_tensors(run / "classifier.safetensors"))
-    return NoiseClassifier(net.to(device).eval(), process_from_config(info["process"]), info["num_classes"])
+    return NoiseClassifier(net.to(device).eval(), process_from_config(info["process"]), info["num_classes"],
+                           tuple(info["data_shape"]))
 
 
 def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
     """The trained model of a run folder, as a ``Denoiser`` (EMA weights by default)."""
     run = Path(run)
     if not (run / "checkpoint.json").exists():
+        if (run / "classifier.safetensors").exists():
+            raise ValueError(f"{str(run)!r} is a classifier folder (from `unstir train-classifier`), not a model run; "
+                             f"pass it as --classifier beside --run <a model run>")
         if (run / "run.json").exists():
             raise ValueError(f"run folder {str(run)!r} has no checkpoint yet (its training has not reached the "
                              f"first one); resume it with `unstir train --out {run} --resume`")
