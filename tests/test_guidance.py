@@ -198,3 +198,16 @@ def test_label_dropout_trains_the_conditional_and_the_unconditional_model(tmp_pa
     assert unstir.metrics.mode_weights(gm, cond)[2] > 0.9
     w = unstir.metrics.mode_weights(gm, uncond)
     assert ((w - gm.weights).abs() < 0.05).all(), w
+
+
+def test_wrappers_take_the_labels_sample_takes():
+    """One label as an int, a 0-d tensor or a (batch,) tensor: guided and cfg accept what ``sample`` accepts, and
+    give the same field."""
+    gm, p = unequal_2d(), unstir.make_process("vp")
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cond = gm.class_conditional_denoiser(p, CLASSES)
+    for make in (lambda y: guided(gm.denoiser(p), gm.classifier(p, CLASSES), y=y, scale=2.0),
+                 lambda y: cfg(cond, y=y, scale=2.0)):
+        want = make(1)(x, 0.4).eps
+        for y in (torch.tensor(1), torch.ones(5, dtype=torch.long)):
+            torch.testing.assert_close(make(y)(x, 0.4).eps, want, rtol=0, atol=0)
