@@ -39,8 +39,6 @@ def test_likelihood_encode_decode_interpolate_commands(tmp_path, capsys):
     to .npy and back (decoded close to the encoded data), and an interpolation figure."""
     import numpy as np
 
-    from unstir.data import toy_2d
-
     run = tmp_path / "run"
     assert main(["train", "--steps", "200", "--out", str(run), "--quiet"]) == 0
     assert main(["likelihood", "--run", str(run), "-n", "50", "--rtol", "1e-3", "--atol", "1e-3", "--quiet"]) == 0
@@ -50,8 +48,15 @@ def test_likelihood_encode_decode_interpolate_commands(tmp_path, capsys):
     assert main(["encode", "--run", str(run), "-n", "20", "--out", str(z)]) == 0
     assert np.load(z).shape == (20, 2)
     assert main(["decode", "--run", str(run), "--latents", str(z), "--out", str(tmp_path / "x.npy")]) == 0
-    held = toy_2d("moons", 20, seed=1000).numpy()
+    held = np.load(tmp_path / "z.input.npy")  # encode saves what it encoded
     assert np.abs(np.load(tmp_path / "x.npy") - held).max() < 1e-3
+    # The held-out data are a fixed sequence: the first 5 points are the same for -n 5 and -n 20.
+    assert main(["encode", "--run", str(run), "-n", "5", "--out", str(tmp_path / "z5.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "z5.input.npy"), held[:5])
+    assert main(["encode", "--run", str(run), "-n", "5", "--out", str(tmp_path / "z5.png")]) == 0
+    assert main(["interpolate", "--run", str(run), "--pair", "0", "3", "--frames", "5",
+                 "--out", str(tmp_path / "frames.npy")]) == 0
+    assert np.load(tmp_path / "frames.npy").shape == (5, 2)
     assert main(["decode", "--run", str(run), "--latents", str(z), "--out", str(tmp_path / "x.png")]) == 0
     assert main(["interpolate", "--run", str(run), "--pair", "0", "3", "--frames", "5",
                  "--out", str(tmp_path / "path.png")]) == 0
@@ -111,6 +116,42 @@ def test_conditional_sampling_classifier_and_inpainting_commands(tmp_path, capsy
                  "--steps", "5", "-n", "6", "--out", str(tmp_path / "dps.png")]) == 0
     assert "--guidance 1e+09 is likely too strong" in capsys.readouterr().err
     assert Image.open(tmp_path / "dps.png").size[0] > 300
+
+
+def test_shared_options_have_one_name_and_one_default():
+    """Walk every verb's options: a shared idea has one spelling, one destination and one default everywhere
+    (train, whose options default to 'not given' so --resume can tell what changed, excepted for defaults), and
+    no verb spells it another way."""
+    import argparse
+
+    from unstir.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0]
+    shared = {"-n": ("n", None), "--seed": ("seed", 0), "--device": ("device", "cpu"), "--class": ("label", None),
+              "--guidance": ("guidance", None), "--force": ("force", False), "--quiet": ("quiet", False),
+              "--out": ("out", None), "--run": ("run", None), "--steps": ("steps", None)}
+    aliases = {"--samples", "--scale", "--num", "--num-samples", "--label", "--labels", "--overwrite", "--gpu",
+               "--count", "--strength", "--cfg", "--output", "--nsamples", "--silent"}
+    seen = {}
+    for verb, parser in sub.choices.items():
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert option not in aliases, (verb, option)
+                if option in shared:
+                    dest, default = shared[option]
+                    assert action.dest == dest, (verb, option, action.dest)
+                    if option in ("--seed", "--device", "--force", "--quiet") and action.default is not argparse.SUPPRESS:
+                        assert action.default == default, (verb, option, action.default)
+                    seen.setdefault(option, set()).add(verb)
+    # every verb that writes a file can replace it; every verb that reads a run has --device
+    for verb in ("sample", "encode", "decode", "interpolate", "inpaint", "report", "tune-grid", "train-classifier"):
+        assert "--force" in sub.choices[verb].format_help(), verb
+    for verb in ("sample", "likelihood", "encode", "decode", "interpolate", "inpaint", "tune-grid"):
+        assert "--device" in sub.choices[verb].format_help(), verb
+    for verb in ("likelihood", "encode", "decode", "interpolate", "inpaint", "sample"):
+        assert "--class" in sub.choices[verb].format_help(), verb
+    assert "(default:" in sub.choices["inpaint"]._option_string_actions["--guidance"].help
+    assert "(default:" in sub.choices["sample"]._option_string_actions["--guidance"].help
 
 
 def test_every_command_help_has_an_example_and_shared_option_names():

@@ -42,6 +42,38 @@ def test_1_resume_refuses_changed_settings_and_records_a_longer_run(tmp_path, ca
     assert change["at"] == 60 and change["previous_steps"] == 60 and change["rule"] == "warm restart"
     assert main(["train", "--steps", "50", "--out", run, "--resume", "--quiet"]) == 2
     assert "already at step 90" in _error(capsys)
+    # A --steps below the warm-up is still named by the run's position, not by the warm-up it implies.
+    assert main(["train", "--steps", "10", "--out", run, "--resume", "--quiet"]) == 2
+    assert "the run is already at step 90; --steps 10 would end it before that" in _error(capsys)
+
+
+def test_resume_auto_and_quiet_keeps_notices(tmp_path, capsys):
+    """`--resume auto` starts a run where there is none and resumes it where there is (a requeued job runs one
+    command); --quiet hides progress bars, not the resume notice."""
+    run = str(tmp_path / "r")
+    assert main(["train", "--steps", "20", "--out", run, "--resume", "auto", "--quiet"]) == 0
+    assert main(["train", "--steps", "30", "--out", run, "--resume", "auto", "--quiet"]) == 0
+    assert f"resuming {run!r} at step 20; length 20 -> 30 steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["steps"] == 30
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
+    assert "nothing to resume" in _error(capsys)
+
+
+def test_train_classifier_reports_held_out_accuracy_and_takes_force(tmp_path, capsys):
+    clf = str(tmp_path / "c")
+    assert main(["train-classifier", "--data", "moons", "--steps", "150", "--out", clf, "--quiet", "--seed", "1",
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy: t=0.001" in text
+    accuracy = json.loads((tmp_path / "c" / "run.json").read_text())["accuracy"]
+    assert accuracy["t=0.001"] > 0.8 and accuracy["t=0.001"] > accuracy["t=0.75"]  # moons, then noise (chance 0.5)
+    assert main(["train-classifier", "--data", "moons", "--steps", "5", "--out", clf, "--quiet"]) == 2
+    assert "already holds a classifier; pass --force" in _error(capsys)
+    assert main(["train-classifier", "--data", "moons", "--steps", "5", "--out", clf, "--quiet", "--force"]) == 0
+    run = str(tmp_path / "run")
+    assert main(["train", "--steps", "5", "--out", run, "--quiet"]) == 0
+    assert main(["train-classifier", "--data", "moons", "--steps", "5", "--out", run, "--quiet", "--force"]) == 2
+    assert "holds a model run" in _error(capsys)
 
 
 def test_1_stretching_an_unfinished_run_keeps_the_learning_rate_continuous(tmp_path):

@@ -1,5 +1,6 @@
 """The run report renders in a real browser: every image loads, no console errors, not blank."""
 
+import re
 import shutil
 import subprocess
 
@@ -30,6 +31,8 @@ def test_report_has_every_section(report):
                     "Conditioning on a coordinate", "Tuned time grids"):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "placeholder" not in text.lower() and text.count("data:image/png;base64,") >= 7
+    assert re.search(r"<title>unstir: report\d*/run \(unequal_2d, vp, eps prediction\)</title>", text)
+    assert "(two-sample floor: mean of 5 fresh held-out draws, range" in text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); "

@@ -101,7 +101,8 @@ def conditioned_samples(data: torch.Tensor, samples: torch.Tensor, path: Path, t
     """Posterior samples of 2-D data (the first two coordinates) over the data, with axes."""
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.scatter(data[:, 0].numpy(), data[:, 1].numpy(), s=1.5, alpha=0.3, color="gray", label="data")
-    ax.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=14, color="C3", label="conditioned samples")
+    ax.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=14 if len(samples) < 100 else 3, color="C3",
+               label="conditioned samples")
     ax.set_xlabel("x[0]")
     ax.set_ylabel("x[1]")
     ax.set_title(title, fontsize=9)

@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import matplotlib.ticker
 import torch
 from tqdm import tqdm
 
@@ -44,7 +45,10 @@ def _figure(fig) -> str:
     return uri
 
 
-def _images(x: torch.Tensor, ncol: int | None = None) -> str:
+def _images(x: torch.Tensor, ncol: int | None = None, min_side: int = 40) -> str:
+    """Images as one PNG grid, small images enlarged (nearest) to at least ``min_side`` pixels a side."""
+    k = max(1, -(-min_side // x.shape[-1]))
+    x = x.repeat_interleave(k, -1).repeat_interleave(k, -2)
     return _png(lambda buf: figures.image_grid(data_mod.from_unit_range(x.clamp(-1, 1).cpu().float()), buf, ncol))
 
 
@@ -87,7 +91,9 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
     is_image = len(model.data_shape) == 3
     held, levels = _held_out(cfg, model, n, seed)
     g = lambda k: torch.Generator().manual_seed(seed + k)  # noqa: E731
-    page = _Page(f"unstir run {run.name}: {cfg['data']}, {model.process.name}, {cfg['prediction']} prediction")
+    # A run made by `unstir demo` lives in OUT/run: name it by its parent too.
+    name = f"{run.resolve().parent.name}/{run.name}" if run.name == "run" else run.name
+    page = _Page(f"unstir: {name} ({cfg['data']}, {model.process.name}, {cfg['prediction']} prediction)")
     steps_done = json.loads((run / "checkpoint.json").read_text())["step"]
     page.section("Run", table=[["setting", "value"], ["data", cfg["data"]], ["data shape", str(model.data_shape)],
                                ["process", repr(model.process)], ["prediction", cfg["prediction"]],
@@ -111,7 +117,8 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
     else:
         floors = two_sample_floor(lambda i: _held_out(cfg, model, n, seed + 50 + i)[0], held)
         rows = [["sampler", "NFE", "sliced-W2"]] + [[k, r.nfe, f"{sliced_w2(r.x, held):.4f}"] for k, r in results.items()]
-        rows.append(["(two-sample floor)", "", f"{sum(floors) / len(floors):.4f}"])
+        rows.append([f"(two-sample floor: mean of {len(floors)} fresh held-out draws, range {min(floors):.4f}-"
+                     f"{max(floors):.4f})", "", f"{sum(floors) / len(floors):.4f}"])
         panels = {"held-out data": held} | {f"{k} ({r.nfe} NFE)": r.x for k, r in results.items()}
         page.section("Samples", f"{n} samples per sampler against {n} held-out points.",
                      _png(lambda buf: figures.scatter_panels(panels, buf, ncol=4)), rows)
@@ -144,9 +151,16 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
         curves = {s: [(sample(model, None, probe, sampler=s, steps=k).x - ref).flatten(1).norm(dim=1).mean().item()
                       for k in nfes] for s in NFE_CURVE}
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ticks = set()
     for s, errs in curves.items():
         cost = [k * (2 if s == "ode_heun" else 1) for k in nfes]
+        ticks.update(cost)
         ax.loglog(cost, errs, "o-", label=s)
+    # Labels only at the evaluation counts used (log axes otherwise label crowded minor ticks).
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted(ticks)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_xlabel("model evaluations")
     ax.set_ylabel("distance to a tight PF-ODE solve")
     ax.legend(fontsize=8)
@@ -240,8 +254,8 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
             cond = sample(model, None, x_T, sampler="ddpm", steps=100, project=meas.replacement(g(7)),
                           generator=g(8)).x
         page.section("Conditioning on a coordinate", f"Samples given x[0] = {value:.2f} (replacement, 100 DDPM "
-                     f"steps) over the data.", _png(lambda buf: figures.scatter_panels(
-                         {"held-out data": held, f"x[0] = {value:.2f}": cond}, buf)))
+                     f"steps, red) over the held-out data (grey).", _png(lambda buf: figures.conditioned_samples(
+                         held, cond, buf, title=f"given x[0] = {value:.2f}")))
     bar.update()
     tuned = _tuned_rows(run)
     if tuned:

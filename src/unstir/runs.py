@@ -32,7 +32,7 @@ Tensor = torch.Tensor
 
 FORMAT = 1  # run.json's format version
 RUN_KEYS = {"format": int, "kind": str, "config": dict, "net": dict, "process": dict, "data_shape": list,
-            "num_classes": int, "levels": (int, type(None))}
+            "num_classes": int, "levels": (int, type(None)), "accuracy": dict}
 _WEIGHTS_NAME = re.compile(r"checkpoint-\d+\.safetensors")
 
 

@@ -216,15 +216,17 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
 
 
 def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: int | None) -> TrainResult:
-    cfg.validate()
     run = Path(out)
     if resume:
         if not (run / "run.json").exists():
-            raise ValueError(f"nothing to resume: {str(run)!r} holds no run (no run.json); drop --resume to start one")
+            raise ValueError(f"nothing to resume: {str(run)!r} holds no run (no run.json); drop --resume to start one, "
+                             f"or pass --resume auto to start one when there is none")
         done_steps = json.loads((run / "checkpoint.json").read_text())["step"] if (run / "checkpoint.json").exists() else 0
+        # Before validating: a --steps shorter than the run's position is the error to name, not what it implies.
         cfg = _resume_config(cfg, read_run_info(run)["config"], done_steps)
     elif (run / "run.json").exists():
         raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
+    cfg.validate()
     rank, world = _dist_info()
     device = check_device(cfg.device)
     _init_distributed(device)
@@ -258,7 +260,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
                              "data_shape": list(dataset.shape), "num_classes": dataset.num_classes,
                              "levels": dataset.levels})
-    if resume and progress and rank == 0:
+    if resume and rank == 0:  # a notice, not progress: --quiet keeps it
         change = cfg.schedule_changes[-1] if cfg.schedule_changes and cfg.schedule_changes[-1]["at"] == start else None
         note = (f"; length {change['previous_steps']} -> {cfg.steps} steps, learning rate "
                 f"{'restarts at' if change['rule'] == 'warm restart' else 'continues from'} {change['lr']:.3g} "
@@ -345,17 +347,42 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     return TrainResult(run, net, ema, start + done, interrupted)
 
 
-def train_classifier(cfg: TrainConfig, out, *, progress: bool = True) -> Path:
+def classifier_accuracy(net, process, cfg: TrainConfig, device, n: int = 2000) -> dict:
+    """Accuracy on held-out data (digits-test for digits; a fresh draw, seed + 1000, for 2-D sets) at t = t_min and
+    at a quarter, half and three quarters of [t_min, T] (noised with a fixed seed): ``{"t=...": accuracy}``."""
+    held = data_mod.load("digits-test" if cfg.data == "digits" else cfg.data, n=n, size=cfg.size, mode=cfg.mode,
+                         seed=cfg.seed + 1000)
+    if held.labels is None:
+        return {}
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    out = {}
+    with torch.no_grad():
+        for frac in (0.0, 0.25, 0.5, 0.75):
+            t = process.t_min + frac * (process.T - process.t_min)
+            tt = torch.full((len(held.x),), t, dtype=torch.float64)
+            x_t = process.perturb(held.x, tt, torch.randn(held.x.shape, generator=g)).to(device)
+            pred = net(x_t, tt.float().to(device)).argmax(1).cpu()
+            out[f"t={t:.3g}"] = round((pred == held.labels).float().mean().item(), 4)
+    return out
+
+
+def train_classifier(cfg: TrainConfig, out, *, progress: bool = True, force: bool = False) -> Path:
     """Train a noise-conditional classifier p_t(y | x_t) for classifier guidance (Dhariwal & Nichol 2021):
     cross-entropy on x_t = alpha x0 + sigma eps with t uniform on [t_min, T] of ``cfg.process``, on the
     labelled data ``cfg.data``. The network is an MLP for vectors and the U-Net's encoder half for images.
-    Writes ``run.json`` and ``classifier.safetensors`` into ``out`` (in one go: it does not resume)."""
+    Writes ``run.json`` and ``classifier.safetensors`` into ``out`` (in one go: it does not resume; ``force``
+    replaces an earlier classifier there, never a model run). ``run.json`` records the held-out accuracy
+    (``classifier_accuracy``) at four noise levels."""
     from .runs import atomic_write
 
     cfg.validate()
     run = Path(out)
     if (run / "run.json").exists():
-        raise ValueError(f"{str(run)!r} already holds a run; choose another --out")
+        if not (run / "classifier.safetensors").exists():
+            raise ValueError(f"{str(run)!r} holds a model run; choose another --out for the classifier")
+        if not force:
+            raise ValueError(f"{str(run)!r} already holds a classifier; pass --force to replace it")
+    device = check_device(cfg.device)
     torch.manual_seed(cfg.seed)
     dataset = data_mod.load(cfg.data, n=cfg.n_data, size=cfg.size, mode=cfg.mode, seed=cfg.seed)
     if dataset.labels is None:
@@ -367,26 +394,29 @@ def train_classifier(cfg: TrainConfig, out, *, progress: bool = True) -> Path:
         net = nets.EncoderClassifier(c, h, tuple(cfg.widths), dataset.num_classes, time_scale)
     else:
         net = nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale, out_dim=dataset.num_classes)
+    net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
+    x_all, labels = dataset.x.to(device), dataset.labels.to(device)
     for step in tqdm(range(cfg.steps), disable=not progress, unit="step", desc="classifier"):
         idx = torch.randint(len(dataset.x), (cfg.batch_size,), generator=generator)
         t = process.t_min + (process.T - process.t_min) * torch.rand(cfg.batch_size, generator=generator,
                                                                      dtype=torch.float64)
-        noise = torch.randn((cfg.batch_size, *dataset.shape), generator=generator)
-        x_t = process.perturb(dataset.x[idx], t, noise)
+        noise = torch.randn((cfg.batch_size, *dataset.shape), generator=generator).to(device)
+        x_t = process.perturb(x_all[idx.to(device)], t.to(device), noise)
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
-        loss = nn.functional.cross_entropy(net(x_t, t.float()), dataset.labels[idx])
+        loss = nn.functional.cross_entropy(net(x_t, t.float().to(device)), labels[idx.to(device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
+    accuracy = classifier_accuracy(net.eval(), process, cfg, device)
     from safetensors.torch import save_file
 
     write_run_info(run, {"kind": "classifier", "config": dataclasses.asdict(cfg), "net": net.config,
                          "process": process.config(), "data_shape": list(dataset.shape),
-                         "num_classes": dataset.num_classes})
+                         "num_classes": dataset.num_classes, "accuracy": accuracy})
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     atomic_write(run / "classifier.safetensors", lambda p: save_file(state, str(p)))
     return run

@@ -1,0 +1,165 @@
+"""What every verb shares: the options they all speak (defined once here, so no two verbs spell or default
+them differently), and the checks and writers behind them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# --- the shared options ---------------------------------------------------------------------------------
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder written by `unstir train`")
+
+
+def add_out(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
+    """--out, and --force to replace it (every verb that writes a file takes both)."""
+    p.add_argument("--out", required=default is None, default=default,
+                   help=help + (f" (default: {default})" if default else ""))
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def add_count(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    p.add_argument("-n", type=int, default=default, help=f"{what} (default: {default})")
+
+
+def add_seed(p: argparse.ArgumentParser, what: str = "the noise and any held-out draw") -> None:
+    p.add_argument("--seed", type=int, default=0, help=f"seed for {what} (default: 0)")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars (notices and warnings still show)")
+
+
+def add_class(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class", dest="label", type=int, help="class label (class-conditional runs, or with a "
+                   "classifier)")
+
+
+def add_guidance(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--guidance", type=float, help=help)
+
+
+def add_steps(p: argparse.ArgumentParser, default: int | None, help: str) -> None:
+    p.add_argument("--steps", type=int, default=default,
+                   help=help + f" (default: {20 if default is None else default})")
+
+
+def add_held_out(p: argparse.ArgumentParser) -> None:
+    """What the verbs that read held-out data share."""
+    add_run(p)
+    p.add_argument("--data", help="held-out data (default: the run's data: a fresh draw, or digits-test)")
+    add_seed(p)
+    add_device(p)
+    add_class(p)
+
+
+# --- checks and writers ---------------------------------------------------------------------------------
+
+def output_path(args, suffixes=(".png", ".npy")) -> Path:
+    """--out checked before any work: a known suffix, not a folder, in a folder that exists (one rule for every
+    verb that writes a file, as for cp or numpy.save: unstir creates run folders, never the folder of a file),
+    and an existing file only with --force."""
+    out = Path(args.out)
+    if out.suffix not in suffixes:
+        raise ValueError(f"--out must end in {' or '.join(suffixes)}, got {str(out)!r}")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if not out.parent.is_dir():
+        raise ValueError(f"the folder of --out, {str(out.parent)!r}, does not exist; create it first")
+    if out.exists() and not getattr(args, "force", False):
+        raise ValueError(f"{str(out)!r} exists; pass --force to replace it or choose another --out")
+    return out
+
+
+def save(out: Path, write) -> None:
+    """Write ``out`` through ``write(path)`` atomically: a failed write leaves no partial file."""
+    from ..runs import atomic_write
+
+    atomic_write(out, write)
+
+
+def npy(array):
+    def write(path):
+        with open(path, "wb") as f:
+            np.save(f, array)
+    return write
+
+
+def positive(**values) -> None:
+    """Counts from the command line: each a positive integer, named as typed."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def check_strength(value) -> None:
+    if value is not None and not value >= 0:
+        raise ValueError(f"--guidance must be >= 0 (a negative strength pushes away from the condition), got {value}")
+
+
+def warn_out_of_range(x, bound: float, what: str) -> None:
+    """Samples orders of magnitude outside the data's range are a strength set too high, not a result."""
+    top = x.abs().max().item()
+    if top > 100 * bound:
+        print(f"warning: samples reach |x| = {top:.3g}, over 100x the data's range (|x| <= {bound:.3g}); {what} is "
+              f"likely too strong", file=sys.stderr)
+
+
+HELD_OUT_CHUNK = 20000  # 2-D held-out data come in fixed chunks, so the first k points never depend on -n
+
+
+def held_out(model, spec: str | None, n: int, seed: int):
+    """Data the run was not trained on: a fresh draw of a 2-D set (chunks of 20000 from seeds seed + 1000,
+    seed + 1001, ...: a fixed sequence, so point i is the same for any n), the held-out digits, or the first n
+    items of a folder / .npy file. Returns (x, levels)."""
+    from .. import data as data_mod
+
+    cfg = model.run_info["config"]
+    spec = spec or ("digits-test" if cfg["data"] == "digits" else cfg["data"])
+    if spec in data_mod.TOY_2D:
+        chunks = [data_mod.load(spec, n=HELD_OUT_CHUNK, seed=seed + 1000 + k) for k in range(-(-n // HELD_OUT_CHUNK))]
+        ds = chunks[0]
+        ds.x = torch.cat([c.x for c in chunks])
+    else:
+        ds = data_mod.load(spec, n=n, size=cfg.get("size"), mode=cfg.get("mode", "L"), seed=seed + 1000)
+    if tuple(ds.shape) != tuple(model.data_shape):
+        raise ValueError(f"data {spec!r} has per-sample shape {ds.shape}; the run's model expects {model.data_shape}")
+    return ds.x[:n], ds.levels
+
+
+def data_bound(model, seed: int) -> float:
+    """The largest |x| of the run's data: 1 for images (scaled to [-1, 1]), else of a held-out draw."""
+    if len(model.data_shape) == 3:
+        return 1.0
+    return held_out(model, None, 1000, seed)[0].abs().max().item()
+
+
+def read_png(path, shape, mask: bool = False):
+    """A PNG as a uint8 tensor of ``shape`` (C, H, W); a mask as 0/1 (white = 1), refusing other values."""
+    from PIL import Image
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if (mask or c == 1) else "RGB"), dtype=np.uint8)
+    except OSError as err:
+        raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+    if arr.shape[:2] != (h, w):
+        raise ValueError(f"{str(path)!r} is {arr.shape[1]}x{arr.shape[0]}; the run's images are {w}x{h}")
+    t = torch.from_numpy(arr.copy())
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    if mask:
+        if not ((t == 0) | (t == 255)).all():
+            raise ValueError(f"mask {str(path)!r} must be black (0, unknown) and white (255, known) only")
+        return (t[:1] == 255).long().expand(c, h, w).contiguous()
+    return t

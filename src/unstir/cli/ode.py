@@ -1,0 +1,172 @@
+"""The verbs of the probability-flow ODE: likelihood, encode, decode, interpolate."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import figures
+from ..samplers import SAMPLERS
+from .common import (add_class, add_count, add_held_out, add_out, add_quiet, add_device, add_run, add_steps, held_out, npy,
+                     output_path, positive, save)
+
+def likelihood_cmd(args) -> int:
+    """Log-likelihood of held-out data under a trained run, by the probability-flow ODE: mean nats and
+    bits/dim with their standard error, and the model evaluations. Quantised data (images, digits) are
+    dequantised and their bits/dim include the offset of their number of levels (see unstir.likelihood)."""
+    from ..likelihood import log_likelihood
+    from ..runs import load_run
+
+    positive(**{"-n": args.n, "--batch-size": args.batch_size})
+    model = load_run(args.run, device=args.device)
+    x, levels = held_out(model, args.data, args.n, args.seed)
+    r = log_likelihood(model, x, divergence=args.divergence, probes=args.probes, rtol=args.rtol, atol=args.atol,
+                       levels=levels, batch_size=args.batch_size, y=args.label, generator=torch.Generator().manual_seed(args.seed),
+                       progress=not args.quiet)
+    d = x[0].numel()
+    bpd, se = r.mean()
+    nats_se = (r.nats.std() / r.nats.numel() ** 0.5).item() if r.nats.numel() > 1 else float("nan")
+    kind = f"dequantised, {levels} levels" if levels else "continuous"
+    div = "exact" if r.stderr is None else f"Hutchinson ({args.probes} probes)"
+    print(f"{x.shape[0]} samples ({kind}), d = {d}, {div} divergence, {r.nfe} evaluations of the augmented "
+          f"ODE in all (batches of {args.batch_size})")
+    print(f"log-likelihood: {r.nats.mean().item():.4f} +- {nats_se:.4f} nats per sample")
+    print(f"bits/dim:       {bpd:.4f} +- {se:.4f}")
+    return 0
+
+
+def encode_cmd(args) -> int:
+    """Encode held-out data into latents at T along the probability-flow ODE (adaptive, or DDIM inversion with
+    --sampler ddim, exact with --exact). z.npy holds the latents and z.input.npy beside it the data they
+    encode (so `unstir decode --latents z.npy` can be checked against it); z.png draws both."""
+    from ..data import from_unit_range
+    from ..inversion import encode
+    from ..runs import load_run
+
+    positive(**{"-n": args.n, "--steps": args.steps})
+    out = output_path(args)
+    companion = out.with_suffix(".input.npy")
+    if out.suffix == ".npy" and companion.exists() and not args.force:
+        raise ValueError(f"{str(companion)!r} exists; pass --force to replace it or choose another --out")
+    model = load_run(args.run, device=args.device)
+    x, _ = held_out(model, args.data, args.n, args.seed)
+    with torch.no_grad():
+        enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact, y=args.label,
+                     **({"progress": not args.quiet} if args.sampler == "ode_rk45" else {}))
+    z = enc.z.cpu()
+    if out.suffix == ".npy":
+        save(out, npy(z.numpy()))
+        save(companion, npy(x.cpu().numpy()))
+    elif z.ndim == 4:  # data above, latents below (scaled by 1/3 so that +-3 standard deviations show)
+        sigma_T = float(model.process.sigma(model.process.T))
+        grid = torch.cat([from_unit_range(x.cpu()), from_unit_range((z / (3 * sigma_T)).clamp(-1, 1))])
+        save(out, lambda p: figures.image_grid(grid, p, ncol=x.shape[0]))
+    else:
+        save(out, lambda p: figures.scatter_panels({"held-out data": x.cpu()[:, :2], f"latents ({enc.nfe} NFE)":
+                                                     z[:, :2]}, p))
+    print(f"{x.shape[0]} latents ({enc.nfe} model evaluations) -> {out}"
+          + (f", the data they encode -> {companion}" if out.suffix == ".npy" else ""))
+    return 0
+
+
+def decode_cmd(args) -> int:
+    """Decode latents (.npy from `unstir encode`, or any prior samples) back to data along the PF ODE."""
+    from ..data import from_unit_range, read_npy
+    from ..inversion import decode
+    from ..runs import load_run
+
+    positive(**{"--steps": args.steps})
+    out = output_path(args)
+    model = load_run(args.run, device=args.device)
+    z = torch.as_tensor(read_npy(args.latents))
+    if z.ndim < 2 or z.shape[0] == 0:
+        raise ValueError(f"{args.latents!r} holds no latents (shape {tuple(z.shape)}); it needs shape (n, "
+                         f"{', '.join(map(str, model.data_shape))}) with n >= 1")
+    if tuple(z.shape[1:]) != tuple(model.data_shape):
+        raise ValueError(f"latents of shape {tuple(z.shape)} do not fit the run's data shape {model.data_shape}")
+    with torch.no_grad():
+        r = decode(model, z.float(), sampler=args.sampler, steps=args.steps, y=args.label,
+                   **({"progress": not args.quiet} if args.sampler == "ode_rk45" else {}))
+    if out.suffix == ".npy":
+        save(out, npy(r.x.cpu().numpy()))
+    elif r.x.ndim == 4:
+        save(out, lambda p: figures.image_grid(from_unit_range(r.x.cpu()), p))
+    else:
+        save(out, lambda p: figures.scatter_panels({f"decoded ({r.nfe} NFE)": r.x.cpu()}, p))
+    print(f"{z.shape[0]} decoded ({r.nfe} model evaluations) -> {out}")
+    return 0
+
+
+def interpolate_cmd(args) -> int:
+    """Encode two held-out data points, interpolate their latents (slerp or lerp) and decode every frame:
+    a strip of images, or for 2-D data the path drawn over the data."""
+    from ..data import from_unit_range
+    from ..inversion import interpolate
+    from ..runs import load_run
+
+    out = output_path(args)
+    i, j = args.pair
+    if min(i, j) < 0 or i == j:
+        raise ValueError(f"--pair needs two different indices >= 0 into the held-out data, got {i} {j}")
+    model = load_run(args.run, device=args.device)
+    x, _ = held_out(model, args.data, max(args.pair) + 1, args.seed)
+    if max(i, j) >= x.shape[0]:
+        raise ValueError(f"--pair {i} {j}: the held-out data have {x.shape[0]} points (indices 0-{x.shape[0] - 1})")
+    with torch.no_grad():
+        r = interpolate(model, x[i], x[j], args.frames, method=args.method, y=args.label)
+    if out.suffix == ".npy":
+        save(out, npy(r.x.cpu().numpy()))
+    elif r.x.ndim == 4:
+        save(out, lambda p: figures.image_grid(from_unit_range(r.x.cpu()), p, ncol=args.frames))
+    else:
+        background, _ = held_out(model, args.data, 2000, args.seed)
+        save(out, lambda p: figures.interpolation_path(background, r.x.cpu(), p))
+    print(f"{args.frames} frames ({args.method}, {r.nfe} model evaluations) -> {out}")
+    return 0
+
+
+def register(sub) -> None:
+    deterministic = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
+    lk = sub.add_parser("likelihood", help="bits/dim of held-out data by the PF ODE", description=likelihood_cmd.__doc__)
+    add_held_out(lk)
+    add_count(lk, 500, "number of held-out samples")
+    lk.add_argument("--divergence", default="auto", choices=["auto", "exact", "hutchinson"],
+                    help="exact (torch.func, default for d <= 64) or Hutchinson-Skilling probes (default: auto)")
+    lk.add_argument("--probes", type=int, default=8, help="Hutchinson probes per sample (default: 8)")
+    lk.add_argument("--rtol", type=float, default=1e-5, help="solver relative tolerance (default: 1e-5)")
+    lk.add_argument("--atol", type=float, default=1e-5, help="solver absolute tolerance (default: 1e-5)")
+    lk.add_argument("--batch-size", dest="batch_size", type=int, default=100, help="samples per solve (default: 100)")
+    add_quiet(lk)
+    lk.set_defaults(func=likelihood_cmd)
+
+    en = sub.add_parser("encode", help="encode data to latents along the PF ODE", description=encode_cmd.__doc__)
+    add_held_out(en)
+    add_count(en, 100, "number of held-out samples")
+    add_out(en, "z.npy (the latents, and z.input.npy beside it: the data they encode) or z.png (data and latents "
+            "drawn)")
+    en.add_argument("--sampler", default="ode_rk45", choices=deterministic,
+                    help="ode_rk45 (adaptive, default) or a deterministic sampler run upward (ddim: DDIM inversion)")
+    add_steps(en, 20, "grid intervals for a fixed-step sampler")
+    en.add_argument("--exact", action="store_true", help="exact DDIM inversion (with --sampler ddim)")
+    add_quiet(en)
+    en.set_defaults(func=encode_cmd)
+
+    de = sub.add_parser("decode", help="decode latents to data along the PF ODE", description=decode_cmd.__doc__)
+    add_run(de)
+    de.add_argument("--latents", required=True, help="latents .npy (from `unstir encode`)")
+    add_out(de, "decoded.png (grid or scatter) or decoded.npy")
+    de.add_argument("--sampler", default="ode_rk45", choices=deterministic, help="as for encode (default: ode_rk45)")
+    add_steps(de, 20, "grid intervals for a fixed-step sampler")
+    add_class(de)
+    add_device(de)
+    add_quiet(de)
+    de.set_defaults(func=decode_cmd)
+
+    ip = sub.add_parser("interpolate", help="interpolate between two data points through their latents",
+                        description=interpolate_cmd.__doc__)
+    add_held_out(ip)
+    ip.add_argument("--pair", type=int, nargs=2, default=[0, 1], metavar=("I", "J"),
+                    help="indices of the two held-out points (default: 0 1)")
+    ip.add_argument("--frames", type=int, default=8, help="frames including both ends (default: 8)")
+    ip.add_argument("--method", default="slerp", choices=["slerp", "lerp"], help="latent interpolation (default: slerp)")
+    add_out(ip, "strip.png (image strip, or the path drawn over the data) or frames.npy")
+    ip.set_defaults(func=interpolate_cmd)

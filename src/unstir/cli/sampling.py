@@ -1,0 +1,192 @@
+"""`unstir sample` and `unstir tune-grid`: drawing samples from a run, and fitting the grids they use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import figures
+from ..grids import GRIDS
+from ..samplers import SAMPLERS, sample
+from .common import (add_class, add_count, add_device, add_guidance, add_out, add_quiet, add_run, add_seed, add_steps,
+                     check_strength, data_bound, npy, output_path, save, warn_out_of_range)
+
+def guidance_model(model, args):
+    """The model to sample: as is, classifier-free guided (--guidance without --classifier) or classifier
+    guided (--classifier), for the labels of --class."""
+    from ..guidance import cfg as cfg_guidance
+    from ..guidance import guided
+    from ..runs import load_classifier
+
+    check_strength(args.guidance)
+    if args.classifier is not None:
+        if args.label is None:
+            raise ValueError("--classifier needs --class, the label to guide towards")
+        clf = load_classifier(args.classifier, device=args.device)
+        if clf.process.config() != model.process.config():
+            raise ValueError(f"the classifier was trained on process {clf.process!r}, the model on {model.process!r}")
+        if clf.data_shape is not None and tuple(clf.data_shape) != tuple(model.data_shape):
+            raise ValueError(f"the classifier was trained on data of shape {tuple(clf.data_shape)}, the run's data "
+                             f"have shape {tuple(model.data_shape)}")
+        return guided(model, clf, args.label, 1.0 if args.guidance is None else args.guidance), None
+    if args.guidance is not None:
+        if args.label is None:
+            raise ValueError("--guidance needs --class, the label to guide towards")
+        return cfg_guidance(model, args.label, args.guidance), None
+    return model, args.label
+
+
+def sample_cmd(args) -> int:
+    """Sample from a trained run and write a PNG (grid of images or scatter plot) or a .npy array."""
+    from ..data import from_unit_range
+    from ..runs import load_run
+
+    out = output_path(args)
+    if args.n < 1:
+        raise ValueError(f"-n must be a positive integer, got {args.n}")
+    options = sampler_options(args)
+    model, y = guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
+    shape = (args.n, *model.data_shape)
+    from ..tuning import load_tuned, nfe_for_steps, steps_for_nfe
+
+    if args.nfe is not None:
+        if args.steps is not None:
+            raise ValueError("give --steps or --nfe, not both")
+        args.steps = steps_for_nfe(args.sampler, args.nfe)
+    args.steps = 20 if args.steps is None else args.steps
+    grid = args.grid
+    if grid is None:  # a grid tuned for this sampler and NFE (`unstir tune-grid`) beats the named default
+        nfe = nfe_for_steps(args.sampler, args.steps)
+        tuned = load_tuned(args.run, model.process, args.sampler, nfe)
+        if tuned is not None:
+            clash = {k: (v, tuned.options[k]) for k, v in options.items() if k in tuned.options and tuned.options[k] != v}
+            if clash:
+                raise ValueError(f"the grid stored for {args.sampler} at {nfe} NFE was tuned with "
+                                 + ", ".join(f"--{k} {t}" for k, (_, t) in clash.items())
+                                 + "; sample with those options, or choose a named grid with --grid")
+            options = {**tuned.options, **options}
+            grid = tuned.grid
+            given = "".join(f" --{k} {v}" for k, v in tuned.options.items())
+            print(f"using the grid tuned for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (fitted "
+                  f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid); "
+                  f"--grid overrides it", file=sys.stderr)
+    with torch.no_grad():
+        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=grid, y=y,
+                   generator=torch.Generator().manual_seed(args.seed), **options)
+    x = r.x.cpu()
+    if args.guidance is not None:
+        warn_out_of_range(x, data_bound(model, args.seed), f"--guidance {args.guidance:g}")
+    if out.suffix == ".npy":
+        save(out, npy(x.numpy()))
+    elif x.ndim == 4:
+        save(out, lambda p: figures.image_grid(from_unit_range(x), p))
+    else:
+        save(out, lambda p: figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, p, xlim=args.xlim,
+                                                    ylim=args.ylim))
+    print(f"{args.n} samples with {args.sampler} ({r.nfe} model evaluations) -> {out}")
+    return 0
+
+
+SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol")
+
+
+def sampler_options(args) -> dict:
+    """The sampler options given on the command line, each checked to apply to the chosen sampler."""
+    import inspect
+
+    def takes(name, option):  # dpm++2m/3m fix their order in the name; form is second order's
+        if "dpm++" in name and option in ("order", "form"):
+            return option == "form" and name == "dpm++2m"
+        return option in inspect.signature(SAMPLERS[name].fn).parameters
+
+    options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
+    for k in options:
+        if not takes(args.sampler, k):
+            raise ValueError(f"--{k} does not apply to sampler {args.sampler!r}; it applies to "
+                             f"{sorted(n for n in SAMPLERS if takes(n, k))}")
+    return options
+
+
+def tune_grid_cmd(args) -> int:
+    """Fit the time points of an NFE-evaluation grid to the run's model and store them in RUN/grids.json;
+    `unstir sample` with the same sampler and --steps then uses them (and says so)."""
+    from ..runs import load_run
+    from ..tuning import save_tuned, tune_grid
+
+    from ..tuning import GRIDS_FILE, _key, _read_grids
+
+    options = sampler_options(args)
+    if args.sampler == "edm":
+        options["churn"] = 0.0
+    stored = Path(args.run) / GRIDS_FILE
+    if stored.exists() and _key(args.sampler, args.nfe) in _read_grids(stored) and not args.force:
+        raise ValueError(f"{str(stored)!r} already holds a grid for {args.sampler} at {args.nfe} NFE; pass --force to "
+                         f"replace it (the new one is stored only if it beats the best named grid)")
+    model = load_run(args.run, ema=not args.no_ema, device=args.device)
+    tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
+                      progress=not args.quiet, **options)
+    summary = (f"{args.sampler} at {args.nfe} NFE: mean endpoint error {tuned.error:.4g} (best named grid "
+               f"{tuned.start!r}: {tuned.error_start:.4g}) on {tuned.n} prior samples; cost {tuned.evaluations} model "
+               f"evaluations, {tuned.seconds:.1f} s")
+    if not tuned.error < tuned.error_start:
+        print(f"{summary}: no grid beat the named one, nothing stored")
+        return 0
+    path = save_tuned(args.run, tuned)
+    print(f"{summary} -> {path}")
+    print("times: " + " ".join(f"{t:.5g}" for t in tuned.times))
+    return 0
+
+
+def register(sub) -> None:
+    deterministic = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
+    sa = sub.add_parser("sample", help="sample from a trained run", description=sample_cmd.__doc__)
+    add_run(sa)
+    sa.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS),
+                    help="see `unstir list` (default: dpm++2m)")
+    add_steps(sa, None, "grid intervals; the model evaluations are reported. For ode_rk45 only the output grid: its "
+              "cost is set by --rtol/--atol")
+    sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers; a grid "
+                    "stored by `unstir tune-grid` for this sampler and NFE is used)")
+    sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
+    add_count(sa, 1000, "number of samples")
+    add_out(sa, "samples.png (image grid, clipped to 0-255, or scatter plot) or samples.npy (the model's "
+            "coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot)", default="samples.png")
+    add_class(sa)
+    add_guidance(sa, "guidance strength (default: none): classifier-free (diffusers/Imagen scale s: 0 "
+                 "unconditional, 1 conditional; Ho & Salimans' w = s - 1), or with --classifier the classifier "
+                 "gradient's weight (default there: 1 = Bayes' rule)")
+    sa.add_argument("--classifier", help="classifier folder from `unstir train-classifier`: classifier guidance")
+    sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0)")
+    sa.add_argument("--order", type=int, help="deis (1-4, default 3), ipndm (1-4, default 4), unipc (1-3, default 3)")
+    sa.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's second-order term: Lu et al. "
+                    "Algorithm 2 (midpoint, default) or the phi_2 integral (taylor)")
+    sa.add_argument("--snr", type=float, help="pc: Langevin corrector signal-to-noise ratio (default: 0.075)")
+    sa.add_argument("--churn", type=float, help="edm: S_churn (default: 10)")
+    sa.add_argument("--rtol", type=float, help="ode_rk45: relative tolerance (default: 1e-5)")
+    sa.add_argument("--atol", type=float, help="ode_rk45: absolute tolerance (default: 1e-5)")
+    add_seed(sa)
+    sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sa.add_argument("--xlim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot x range (default: from the samples)")
+    sa.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot y range (default: from the samples)")
+    add_device(sa)
+    sa.set_defaults(func=sample_cmd)
+
+    tg = sub.add_parser("tune-grid", help="fit a sampler's time grid to the run's model (stored in the run)",
+                        description=tune_grid_cmd.__doc__)
+    add_run(tg)
+    tg.add_argument("--sampler", default="dpm++2m", choices=sorted(set(deterministic) - {"ode_rk45"} | {"edm"}),
+                    help="deterministic fixed-grid sampler (edm runs with churn 0) (default: dpm++2m)")
+    tg.add_argument("--nfe", type=int, default=8, help="model evaluations of the grid (default: 8)")
+    add_count(tg, 256, "prior samples the grid is fitted on")
+    tg.add_argument("--max-evals", type=int, default=300, help="bound on the optimiser's trial grids, each costing "
+                    "NFE evaluations on the batch (default: 300)")
+    tg.add_argument("--order", type=int, help="deis, ipndm, unipc order (default: the sampler's)")
+    tg.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's second-order term (default: midpoint)")
+    add_seed(tg, "the fitting batch")
+    tg.add_argument("--no-ema", action="store_true", help="tune for the raw weights instead of the EMA")
+    add_device(tg)
+    add_quiet(tg)
+    tg.add_argument("--force", action="store_true", help="replace a grid stored for this sampler and NFE")
+    tg.set_defaults(func=tune_grid_cmd)

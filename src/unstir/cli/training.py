@@ -1,0 +1,122 @@
+"""`unstir train` and `unstir train-classifier`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..losses import WEIGHTINGS
+from ..parametrization import PREDICTIONS
+from ..processes import PROCESSES
+from .common import add_device, add_quiet, add_seed
+
+def train_cmd(args) -> int:
+    """Train a score model by denoising score matching and write a run folder (safetensors checkpoints,
+    config, log.jsonl). Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP),
+    each process on its own shard of every global batch."""
+    from ..runs import read_run_info
+    from ..training import TrainConfig, train
+
+    if not hasattr(args, "out"):
+        args.out = str(Path("runs") / Path(getattr(args, "data", "moons")).stem)
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    given = {k: v for k, v in vars(args).items() if k in fields}  # only the options on the command line
+    resume = getattr(args, "resume", None)
+    if resume == "auto":  # a requeued job: continue the run if there is one, else start it
+        resume = (Path(args.out) / "run.json").exists()
+    resume = bool(resume)
+    if resume and (Path(args.out) / "run.json").exists():
+        # Resume the recorded run; options given again must agree with it (checked by `train`).
+        cfg = TrainConfig(**{**read_run_info(args.out)["config"], **given})
+    else:
+        cfg = TrainConfig(**given)
+    result = train(cfg, args.out, resume=resume, progress=not getattr(args, "quiet", False))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run folder: {result.run} (step {result.step})")
+    return 130 if result.interrupted else 0
+
+
+def train_classifier_cmd(args) -> int:
+    """Train a noise-conditional classifier p_t(y | x_t) on labelled data (digits, moons, ...) for classifier
+    guidance: `unstir sample --run R --classifier C --class 3 --guidance 2`."""
+    from ..training import TrainConfig, train_classifier
+
+    cfg = TrainConfig(data=args.data, process=args.process, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, device=args.device)
+    run = train_classifier(cfg, args.out, progress=not args.quiet, force=args.force)
+    from ..runs import read_run_info
+
+    accuracy = read_run_info(run).get("accuracy", {})
+    if accuracy:
+        print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    print(f"classifier folder: {run}")
+    return 0
+
+
+def register(sub) -> None:
+    # Options left out are absent from args (SUPPRESS), so --resume can tell what the user asked to change.
+    tr = sub.add_parser("train", help="train a score model (torchrun for several processes)", description=train_cmd.__doc__,
+                        argument_default=argparse.SUPPRESS)
+    tr.add_argument("--data", help="moons, swiss_roll, circles, checkerboard, ring, unequal_2d, digits, a folder "
+                    "of PNG/JPEG images (8-bit, scaled to [-1, 1]) or a .npy file: vectors as given, float images "
+                    "as given (expected in [-1, 1]), integer images as 8-bit levels 0..255 (default: moons)")
+    tr.add_argument("--out", help="run folder (refused if it already holds a run, unless --resume; default: "
+                    "runs/<data name>)")
+    tr.add_argument("--process", choices=sorted(PROCESSES), help="forward process (default: vp)")
+    tr.add_argument("--prediction", choices=list(PREDICTIONS),
+                    help="what the network predicts (default: eps; velocity is flow matching, e.g. with --process rf)")
+    tr.add_argument("--weighting", choices=["auto", *WEIGHTINGS],
+                    help="loss weighting: DDPM's simple eps loss, sigma^2 (score_sde), g^2 with importance-"
+                         "sampled t, or the flow-matching velocity loss (default: velocity for --prediction "
+                         "velocity, else simple)")
+    tr.add_argument("--steps", type=int, help="optimizer steps in total (default: 4000)")
+    tr.add_argument("--batch-size", dest="batch_size", type=int,
+                    help="global batch size, split across processes (default: 512)")
+    tr.add_argument("--lr", type=float, help="AdamW peak learning rate (default: 2e-3)")
+    tr.add_argument("--warmup", type=int, help="linear warm-up steps, then cosine decay; must be shorter than the "
+                    "run (default: 200, or a tenth of a run shorter than 2000 steps)")
+    tr.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient-norm clipping (default: 1.0)")
+    tr.add_argument("--ema-decay", dest="ema_decay", type=float,
+                    help="EMA of the weights, used for sampling (default: 0.999)")
+    tr.add_argument("--seed", type=int, help="seed for data, initialisation and noise (default: 0)")
+    tr.add_argument("--size", type=int, help="resize/crop images to this size (image data only)")
+    tr.add_argument("--mode", choices=["L", "RGB"], help="image colour mode (default: L)")
+    tr.add_argument("--class-conditional", dest="class_conditional", action="store_true",
+                    help="condition the network on the data set's class labels (digits, moons, circles, ring, "
+                         "unequal_2d), for classifier-free guidance")
+    tr.add_argument("--label-dropout", dest="label_dropout", type=float,
+                    help="with --class-conditional: share of labels trained as the null label (default: 0.1)")
+    tr.add_argument("--discrete", action="store_true", help="integer DDPM timesteps (process ddpm)")
+    tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                    help="steps between checkpoints (default: 1000; one is always written at the end)")
+    tr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    tr.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    tr.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                    help="continue the run in --out exactly where it stopped, with its recorded settings (`--resume "
+                         "auto`: resume if --out holds a run, else start one, for a requeued job); only "
+                         "--steps, --checkpoint-every and --device may change. A longer --steps stretches the "
+                         "cosine decay from the current learning rate to the new end (a finished run restarts it "
+                         "from --lr: a warm restart); the change is recorded in run.json")
+    tr.add_argument("--threads", type=int, help="intra-op CPU threads (default: 1 for vector data, where one "
+                    "thread is 18%% slower alone but 3x faster beside another job; torch's default for images)")
+    tr.add_argument("--nonfinite", choices=["stop", "skip"],
+                    help="a non-finite loss or gradient: stop naming the step (default), or skip the batch and "
+                         "count it in log.jsonl")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars (notices and warnings still show)")
+    tr.set_defaults(func=train_cmd)
+
+    tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
+                        description=train_classifier_cmd.__doc__)
+    tc.add_argument("--data", default="digits", help="labelled data: digits, moons, circles, ring, unequal_2d "
+                    "(default: digits)")
+    tc.add_argument("--out", required=True, help="folder for the classifier")
+    tc.add_argument("--force", action="store_true", help="replace the classifier in --out (never a model run)")
+    tc.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="the model's process (default: vp)")
+    tc.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    tc.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="batch size (default: 256)")
+    tc.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default: 1e-3)")
+    add_seed(tc, "data, initialisation and noise")
+    add_device(tc)
+    add_quiet(tc)
+    tc.set_defaults(func=train_classifier_cmd)
