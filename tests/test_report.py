@@ -59,3 +59,28 @@ def test_report_errors(tmp_path, capsys):
     (tmp_path / "run.json").write_text("{}")
     assert main(["report", "--run", str(tmp_path)]) == 2
     assert "has no checkpoint yet" in capsys.readouterr().err
+
+
+def test_report_figures_are_readable():
+    """The NFE axis is labelled at the evaluation counts only (no crowded minor labels), and small images are
+    enlarged: a 10-frame strip of 8x8 digits is at least 400 px wide."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from unstir import figures
+    from unstir.figures import plt
+    from unstir.report import _images
+
+    fig, ax = plt.subplots()
+    ax.loglog([4, 6, 8, 10, 12, 20, 40, 80], [1, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01])
+    figures.label_counts(ax, [4, 6, 10, 20, 40, 8, 12, 20, 40, 80])
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    minor = [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]
+    plt.close(fig)
+    assert shown == ["4", "6", "8", "10", "12", "20", "40", "80"] and minor == []
+    uri = _images(torch.zeros(10, 1, 8, 8), 10)
+    png = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert png.size[0] >= 400

@@ -97,6 +97,17 @@ def interpolation_path(data: torch.Tensor, frames: torch.Tensor, path: Path) -> 
     plt.close(fig)
 
 
+def label_counts(ax, counts) -> None:
+    """Label a log x axis at the given counts only (evaluation counts): its default labels crowd the minor
+    ticks between them."""
+    import matplotlib.ticker as ticker
+
+    ax.xaxis.set_major_locator(ticker.FixedLocator(sorted(set(counts))))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%d"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.tick_params(axis="x", labelsize=8)
+
+
 def conditioned_samples(data: torch.Tensor, samples: torch.Tensor, path: Path, title: str) -> None:
     """Posterior samples of 2-D data (the first two coordinates) over the data, with axes."""
     fig, ax = plt.subplots(figsize=(4.6, 4.4))

@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib.ticker
 import torch
 from tqdm import tqdm
 
@@ -156,11 +155,7 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
         cost = [k * (2 if s == "ode_heun" else 1) for k in nfes]
         ticks.update(cost)
         ax.loglog(cost, errs, "o-", label=s)
-    # Labels only at the evaluation counts used (log axes otherwise label crowded minor ticks).
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted(ticks)))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.tick_params(axis="x", labelsize=8)
+    figures.label_counts(ax, ticks)
     ax.set_xlabel("model evaluations")
     ax.set_ylabel("distance to a tight PF-ODE solve")
     ax.legend(fontsize=8)
