@@ -337,6 +337,7 @@ def overhead(steps: int = 50, repeats: int = 5) -> list[str]:
         ("ddim / DDIMScheduler", "ddim", {}, lambda: d.DDIMScheduler(**COMMON, clip_sample=False)),
         ("ddpm / DDPMScheduler", "ddpm", {}, lambda: d.DDPMScheduler(**COMMON, clip_sample=False)),
         ("ode_euler / EulerDiscrete", "ode_euler", {}, lambda: d.EulerDiscreteScheduler(**COMMON)),
+        ("ode_heun / HeunDiscrete (2 evals)", "ode_heun", {}, lambda: d.HeunDiscreteScheduler(**COMMON)),
         ("dpm++2m / DPMSolverMultistep", "dpm++2m", {}, lambda: d.DPMSolverMultistepScheduler(**COMMON)),
         ("dpm++3m / DPMSolverMultistep(3)", "dpm++3m", {},
          lambda: d.DPMSolverMultistepScheduler(**COMMON, solver_order=3)),

@@ -56,6 +56,8 @@ def from_eps(kind: str, eps: Tensor, x: Tensor, c: Coefficients) -> Tensor:
     if kind == "score":
         return -eps / c.sigma
     if kind == "velocity":
+        if isinstance(c.drift, float):  # one time for the batch: two fused ops
+            return torch.add(x * c.drift, eps, alpha=c.g2 / (2 * c.sigma))
         return c.drift * x + (c.g2 / (2 * c.sigma)) * eps
     check_choice("prediction", kind, PREDICTIONS)
 

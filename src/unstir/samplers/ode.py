@@ -38,9 +38,9 @@ def ode_heun(model, x, grid, *, generator=None, callback=None):
     def step(x, t, s):
         out = model(x, t)
         d1 = out.velocity
-        x_euler = x + d1 * (s - t)
+        x_euler = torch.add(x, d1, alpha=s - t)  # fused: x + (s - t) d1
         d2 = model(x_euler, s).velocity
-        return x + 0.5 * (d1 + d2) * (s - t), out
+        return torch.add(x, d1 + d2, alpha=0.5 * (s - t)), out
 
     return integrate(model, x, grid, step, callback)
 
