@@ -339,3 +339,38 @@ def test_finite_check_is_one_reduction_but_exact():
         y[5, 1] = bad
         with pytest.raises(FloatingPointError, match=r"NaN or inf at step 3 .* in 1 of 64 samples"):
             check_finite(y, "step 3 (t = 1 -> 0.5)")
+
+
+@pytest.mark.parametrize("name", ["vp", "vp_cosine", "subvp", "ve", "ddpm", "rf"])
+def test_analytic_first_step_is_the_limit_of_eps_at_T(name):
+    """AFS (Zhou et al. 2024) replaces eps(x_T, T) by x_T / sigma_T. By Tweedie the gap is alpha_T E[x0 | x_T] /
+    sigma_T, so on x_T drawn from the exact p_T it is at most alpha_T / sigma_T times the largest component-mean
+    norm (+ 2%), and typically alpha_T |E x0| / sigma_T: checked against the oracle's eps on every process.
+    Without the 1/sigma_T (VE: a factor 50) the check fails."""
+    from unstir.oracle import unequal_2d
+    from unstir.samplers import analytic_first_step
+
+    gm, p = unequal_2d(), unstir.make_process(name)
+    a, s = p.alpha(p.T).item(), p.sigma(p.T).item()
+    x0 = gm.sample(2000, torch.Generator().manual_seed(0))
+    x_T = a * x0 + s * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gaps = (gm.eps(x_T, p.T, p) - analytic_first_step(p, x_T).eps).norm(dim=1)
+    bound = a / s * gm.means.norm(dim=1).max().item() * 1.02
+    assert gaps.max().item() <= bound, (gaps.max().item(), bound)
+    # To first order E[x0 | x_T] is the data mean: the typical gap is alpha_T |E x0| / sigma_T (within 30%).
+    typical = a / s * (gm.weights @ gm.means).norm().item()
+    assert 0.7 * typical < gaps.median().item() < 1.3 * typical, (gaps.median().item(), typical)
+
+
+def test_afs_saves_one_evaluation_and_refuses_where_it_has_no_first_step():
+    from unstir.oracle import unequal_2d
+
+    gm, p = unequal_2d(), unstir.make_process("vp")
+    x_T = p.prior_sample((64, 2), torch.Generator().manual_seed(2), dtype=torch.float64)
+    for sampler in ("dpm++2m", "ipndm", "unipc", "ddim", "deis"):
+        plain = unstir.sample(gm.denoiser(p), p, x_T, sampler=sampler, steps=6)
+        fast = unstir.sample(gm.denoiser(p), p, x_T, sampler=sampler, steps=6, afs=True)
+        assert fast.nfe == plain.nfe - 1
+        assert (fast.x - plain.x).norm(dim=1).mean() < 0.05  # the limit is within 0.0066 |E x0| of eps at T
+    with pytest.raises(ValueError, match="afs replaces the first evaluation at T"):
+        unstir.sample(gm.denoiser(p), p, x_T, sampler="ode_rk45", afs=True)
