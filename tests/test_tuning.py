@@ -102,6 +102,9 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     assert "using the grid tuned for dpm++2m at 5 NFE" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--steps", "6", "-n", "50", "--out", str(tmp_path / "b.npy")]) == 0
     assert "using the grid tuned" not in capsys.readouterr().err
+    # --afs buys a grid step for free: --nfe 5 runs 6 steps for 5 evaluations (a tuned grid is fitted without it)
+    assert main(["sample", "--run", str(run), "--nfe", "5", "--afs", "-n", "50", "--out", str(tmp_path / "f.npy")]) == 0
+    assert "(5 model evaluations)" in capsys.readouterr().out
     # A stored grid is never replaced without --force, and an unfitted one is never stored.
     before = (run / "grids.json").read_text()
     assert main(["tune-grid", "--run", str(run), "--nfe", "5", "-n", "64", "--max-evals", "20", "--quiet"]) == 2

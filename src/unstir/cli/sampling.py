@@ -54,10 +54,10 @@ def sample_cmd(args) -> int:
     if args.nfe is not None:
         if args.steps is not None:
             raise ValueError("give --steps or --nfe, not both")
-        args.steps = steps_for_nfe(args.sampler, args.nfe)
+        args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0))  # AFS: a step for free
     args.steps = 20 if args.steps is None else args.steps
     grid = args.grid
-    if grid is None:  # a grid tuned for this sampler and NFE (`unstir tune-grid`) beats the named default
+    if grid is None and not args.afs:  # a grid tuned (without AFS) for this sampler and NFE (`unstir tune-grid`) beats the named default
         nfe = nfe_for_steps(args.sampler, args.steps)
         tuned = load_tuned(args.run, model.process, args.sampler, nfe)
         if tuned is not None:
@@ -73,7 +73,7 @@ def sample_cmd(args) -> int:
                   f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid); "
                   f"--grid overrides it", file=sys.stderr)
     with torch.no_grad():
-        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=grid, y=y,
+        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=grid, y=y, afs=args.afs,
                    generator=torch.Generator().manual_seed(args.seed), **options)
     x = r.x.cpu()
     if args.guidance is not None:
@@ -150,6 +150,8 @@ def register(sub) -> None:
     sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers; a grid "
                     "stored by `unstir tune-grid` for this sampler and NFE is used)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
+    sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
+                    "replaced by x_T / sigma_T, one evaluation fewer (fixed-grid samplers)")
     add_count(sa, 1000, "number of samples")
     add_out(sa, "samples.png (image grid, clipped to 0-255, or scatter plot) or samples.npy (the model's "
             "coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot)", default="samples.png")
