@@ -92,7 +92,12 @@ def analytic_first_step(process: Process, x: Tensor) -> ModelOutput:
     so E[x0 | x_T] is the data mean,
     taken as 0 (centred data, as images in [-1, 1] nearly are): eps_T = x_T / sigma_T, in the paper's EDM
     coordinates d = (x - D(x)) / sigma with D = 0. The error is alpha_T |E[x0 | x_T]| / sigma_T <= alpha_T R /
-    sigma_T for data within radius R of the origin (tests/test_samplers.py checks it on the oracle)."""
+    sigma_T for data within radius R of the origin (tests/test_samplers.py checks it on the oracle).
+
+    What it replaces is the model's output, so every sampler and model takes it unchanged: a multistep solver
+    keeps the analytic value in its history like any evaluation (the paper describes the first step only; this
+    is our reading for multistep solvers). For a guided or conditional model the limit is the same x_T / sigma_T,
+    with the class's or the posterior's mean in place of the data's in the error."""
     c = coefficients(process, process.T)
     return ModelOutput(x, process.T, c, x / c.sigma, "eps")
 
