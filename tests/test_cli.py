@@ -19,6 +19,11 @@ def test_oracle_demo_writes_figures_and_summary(tmp_path, capsys):
 def test_list_and_help():
     out = subprocess.run([sys.executable, "-m", "unstir.cli", "list"], capture_output=True, text=True, check=True).stdout
     assert "dpm++3m" in out and "ddpm" in out and "log_snr" in out
+    # every name `train` and `inpaint` take is listed too
+    for line in ("data:        moons, swiss_roll", "predictions: eps, x0, v, score, velocity",
+                 "weightings:  auto, simple, sigma2, likelihood, velocity", "networks:    mlp, unet",
+                 "inpaint methods: replacement, repaint, dps, pigdm, smc"):
+        assert line in out, line
     help_text = subprocess.run([sys.executable, "-m", "unstir.cli", "demo", "--help"], capture_output=True,
                                text=True, check=True).stdout
     assert "--process" in help_text and "--train-steps" in help_text
