@@ -128,13 +128,14 @@ USES = {
                                             generator=_gen()).x,
 }
 
-_DETACHED = "this model's output is detached from its input"
 # (row, use) -> the start of the one-line refusal
 REFUSED = {
     (f"detached network ({k})", use): why for k in ("eps", "x0") for use, why in (
-        ("log_likelihood exact", "the divergence needs the model's output as a differentiable function of x"),
-        ("log_likelihood hutchinson", "the divergence needs the model's output as a differentiable function of x"),
-        ("dps", "dps differentiates the model's x0 prediction in x"))
+        ("log_likelihood exact", "the likelihood differentiates the model's output in x, but this model's output is "
+                                 "detached"),
+        ("log_likelihood hutchinson", "the likelihood differentiates the model's output in x, but this model's "
+                                      "output is detached"),
+        ("dps", "dps differentiates the model's output in x, but this model's output is detached"))
 }
 
 _cache: dict = {}

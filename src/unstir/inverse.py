@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .guidance import keeps_graph
-from .parametrization import ModelOutput
+from .parametrization import ModelOutput, in_graph
 from .processes import coefficients
 from .samplers import SampleResult
 from .samplers.base import noise_like
@@ -155,7 +155,7 @@ class _Guidance:
             xg = x if differentiate else x.detach().requires_grad_(True)
             out = self.model(xg, t, y)
             grad = self.log_likelihood_grad(xg, out, create_graph=differentiate)
-        eps = out.eps if differentiate else out.eps.detach()
+        eps, grad = (out.eps, grad) if differentiate else (out.eps.detach(), grad.detach())
         # Adding grad to the score subtracts sigma * grad from eps (eps = -sigma score).
         return ModelOutput(x, t, out.c, eps - out.c.sigma * grad.to(x.dtype), "eps")
 
@@ -191,14 +191,8 @@ class PiGDM(_Guidance):
             return scale * m.At(v.to(x.dtype)).reshape(x.shape)
         # (d x0_hat / d x)^T A^T v, the vector-Jacobian product of x0_hat; with create_graph it is differentiable
         # in x through both the Jacobian and v.
-        if not out.pred.requires_grad:
-            raise ValueError(_DETACHED.format(what="pigdm(jacobian='vjp')"))
-        ax0 = m.A(out.x0)
+        ax0 = m.A(in_graph(out, "pigdm(jacobian='vjp')").x0)
         return torch.autograd.grad(ax0, x, v.to(ax0.dtype), create_graph=create_graph)[0]
-
-
-_DETACHED = ("{what} differentiates the model's x0 prediction in x, but this model's output is detached from its "
-             "input (no gradient flows through it)")
 
 
 def pigdm(model, measurement: Measurement, data_var: float = 1.0, *, jacobian: str = "gaussian") -> PiGDM:
@@ -241,13 +235,11 @@ def dps_step(model, measurement: Measurement, x: Tensor, t: float, s: float, *, 
 
     Two departures, both stated: the norm in zeta_b is each sample's own (the reference code takes one norm
     over the whole batch, so a sample's step depends on its batch mates); and the reference code's ``scale``
-    multiplies grad ||r|| (un-squared), which is 2 zeta grad-of-the-squared-norm / 2: its scale is 2 zeta
+    multiplies grad ||r|| (un-squared). Since zeta grad ||r||^2 / ||r|| = 2 zeta grad ||r||, its scale is 2 zeta
     in the paper's convention used here. At s = 0 the ancestral step is x0_hat itself."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        out = model(xg, t)
-        if not out.pred.requires_grad:
-            raise ValueError(_DETACHED.format(what="dps"))
+        out = in_graph(model(xg, t), "dps")
         sq = (measurement.observed(x.shape[0], x) - measurement.A(out.x0)).pow(2).sum(1)
         grad = torch.autograd.grad(sq.sum(), xg)[0]
     out = ModelOutput(x, t, out.c, out.pred.detach(), out.kind)
@@ -412,12 +404,11 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
         out = ModelOutput(x, t, out.c, out.pred.detach(), out.kind)
         return out, -0.5 * quad, grad.detach()
 
-    def mean(out, eps, x, t, s):
-        ct, cs = coefficients(process, t), coefficients(process, s)
-        a = ct.alpha / cs.alpha
-        post = cs.sigma * math.sqrt(max(ct.sigma**2 - (a * cs.sigma) ** 2, 0.0)) / ct.sigma
-        x0 = (x - ct.sigma * eps) / ct.alpha
-        return cs.alpha * x0 + math.sqrt(max(cs.sigma**2 - post**2, 0.0)) * eps, post
+    def mean(eps, x, t, s):
+        """The DDPM step's mean for this eps (the shared ``ddim_update`` without noise), and its std."""
+        cs, post = coefficients(process, s), _kernel(model, t, s)[2]
+        return ddim_update(ModelOutput(x, t, coefficients(process, t), eps, "eps"), cs.alpha, cs.sigma, post, 0.0,
+                           None), post
 
     def resample(x, out, logtw, grad, logw):
         """Multinomial resampling of the groups whose effective sample size fell below half."""
@@ -449,8 +440,8 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
                 x = x + m.pinv(m.observed(total, x) - m.A(x))
             break
         eps_u = out.eps
-        mean_u, post = mean(out, eps_u, x, t, s)
-        mean_g, _ = mean(out, eps_u - out.c.sigma * grad.to(eps_u.dtype), x, t, s)
+        mean_u, post = mean(eps_u, x, t, s)
+        mean_g, _ = mean(eps_u - out.c.sigma * grad.to(eps_u.dtype), x, t, s)
         x = mean_g + post * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         out, logtw_s, grad = twist(x, s)
         log_kernel = ((x - mean_g).pow(2) - (x - mean_u).pow(2)).flatten(1).sum(1).to(torch.float64) / (2 * post**2)

@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from ._checks import check_choice
+from .parametrization import in_graph
 from .pf_ode import divergence as divergence_of
 from .pf_ode import draw_probes
 from .processes import coefficients
@@ -139,7 +140,7 @@ def _solve(model, x, y, probes, rtol, atol, prior_logp, progress):
         c = process.coefficients(process.t_from_log_snr(lam))
         xbar = state[:, :d].reshape(batch, *shape)
         alpha = c.alpha.reshape(-1, *([1] * len(shape)))
-        eps, div = divergence_of(lambda z: _eps_in_graph(model(z, process.t_from_log_snr(lam), y)),
+        eps, div = divergence_of(lambda z: in_graph(model(z, process.t_from_log_snr(lam), y), "the likelihood").eps,
                                  (alpha * xbar).to(x.dtype), probes)
         done = round(1000 * ((lam - lam0) / (lamT - lam0)).min().item())
         if done > bar.n:
@@ -167,18 +168,6 @@ def _solve(model, x, y, probes, rtol, atol, prior_logp, progress):
     prior = (prior_logp or process.prior_logp)(x_T).to(torch.float64)
     rest = d * (math.log(cT.alpha) - math.log(c0.alpha)) + end[:, d:]
     return prior, rest, x_T, calls
-
-
-def _eps_in_graph(out) -> Tensor:
-    """The model's eps, refusing a prediction that is detached from x: its eps would still depend on x through
-    the conversion (x0 -> eps is (x - alpha x0) / sigma), and the divergence would be silently wrong."""
-    if not out.pred.requires_grad:
-        raise ValueError(DETACHED)
-    return out.eps
-
-
-DETACHED = ("the divergence needs the model's output as a differentiable function of x, but this model's output is "
-            "detached from its input (no gradient flows through it)")
 
 
 def _check_data(model, x, levels, continuous) -> Tensor:

@@ -115,6 +115,16 @@ class ModelOutput:
         return self._get("velocity")
 
 
+def in_graph(out: ModelOutput, use: str) -> ModelOutput:
+    """``out``, or a one-line refusal when its prediction is detached from x: a use that differentiates the
+    model (the likelihood's divergence, DPS, PiGDM's vjp) would otherwise see only the conversion's own x
+    (x0 -> eps is (x - alpha x0) / sigma) and be silently wrong."""
+    if not out.pred.requires_grad:
+        raise ValueError(f"{use} differentiates the model's output in x, but this model's output is detached from "
+                         f"its input (no gradient flows through it)")
+    return out
+
+
 @runtime_checkable
 class Model(Protocol):
     """What every sampler, loss, likelihood and guidance wrapper needs of a model.

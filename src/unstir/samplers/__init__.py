@@ -89,9 +89,8 @@ def analytic_first_step(process: Process, x: Tensor) -> ModelOutput:
     Derivation, for every process at once: Tweedie gives E[eps | x_T] = (x_T - alpha_T E[x0 | x_T]) / sigma_T
     exactly. At T the signal is drowned (alpha_T / sigma_T is 0.0066 on linear VP, 0.0064 on DDPM's 1000
     steps, 0.0084 on cosine VP, 0.0066 on sub-VP, 0.001 on rf, 1/sigma_max = 0.02 on VE at the defaults),
-    so E[x0 | x_T] is the data mean,
-    taken as 0 (centred data, as images in [-1, 1] nearly are): eps_T = x_T / sigma_T, in the paper's EDM
-    coordinates d = (x - D(x)) / sigma with D = 0. The error is alpha_T |E[x0 | x_T]| / sigma_T <= alpha_T R /
+    so E[x0 | x_T] is the data mean, taken as 0 (centred data, as images in [-1, 1] nearly are):
+    eps_T = x_T / sigma_T, in the paper's EDM coordinates d = (x - D(x)) / sigma with D = 0. The error is alpha_T |E[x0 | x_T]| / sigma_T <= alpha_T R /
     sigma_T for data within radius R of the origin (tests/test_samplers.py checks it on the oracle).
 
     What it replaces is the model's output, so every sampler and model takes it unchanged: a multistep solver
