@@ -18,15 +18,21 @@ def _case(d):
 @pytest.mark.parametrize("name", ["vp", "vp_cosine", "subvp", "ve", "ddpm", "rf"])
 @pytest.mark.parametrize("d,n", [(2, 200), (16, 100), (64, 12)])
 def test_exact_likelihood_matches_the_oracle(name, d, n):
-    """Exact score, exact divergence, default tolerances, the exact log p_T as the prior (so only the solver
-    errs): every sample's error against the exact log p_{t_min}(x) is below 0.005 nats per dimension, on
-    every process."""
+    """Exact score, exact divergence, the exact log p_T as the prior (so only the solver errs). The default
+    (accuracy=0.01 nats/dim) meets it: the 90th percentile of the per-sample error against the exact
+    log p_{t_min}(x) is at most 0.01 nats per dimension, and the median sample needs at most 100 evaluations
+    (benchmarks/likelihood.py measured p90 0.0008-0.0067 on these cases). A tenfold tighter target holds every
+    sample's error below 0.005."""
     p, gm = unstir.make_process(name), _case(d)
     x = gm.sample(n, torch.Generator().manual_seed(0))
+    exact = gm.marginal_log_prob(x, p.t_min, p)
     r = log_likelihood(gm.denoiser(p), x, prior_logp=lambda z: gm.marginal_log_prob(z, p.T, p))
-    err = (r.nats - gm.marginal_log_prob(x, p.t_min, p)).abs().max().item() / d
-    assert err < 0.005, err
-    assert r.stderr is None and r.nfe < 300
+    err = (r.nats - exact).abs() / d
+    assert err.quantile(0.9).item() <= 0.01, err.quantile(0.9).item()
+    assert r.sample_nfe.float().median().item() <= 100, r.sample_nfe
+    assert r.stderr is None and r.nfe == r.sample_nfe.max().item() and r.nfe < 200
+    tight = log_likelihood(gm.denoiser(p), x[:24], accuracy=1e-3, prior_logp=lambda z: gm.marginal_log_prob(z, p.T, p))
+    assert ((tight.nats - exact[:24]).abs() / d).max().item() < 0.005
 
 
 def test_divergence_of_the_pf_ode_field_equals_its_closed_form():
@@ -86,7 +92,8 @@ def test_same_sample_same_likelihood_in_any_batch(divergence):
 
 def test_prior_mismatch_shrinks_as_sigma_max_grows():
     """With the exact log p_T the ODE error alone remains (tiny); with the N(0, sigma_max^2) prior the gap
-    is the prior mismatch, and it shrinks as sigma_max grows."""
+    is the prior mismatch, and it shrinks as sigma_max grows. A tight accuracy keeps the ODE error well below
+    the smallest gap."""
     gm = unequal_2d()
     x = gm.sample(100, torch.Generator().manual_seed(8))
     gaps = []
@@ -94,8 +101,9 @@ def test_prior_mismatch_shrinks_as_sigma_max_grows():
         p = unstir.make_process("ve", sigma_max=sigma_max)
         model = gm.denoiser(p)
         exact = gm.marginal_log_prob(x, p.t_min, p)
-        with_prior = log_likelihood(model, x).nats
-        with_exact_pT = log_likelihood(model, x, prior_logp=lambda z: gm.marginal_log_prob(z, p.T, p)).nats
+        with_prior = log_likelihood(model, x, accuracy=1e-4).nats
+        with_exact_pT = log_likelihood(model, x, accuracy=1e-4,
+                                       prior_logp=lambda z: gm.marginal_log_prob(z, p.T, p)).nats
         assert (with_exact_pT - exact).abs().max() < 2e-3
         gaps.append((with_prior - exact).abs().mean().item())
     assert gaps[0] > gaps[1] > gaps[2], gaps
@@ -122,13 +130,14 @@ def test_quantised_data_bits_per_dim():
 def test_bits_per_dim_offset_is_that_of_the_declared_levels():
     """Per sample, with the dequantisation noise redrawn from the same seed: bits/dim = -(log p(x + u) +
     d log Delta) / (d ln 2) with Delta = 2/(L-1), to 2e-3 bits, where log p is the oracle's exact density.
-    At L = 17 an off-by-one offset (log2(L/2) instead of log2((L-1)/2)) is 0.087 bits/dim away."""
+    At L = 17 an off-by-one offset (log2(L/2) instead of log2((L-1)/2)) is 0.087 bits/dim away. The solve runs
+    at accuracy 1e-4 so that its own error stays far below that."""
     levels, d = 17, 2
     gm = unequal_2d()
     p = unstir.make_process("vp")
     k = ((gm.sample(50, torch.Generator().manual_seed(3)) + 1) * (levels - 1) / 2).round().clamp(0, levels - 1)
     x = k * 2 / (levels - 1) - 1
-    r = log_likelihood(gm.denoiser(p), x, levels=levels, generator=torch.Generator().manual_seed(4),
+    r = log_likelihood(gm.denoiser(p), x, levels=levels, generator=torch.Generator().manual_seed(4), accuracy=1e-4,
                        prior_logp=lambda z: gm.marginal_log_prob(z, p.T, p))
     u = (torch.rand(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype) - 0.5) * (2.0 / (levels - 1))
     exact = -(gm.marginal_log_prob(x + u, p.t_min, p) + d * math.log(2.0 / (levels - 1))) / (d * math.log(2))

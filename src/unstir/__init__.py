@@ -11,12 +11,12 @@ from .processes import DDPM, PROCESSES, RF, VE, VP, Coefficients, Process, SubVP
 from .runs import load_run
 from .samplers import SAMPLERS, SampleResult, sample
 from .training import TrainConfig, train
-from .tuning import TunedGrid, tune_grid
+from .tuning import TunedGrid, pilot_grid, tune_grid
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Coefficients", "DDPM", "Denoiser", "Model", "RF", "EXAMPLES", "GRIDS", "GaussianMixture", "ModelOutput", "PREDICTIONS", "PROCESSES",
     "LikelihoodResult", "Measurement", "Process", "SAMPLERS", "SampleResult", "SubVP", "TrainConfig", "VE", "VP", "cfg", "convert", "decode", "dps", "encode", "guided", "interpolate", "load_run", "log_likelihood", "make_process",
-    "pigdm", "repaint", "sample", "twisted_smc", "time_grid", "train", "TunedGrid", "tune_grid",
+    "pigdm", "pilot_grid", "repaint", "sample", "twisted_smc", "time_grid", "train", "TunedGrid", "tune_grid",
 ]

@@ -19,7 +19,7 @@ def likelihood_cmd(args) -> int:
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
     model = load_run(args.run, device=args.device)
     x, levels = held_out(model, args.data, args.n, args.seed)
-    r = log_likelihood(model, x, divergence=args.divergence, probes=args.probes, rtol=args.rtol, atol=args.atol,
+    r = log_likelihood(model, x, divergence=args.divergence, probes=args.probes, accuracy=args.accuracy, rtol=args.rtol, atol=args.atol,
                        levels=levels, batch_size=args.batch_size, y=args.label, generator=torch.Generator().manual_seed(args.seed),
                        progress=not args.quiet)
     d = x[0].numel()
@@ -132,8 +132,10 @@ def register(sub) -> None:
     lk.add_argument("--divergence", default="auto", choices=["auto", "exact", "hutchinson"],
                     help="exact (torch.func, default for d <= 64) or Hutchinson-Skilling probes (default: auto)")
     lk.add_argument("--probes", type=int, default=8, help="Hutchinson probes per sample (default: 8)")
-    lk.add_argument("--rtol", type=float, default=1e-5, help="solver relative tolerance (default: 1e-5)")
-    lk.add_argument("--atol", type=float, default=1e-5, help="solver absolute tolerance (default: 1e-5)")
+    lk.add_argument("--accuracy", type=float, default=0.01, help="target error in nats per dimension that sets the "
+                    "solver's error control (default: 0.01)")
+    lk.add_argument("--rtol", type=float, help="solver relative tolerance on the state (default: accuracy / 20)")
+    lk.add_argument("--atol", type=float, help="solver absolute tolerance on the state (default: accuracy / 20)")
     lk.add_argument("--batch-size", dest="batch_size", type=int, default=100, help="samples per solve (default: 100)")
     add_quiet(lk)
     lk.set_defaults(func=likelihood_cmd)

@@ -49,7 +49,7 @@ def sample_cmd(args) -> int:
     options = sampler_options(args)
     model, y = guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
     shape = (args.n, *model.data_shape)
-    from ..tuning import load_tuned, nfe_for_steps, steps_for_nfe
+    from ..tuning import load_tuned, nfe_for_steps, pilot_grid, save_tuned, steps_for_nfe, tunable
 
     if args.nfe is not None:
         if args.steps is not None:
@@ -57,9 +57,16 @@ def sample_cmd(args) -> int:
         args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0))  # AFS: a step for free
     args.steps = 20 if args.steps is None else args.steps
     grid = args.grid
-    if grid is None and not args.afs:  # a grid tuned (without AFS) for this sampler and NFE (`unstir tune-grid`) beats the named default
-        nfe = nfe_for_steps(args.sampler, args.steps)
-        tuned = load_tuned(args.run, model.process, args.sampler, nfe)
+    if grid is None and args.sampler in tunable():  # a grid fitted for this sampler and NFE beats the named one
+        nfe = nfe_for_steps(args.sampler, args.steps) - (1 if args.afs else 0)
+        tuned = load_tuned(args.run, model.process, args.sampler, nfe, args.afs)
+        if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
+                and y is None and not args.no_ema:
+            tuned = pilot_grid(model, args.sampler, nfe, n=PILOT_N, afs=args.afs, device=args.device, **options)
+            save_tuned(args.run, tuned)
+            print(f"placed the grid for {args.sampler} at {nfe} NFE{' with --afs' if args.afs else ''} by a pilot run "
+                  f"({tuned.evaluations} evaluations of {tuned.n} samples, {tuned.seconds:.1f} s; stored in "
+                  f"{args.run}/grids.json)", file=sys.stderr)
         if tuned is not None:
             clash = {k: (v, tuned.options[k]) for k, v in options.items() if k in tuned.options and tuned.options[k] != v}
             if clash:
@@ -69,9 +76,10 @@ def sample_cmd(args) -> int:
             options = {**tuned.options, **options}
             grid = tuned.grid
             given = "".join(f" --{k} {v}" for k, v in tuned.options.items())
-            print(f"using the grid tuned for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (fitted "
-                  f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid); "
-                  f"--grid overrides it", file=sys.stderr)
+            how = "placed by a pilot run" if tuned.method == "pilot" else "tuned"
+            print(f"using the grid {how} for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (its "
+                  f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid, on "
+                  f"{tuned.n} prior samples); --grid overrides it", file=sys.stderr)
     with torch.no_grad():
         r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=grid, y=y, afs=args.afs,
                    generator=torch.Generator().manual_seed(args.seed), **options)
@@ -88,6 +96,9 @@ def sample_cmd(args) -> int:
     print(f"{args.n} samples with {args.sampler} ({r.nfe} model evaluations) -> {out}")
     return 0
 
+
+PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here (benchmarks/few_steps.py)
+PILOT_N = 128       # pilot samples: 64 left a fitted grid worse than the named one on fresh noise at d = 64
 
 SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol")
 
@@ -113,20 +124,24 @@ def tune_grid_cmd(args) -> int:
     """Fit the time points of an NFE-evaluation grid to the run's model and store them in RUN/grids.json;
     `unstir sample` with the same sampler and --steps then uses them (and says so)."""
     from ..runs import load_run
-    from ..tuning import save_tuned, tune_grid
-
-    from ..tuning import GRIDS_FILE, _key, _read_grids
+    from ..tuning import GRIDS_FILE, _key, _read_grids, pilot_grid, save_tuned, tune_grid
 
     options = sampler_options(args)
     if args.sampler == "edm":
         options["churn"] = 0.0
     stored = Path(args.run) / GRIDS_FILE
-    if stored.exists() and _key(args.sampler, args.nfe) in _read_grids(stored) and not args.force:
+    if args.afs and args.method != "pilot":
+        raise ValueError("--afs grids are placed by --method pilot; the Nelder-Mead fit tunes grids without AFS")
+    if stored.exists() and _key(args.sampler, args.nfe, args.afs) in _read_grids(stored) and not args.force:
         raise ValueError(f"{str(stored)!r} already holds a grid for {args.sampler} at {args.nfe} NFE; pass --force to "
                          f"replace it (the new one is stored only if it beats the best named grid)")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
-    tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
-                      progress=not args.quiet, **options)
+    if args.method == "pilot":
+        tuned = pilot_grid(model, args.sampler, args.nfe, n=args.n, afs=args.afs, seed=args.seed, device=args.device,
+                           **options)
+    else:
+        tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
+                          progress=not args.quiet, **options)
     summary = (f"{args.sampler} at {args.nfe} NFE: mean endpoint error {tuned.error:.4g} (best named grid "
                f"{tuned.start!r}: {tuned.error_start:.4g}) on {tuned.n} prior samples; cost {tuned.evaluations} model "
                f"evaluations, {tuned.seconds:.1f} s")
@@ -147,8 +162,10 @@ def register(sub) -> None:
                     help="see `unstir list` (default: dpm++2m)")
     add_steps(sa, None, "grid intervals; the model evaluations are reported. For ode_rk45 only the output grid: its "
               "cost is set by --rtol/--atol")
-    sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers; a grid "
-                    "stored by `unstir tune-grid` for this sampler and NFE is used)")
+    sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers). A grid "
+                    "stored for this sampler and NFE (`unstir tune-grid`) is used; up to 10 NFE without one, the "
+                    "grid is placed by a pilot run of 128 samples and stored (not with --guidance, --class or "
+                    "--no-ema: the named grid is used there)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
                     "replaced by x_T / sigma_T, one evaluation fewer (fixed-grid samplers)")
@@ -181,6 +198,10 @@ def register(sub) -> None:
     tg.add_argument("--sampler", default="dpm++2m", choices=sorted(set(deterministic) - {"ode_rk45"} | {"edm"}),
                     help="deterministic fixed-grid sampler (edm runs with churn 0) (default: dpm++2m)")
     tg.add_argument("--nfe", type=int, default=8, help="model evaluations of the grid (default: 8)")
+    tg.add_argument("--method", choices=["nelder-mead", "pilot"], default="nelder-mead",
+                    help="nelder-mead: fit the points to a tight solve (costly); pilot: dynamic programming over a "
+                    "100-step pilot run, GITS (cheap; what `unstir sample --nfe` does) (default: nelder-mead)")
+    tg.add_argument("--afs", action="store_true", help="place the grid for sampling with --afs (--method pilot)")
     add_count(tg, 256, "prior samples the grid is fitted on")
     tg.add_argument("--max-evals", type=int, default=300, help="bound on the optimiser's trial grids, each costing "
                     "NFE evaluations on the batch (default: 300)")
