@@ -71,6 +71,7 @@ ORDERS = [
     ("edm", {"churn": 0.0}, [20, 40, 80], 2),
     ("dpm++3m", {}, [40, 80, 160], 3),
     ("deis", {}, [80, 160, 320], 3),
+    ("deis", {"order": 4}, [80, 160, 320], 4),  # the variable-step iPNDM keeps order 4 on a graded grid
     ("unipc", {"order": 2}, [20, 40, 80], 3),  # UniC raises the predictor's order by one
     ("unipc", {"order": 3}, [40, 80, 160], 4),
 ]
