@@ -46,11 +46,13 @@ tuning cases ring(), random_mixture(16, 4, seed=11) and random_mixture(64, 4, se
 * a PI step-size controller (Soderlind 2003; torchode's ``PIDController`` with pcoeff 0.4, icoeff 0.3)
   instead of the integral one: almost no rejected steps, and at equal tolerance errors 3-10 times smaller.
 
-Measured on the held-out cases (unequal_2d, random_mixture(16 and 64, 4, seed=3); vp, sub-VP, VE, rf; exact
-prior): p90 per-sample error 0.0008-0.0067 nats/dim. A sample takes 9-12 steps of 6 evaluations at the
-median; the batch runs until its slowest sample is done, 85-139 evaluations for 100 samples (reported as
-``nfe``). score_sde's tolerance (rtol = atol = 1e-5, the earlier default) costs 151-229 evaluations for a
-median error of 0.0002-0.0016.
+Measured on the held-out cases (benchmarks/likelihood_default_results.md: unequal_2d, 200 samples;
+random_mixture(16, 4, seed=3), 200; random_mixture(64, 4, seed=3), 30; vp, sub-VP, VE, rf; exact prior):
+p90 per-sample error 0.0005-0.0075 nats/dim (median 0.0002-0.0009). A sample's own steps take 55-73
+evaluations at the median (9-12 steps of 6); the batch runs until its slowest sample is done, 79-127
+evaluations (reported as ``nfe``; per sample in ``sample_nfe``). score_sde's tolerance (rtol = atol = 1e-5,
+the earlier default) costs 151-205 evaluations for a p90 of 0.00002-0.00025; ``accuracy=1e-3`` sits between
+(p90 0.0001-0.001, 73-109 at the median).
 """
 
 from __future__ import annotations
