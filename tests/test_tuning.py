@@ -157,7 +157,11 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     assert "using the grid tuned" not in capsys.readouterr().err
     # --afs buys a grid step for free: --nfe 5 runs 6 steps for 5 evaluations. The tuned grid was fitted
     # without it, so a pilot run places one for AFS, stores it, and the next run uses it.
-    assert main(["sample", "--run", str(run), "--nfe", "5", "--afs", "-n", "50", "--out", str(tmp_path / "f.npy")]) == 0
+    assert main(["sample", "--run", str(run), "--nfe", "5", "--afs", "-n", "20", "--out", str(tmp_path / "f.npy")]) == 0
+    out, err = capsys.readouterr()  # fewer samples than the pilot's 128: a pilot of 20, used once, not stored
+    assert "(5 model evaluations)" in out and "of 20 samples" in err and "not stored" in err
+    assert load_tuned(run, unstir.load_run(run).process, "dpm++2m", 5, afs=True) is None
+    assert main(["sample", "--run", str(run), "--nfe", "5", "--afs", "-n", "200", "--out", str(tmp_path / "f2.npy")]) == 0
     out, err = capsys.readouterr()
     assert "(5 model evaluations)" in out and "placed the grid for dpm++2m at 5 NFE with --afs by a pilot run" in err
     assert load_tuned(run, unstir.load_run(run).process, "dpm++2m", 5, afs=True).method == "pilot"

@@ -111,6 +111,53 @@ def digits(split: str = "train") -> Dataset:
     return Dataset(name, x[part], labels[part], levels=17)
 
 
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ((230, 57, 70), (42, 157, 143), (233, 196, 106), (69, 123, 157), (244, 162, 97), (240, 240, 240))
+SHAPES32_TEST_SEED = 1_000_003  # 'shapes32-test' draws from this seed; training sets use small seeds
+
+
+def shapes32(n: int, seed: int = 0, *, return_factors: bool = False):
+    """n procedural 32x32 RGB images, one filled shape each on black, every factor drawn from ``seed``:
+
+    * shape: circle, square or equilateral triangle (pointing up), all of area pi r^2;
+    * colour: one of 6 (``COLOURS``);
+    * size: r uniform in [4, 9] pixels;
+    * position: the centroid uniform where the whole shape stays 0.5 px inside the image.
+
+    Edges are anti-aliased by 4 x 4 supersampling (a pixel's value is its covered fraction times the
+    colour), then rounded to 8 bits (levels=256). Labels are 6 shape + colour (18 classes); with
+    ``return_factors`` also a dict of the exact factors (shape, colour, r, cx, cy in pixels), from which a
+    sample's validity can be measured. No download: the set is generated (issue 20)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    shape, colour = rng.integers(0, len(SHAPES), n), rng.integers(0, len(COLOURS), n)
+    r = rng.uniform(4.0, 9.0, n)
+    reach = np.where(shape == 2, 1.5551 * r, np.where(shape == 1, 0.8863 * r, r)) + 0.5  # furthest extent
+    cx, cy = (reach + rng.uniform(0, 1, (2, n)) * (32 - 2 * reach))
+    sub = 4
+    grid = (np.arange(32 * sub) + 0.5) / sub
+    X, Y = grid[None, None, :], grid[None, :, None]
+    out = np.empty((n, 3, 32, 32), dtype=np.uint8)
+    for i in range(0, n, 256):
+        k = slice(i, min(i + 256, n))
+        c_x, c_y, rr, sh = cx[k, None, None], cy[k, None, None], r[k, None, None], shape[k, None, None]
+        circle = (X - c_x) ** 2 + (Y - c_y) ** 2 <= rr ** 2
+        half = 0.8863 * rr  # square of area pi r^2: side r sqrt(pi)
+        square = (np.abs(X - c_x) <= half) & (np.abs(Y - c_y) <= half)
+        h = 2.3329 * rr  # triangle of area pi r^2: side a = r sqrt(4 pi / sqrt 3), height sqrt(3)/2 a
+        depth = Y - (c_y - 2 * h / 3)  # below the apex; the centroid sits 2h/3 below it
+        triangle = (depth >= 0) & (depth <= h) & (np.abs(X - c_x) <= depth / np.sqrt(3))
+        mask = np.where(sh == 0, circle, np.where(sh == 1, square, triangle))
+        cover = mask.reshape(-1, 32, sub, 32, sub).mean((2, 4))
+        rgb = np.asarray(COLOURS, dtype=np.float64)[colour[k]]
+        out[k] = np.rint(cover[:, None] * rgb[:, :, None, None]).astype(np.uint8)
+    data = Dataset("shapes32", to_unit_range(torch.from_numpy(out)), torch.as_tensor(6 * shape + colour), 256)
+    if return_factors:
+        return data, {"shape": shape, "colour": colour, "r": r, "cx": cx, "cy": cy}
+    return data
+
+
 def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
     """Every PNG/JPEG under ``path`` as (N, C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped
     to ``size`` if given, else all images must share one size. ``mode``: 'L' (grayscale) or 'RGB'."""
@@ -204,10 +251,15 @@ def load(spec: str, *, n: int = 20000, size: int | None = None, mode: str = "L",
         return Dataset(spec, *toy_2d(spec, n, seed, return_labels=True))
     if spec in ("digits", "digits-test"):
         return digits("train" if spec == "digits" else "test")
+    if spec in ("shapes32", "shapes32-test"):
+        data = shapes32(n, seed if spec == "shapes32" else SHAPES32_TEST_SEED + seed)
+        data.name = spec
+        return data
     p = Path(spec)
     if p.suffix == ".npy":
         return npy_array(p)
     if p.is_dir():
         return image_folder(p, size, mode)
-    raise ValueError(f"unknown data {spec!r}: use one of {list(TOY_2D) + ['digits', 'digits-test']}, a folder of images or a .npy file")
+    raise ValueError(f"unknown data {spec!r}: use one of {list(TOY_2D) + ['digits', 'digits-test', 'shapes32', 'shapes32-test']}, "
+                     f"a folder of images or a .npy file")
 

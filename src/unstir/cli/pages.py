@@ -31,7 +31,8 @@ def list_choices(args) -> int:
     from ..data import TOY_2D
     from ..nets import NETS
 
-    print("data:       ", ", ".join([*TOY_2D, "digits", "digits-test"]), "(or a folder of images, or a .npy file)")
+    print("data:       ", ", ".join([*TOY_2D, "digits", "digits-test", "shapes32", "shapes32-test"]),
+          "(or a folder of images, or a .npy file)")
     print("predictions:", ", ".join(PREDICTIONS))
     print("weightings: ", ", ".join(["auto", *WEIGHTINGS]))
     print("networks:   ", ", ".join(k for k in NETS if k != "encoder"), "(chosen by the data's shape)")

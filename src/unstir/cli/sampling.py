@@ -62,11 +62,17 @@ def sample_cmd(args) -> int:
         tuned = load_tuned(args.run, model.process, args.sampler, nfe, args.afs)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
                 and y is None and not args.no_ema:
-            tuned = pilot_grid(model, args.sampler, nfe, n=PILOT_N, afs=args.afs, device=args.device, **options)
-            save_tuned(args.run, tuned)
+            # The pilot costs about 100 + 10 NFE evaluations of its batch: no more samples than asked for, and
+            # a grid from fewer than PILOT_N is used once, not stored (`tune-grid --method pilot` stores one).
+            tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=args.afs, device=args.device,
+                               **options)
+            stored = tuned.n == PILOT_N
+            if stored:
+                save_tuned(args.run, tuned)
             print(f"placed the grid for {args.sampler} at {nfe} NFE{' with --afs' if args.afs else ''} by a pilot run "
-                  f"({tuned.evaluations} evaluations of {tuned.n} samples, {tuned.seconds:.1f} s; stored in "
-                  f"{args.run}/grids.json)", file=sys.stderr)
+                  f"({tuned.evaluations} evaluations of {tuned.n} samples, {tuned.seconds:.1f} s; "
+                  + (f"stored in {args.run}/grids.json)" if stored else f"not stored: fewer than {PILOT_N} samples; "
+                     f"`unstir tune-grid --method pilot` stores one)"), file=sys.stderr)
         if tuned is not None:
             clash = {k: (v, tuned.options[k]) for k, v in options.items() if k in tuned.options and tuned.options[k] != v}
             if clash:
@@ -164,8 +170,8 @@ def register(sub) -> None:
               "cost is set by --rtol/--atol")
     sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers). A grid "
                     "stored for this sampler and NFE (`unstir tune-grid`) is used; up to 10 NFE without one, the "
-                    "grid is placed by a pilot run of 128 samples and stored (not with --guidance, --class or "
-                    "--no-ema: the named grid is used there)")
+                    "grid is placed by a pilot run of 128 samples (fewer if -n is smaller: then not stored) and "
+                    "stored (not with --guidance, --class or --no-ema: the named grid is used there)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
                     "replaced by x_T / sigma_T, one evaluation fewer (fixed-grid samplers)")
