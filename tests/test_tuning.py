@@ -104,6 +104,10 @@ def test_pilot_grid_bad_input():
         pilot_grid(model, "ipndm", 5, fine=8)
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         pilot_grid(model, "ipndm", 5, n=0)
+    with pytest.raises(ValueError, match="edm draws noise unless churn=0"):
+        pilot_grid(model, "edm", 5)
+    with pytest.raises(ValueError, match="ddim with eta > 0 draws noise"):
+        pilot_grid(model, "ddim", 5, eta=1.0)
 
 
 def test_tune_grid_bad_input():

@@ -41,6 +41,15 @@ def tunable() -> list[str]:
     return sorted(k for k, v in SAMPLERS.items() if not v.stochastic and k != "ode_rk45") + ["edm"]
 
 
+def check_deterministic(sampler: str, options: dict) -> None:
+    """A grid is fitted to a deterministic fixed-grid sampler: refuse a stochastic one or its noisy options."""
+    check_choice("sampler", sampler, tunable())
+    if sampler == "edm" and options.get("churn", None) != 0:
+        raise ValueError("edm draws noise unless churn=0; pass churn=0 to fit its grid")
+    if sampler == "ddim" and options.get("eta", 0) != 0:
+        raise ValueError("ddim with eta > 0 draws noise; a fitted grid needs a deterministic sampler (eta=0)")
+
+
 def steps_for_nfe(sampler: str, nfe: int) -> int:
     """Grid intervals that make ``sampler`` use exactly ``nfe`` model evaluations on a denoising grid."""
     k = SAMPLERS[sampler].evals
@@ -94,11 +103,7 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
     from scipy.optimize import minimize
     from tqdm import tqdm
 
-    check_choice("sampler", sampler, tunable())
-    if sampler == "edm" and options.get("churn", None) != 0:
-        raise ValueError("edm draws noise unless churn=0; pass churn=0 to tune its grid")
-    if sampler == "ddim" and options.get("eta", 0) != 0:
-        raise ValueError("ddim with eta > 0 draws noise; tune_grid needs a deterministic sampler (eta=0)")
+    check_deterministic(sampler, options)
     for name, value, low in (("nfe", nfe, 3), ("n", n, 1), ("max_evals", max_evals, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -194,9 +199,9 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     to iPNDM); and gamma is chosen per model from ``gammas`` by step 4 instead of fixed (their code sweeps it
     for Stable Diffusion only). Step 4 was added because the Euler cost is only a proxy for a multistep
     solver's error: on the tuning cases (not those of the benchmark) no single gamma won for every sampler.
-    Judge it on fresh noise (``benchmarks/samplers.py`` does).
+    Judge it on fresh noise (``benchmarks/few_steps.py`` does).
     """
-    check_choice("sampler", sampler, tunable())
+    check_deterministic(sampler, options)
     for name, value, low in (("nfe", nfe, 2), ("n", n, 1), ("fine", fine, 8)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

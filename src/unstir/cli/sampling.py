@@ -60,8 +60,10 @@ def sample_cmd(args) -> int:
     if grid is None and args.sampler in tunable():  # a grid fitted for this sampler and NFE beats the named one
         nfe = nfe_for_steps(args.sampler, args.steps) - (1 if args.afs else 0)
         tuned = load_tuned(args.run, model.process, args.sampler, nfe, args.afs)
+        deterministic = not (args.sampler == "edm" and options.get("churn") != 0
+                             or args.sampler == "ddim" and options.get("eta", 0) != 0)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
-                and y is None and not args.no_ema:
+                and y is None and not args.no_ema and deterministic:
             # The pilot costs about 100 + 10 NFE evaluations of its batch: no more samples than asked for, and
             # a grid from fewer than PILOT_N is used once, not stored (`tune-grid --method pilot` stores one).
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=args.afs, device=args.device,
