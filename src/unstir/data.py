@@ -171,10 +171,11 @@ def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder {str(root)!r} has no PNG or JPEG files")
-    arrays = []
+    arrays, modes = [], {}
     for f in files:
         try:
             with Image.open(f) as im:
+                modes.setdefault(_colour(im), f.name)
                 im = im.convert(mode)
                 if size is not None:
                     scale = size / min(im.size)
@@ -185,12 +186,22 @@ def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
                 arrays.append(np.asarray(im, dtype=np.uint8))
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot read image {str(f)!r}: {err}") from err
+    if len(modes) > 1:
+        raise ValueError(f"images in {str(root)!r} mix colour modes: " + ", ".join(f"{m} (e.g. {f})" for m, f in
+                         sorted(modes.items())) + "; convert them to one mode (all grayscale or all colour) first")
     sizes = sorted({a.shape[:2] for a in arrays})
     if len(sizes) > 1:
         raise ValueError(f"images in {str(root)!r} have mixed sizes {sizes[:4]}; pass --size to resize them")
     x = np.stack(arrays)
     x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
     return Dataset(root.name, to_unit_range(x), levels=256)
+
+
+def _colour(im) -> str:
+    """'grayscale' or 'colour' for a PIL image (a palette image by its palette; alpha does not count)."""
+    if im.mode == "P":
+        return "colour" if (im.palette and im.palette.mode.startswith("RGB")) else "grayscale"
+    return "grayscale" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "colour"
 
 
 def read_npy(path) -> np.ndarray:

@@ -11,6 +11,7 @@ whatever the number of processes, and a resumed run continues the identical stre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,7 +55,12 @@ class TrainConfig:
     mode: str = "L"
     width: int = 128
     depth: int = 3
-    widths: tuple = (32, 64)
+    # The image U-Net (``nets.UNet``): channels per level (a base width times the channel multipliers; default
+    # by image size, ``default_widths``), residual blocks per level, attention resolutions, dropout.
+    widths: tuple | None = None
+    res_blocks: int = 1
+    attention: tuple = ()
+    dropout: float = 0.0
     class_conditional: bool = False
     label_dropout: float = 0.1  # with class_conditional: the share of labels replaced by the null label (for CFG)
     discrete: bool = False
@@ -64,6 +70,9 @@ class TrainConfig:
     threads: int | None = None  # intra-op threads; default: 1 for vector data (see _set_threads), torch's for images
     device: str = "cpu"
     bf16: bool = False
+    accumulate: int = 1  # gradient accumulation: each rank's share of a batch in this many micro-batches
+    channels_last: bool = False  # images in NHWC memory layout
+    compile: bool = False  # torch.compile the network (eager, with a warning, where no compiler works)
     extra: dict = field(default_factory=dict)
     # Recorded when a resumed run changes its length (see ``train``): {"at", "steps", "lr", "previous_steps", "rule"}.
     schedule_changes: list = field(default_factory=list)
@@ -94,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"warmup ({self.warmup} steps) must be shorter than the run (steps = {self.steps})")
         if not (isinstance(self.label_dropout, (int, float)) and 0 <= self.label_dropout < 1):
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
+        if isinstance(self.accumulate, bool) or not (isinstance(self.accumulate, int) and self.accumulate >= 1):
+            raise ValueError(f"accumulate must be an integer >= 1, got {self.accumulate!r}")
         if self.discrete and self.process != "ddpm":
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
 
@@ -142,13 +153,53 @@ def _init_distributed(device: torch.device) -> None:
 # --- the run ------------------------------------------------------------------------------------------
 
 
+DEFAULTS = TrainConfig()
+
+
+def default_widths(size: int) -> tuple:
+    """The U-Net's channels per level when --widths is not given: (32, 64) below 32 px (the digits' net), else
+    64 x (1, 2, 2) at 32 px: three levels 32, 16, 8."""
+    return (32, 64) if size < 32 else (64, 128, 128)
+
+
+def unet_options(cfg: TrainConfig, size: int) -> dict:
+    return {"widths": tuple(cfg.widths or default_widths(size)), "res_blocks": cfg.res_blocks,
+            "attention": tuple(cfg.attention), "dropout": cfg.dropout}
+
+
 def build_net(cfg: TrainConfig, dataset: data_mod.Dataset, process) -> nn.Module:
     time_scale = 1.0 if cfg.discrete else 1000.0 / process.T
     num_classes = dataset.num_classes if cfg.class_conditional else 0
     if dataset.is_image:
         c, h, _ = dataset.shape
-        return nets.UNet(c, h, tuple(cfg.widths), num_classes, time_scale)
+        return nets.UNet(c, h, num_classes=num_classes, time_scale=time_scale, **unet_options(cfg, h))
     return nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale, num_classes)
+
+
+def check_net_options(cfg: TrainConfig, dataset: data_mod.Dataset) -> None:
+    """The network options against the data, before any work: U-Net settings only for images, and those
+    that the image size allows."""
+    unet_given = [f"--{k.replace('_', '-')}" for k in ("widths", "res_blocks", "attention", "dropout", "channels_last")
+                  if json.dumps(getattr(cfg, k)) != json.dumps(getattr(DEFAULTS, k))]
+    if not dataset.is_image:
+        if unet_given:
+            raise ValueError(f"{', '.join(unet_given)} configure the image U-Net; {cfg.data!r} is vector data of shape "
+                             f"{dataset.shape} (the MLP takes --width and --depth)")
+        return
+    c, h, w = dataset.shape
+    if h != w:
+        raise ValueError(f"the U-Net needs square images; {cfg.data!r} has {w}x{h}: pass --size to crop them")
+    o = unet_options(cfg, h)
+    nets.check_unet(c, h, o["widths"], o["res_blocks"], o["attention"], o["dropout"])
+
+
+def _compiled(net: nn.Module):
+    """``torch.compile(net)``; where the compiler fails (no C++ toolchain, an unsupported platform) the graph
+    falls back to eager with torch's warning instead of stopping the run."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(net)
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
@@ -176,6 +227,8 @@ RESUMABLE = ("steps", "checkpoint_every", "log_every", "device", "nonfinite")
 def _resume_config(cfg: TrainConfig, recorded: dict, start: int) -> TrainConfig:
     """Check ``cfg`` against the recorded config and record a change of length (module rule in ``train``)."""
     mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))  # settings added after the run was made
+    recorded = {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
     ignore = set(RESUMABLE) | {"schedule_changes", "extra"}
     differ = {k: (recorded.get(k), v) for k, v in mine.items() if k not in ignore and recorded.get(k) != v}
     if differ:
@@ -230,8 +283,9 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     rank, world = _dist_info()
     device = check_device(cfg.device)
     _init_distributed(device)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise ValueError(f"batch_size {cfg.batch_size} does not split into {world} process(es) x {cfg.accumulate} "
+                         f"micro-batch(es) (--accumulate): choose a multiple of {world * cfg.accumulate}")
     torch.manual_seed(cfg.seed)
     dataset = data_mod.load(cfg.data, n=cfg.n_data, size=cfg.size, mode=cfg.mode, seed=cfg.seed)
     if not dataset.is_image:
@@ -242,10 +296,12 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     if cfg.class_conditional and dataset.labels is None:
         raise ValueError(f"--class-conditional needs class labels; {cfg.data!r} has none (labelled: digits, moons, "
                          f"circles, ring, unequal_2d)")
+    check_net_options(cfg, dataset)
     _set_threads(cfg, dataset)
     process = make_process(cfg.process)
-    net = build_net(cfg, dataset, process).to(device)
-    ema = build_net(cfg, dataset, process).to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = build_net(cfg, dataset, process).to(device, memory_format=layout)
+    ema = build_net(cfg, dataset, process).to(device, memory_format=layout)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     # foreach: one multi-tensor update instead of a Python loop over parameters (the default only on GPU).
@@ -267,12 +323,13 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                 f"and decays to 0 at step {cfg.steps}" if change else "")
         tqdm.write(f"resuming {str(run)!r} at step {start}{note}")
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    model = Denoiser(ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
+    model = Denoiser(_compiled(ddp) if cfg.compile else ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
     times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete)
     x_all = dataset.x.to(device)
     labels_all = dataset.labels.to(device) if (dataset.labels is not None and cfg.class_conditional) else None
     local = cfg.batch_size // world
     mine = slice(rank * local, (rank + 1) * local)
+    micro = local // cfg.accumulate
     log = open(run / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     params, ema_params = list(net.parameters()), list(ema.parameters())
@@ -291,6 +348,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         t, w = times.sample(cfg.batch_size, generator)
         noise = torch.randn((cfg.batch_size, *dataset.shape), generator=generator)
         x0, t, w, noise = x_all[idx[mine]], t[mine].to(device), w[mine].to(device), noise[mine].to(device)
+        if cfg.channels_last:
+            x0, noise = x0.contiguous(memory_format=layout), noise.contiguous(memory_format=layout)
         y = None
         if labels_all is not None:
             y = labels_all[idx]
@@ -300,10 +359,17 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
             y = y[mine]
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = dsm_loss(model, x0, t, w, noise, cfg.weighting, labels=y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for k in range(cfg.accumulate):  # micro-batches; DDP averages the gradients once, after the last
+            part = slice(k * micro, (k + 1) * micro)
+            sync = ddp.no_sync() if world > 1 and k < cfg.accumulate - 1 else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    part_loss = dsm_loss(model, x0[part], t[part], w[part], noise[part], cfg.weighting,
+                                         labels=None if y is None else y[part]) / cfg.accumulate
+                part_loss.backward()
+            loss = loss + part_loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()]))
         if not bool(finite.all()):
@@ -391,7 +457,7 @@ def train_classifier(cfg: TrainConfig, out, *, progress: bool = True, force: boo
     time_scale = 1000.0 / process.T
     if dataset.is_image:
         c, h, _ = dataset.shape
-        net = nets.EncoderClassifier(c, h, tuple(cfg.widths), dataset.num_classes, time_scale)
+        net = nets.EncoderClassifier(c, h, unet_options(cfg, h)["widths"], dataset.num_classes, time_scale)
     else:
         net = nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale, out_dim=dataset.num_classes)
     net = net.to(device)

@@ -11,6 +11,14 @@ from ..parametrization import PREDICTIONS
 from ..processes import PROCESSES
 from .common import add_device, add_quiet, add_seed
 
+def int_list(text: str) -> list:
+    """'64,128,128' -> [64, 128, 128]."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 64,128,128; got {text!r}")
+
+
 def train_cmd(args) -> int:
     """Train a score model by denoising score matching and write a run folder (safetensors checkpoints,
     config, log.jsonl). Under `torchrun --nproc_per_node=N` the same command trains data-parallel (DDP),
@@ -91,7 +99,19 @@ def register(sub) -> None:
     tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                     help="steps between checkpoints (default: 1000; one is always written at the end)")
     tr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    tr.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    tr.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU and CUDA)")
+    tr.add_argument("--widths", type=int_list, help="image U-Net: channels per level, a base width times the "
+                    "channel multipliers, e.g. 64,128,128 (default: 32,64 below 32 px, else 64,128,128)")
+    tr.add_argument("--res-blocks", dest="res_blocks", type=int, help="image U-Net: residual blocks per level "
+                    "(default: 1)")
+    tr.add_argument("--attention", type=int_list, help="image U-Net: resolutions with self-attention, e.g. 16 or "
+                    "16,8 (default: only the middle, at the lowest resolution)")
+    tr.add_argument("--dropout", type=float, help="image U-Net: dropout in the residual blocks (default: 0)")
+    tr.add_argument("--accumulate", type=int, help="gradient accumulation: each process's share of a batch in this "
+                    "many micro-batches, the same gradient in less memory (default: 1)")
+    tr.add_argument("--channels-last", dest="channels_last", action="store_true",
+                    help="images in channels-last (NHWC) memory layout")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the network (eager where no compiler works)")
     tr.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
                     help="continue the run in --out exactly where it stopped, with its recorded settings (`--resume "
                          "auto`: resume if --out holds a run, else start one, for a requeued job); only "
