@@ -65,6 +65,7 @@ import torch
 from tqdm import tqdm
 
 from ._checks import check_choice
+from ._random import draw
 from .parametrization import in_graph
 from .pf_ode import divergence as divergence_of
 from .pf_ode import draw_probes
@@ -130,7 +131,8 @@ def log_likelihood(model, x: Tensor, *, y: Tensor | int | None = None, divergenc
         raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
     y = check_labels(model, y, x.shape[0], x.device)
     if levels is not None:
-        x = x + (torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5) * (2.0 / (levels - 1))
+        u = draw(lambda s, g: torch.rand(s, generator=g, dtype=x.dtype), x.shape, generator, x.device)
+        x = x + (u - 0.5) * (2.0 / (levels - 1))
     v = draw_probes(probe, probes, x, generator) if kind == "hutchinson" else None
     step = batch_size or x.shape[0]
     parts = [_solve(model, x[i:i + step], None if y is None else y[i:i + step],

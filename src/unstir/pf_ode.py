@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ._random import draw
 from .processes import coefficients
 
 Tensor = torch.Tensor
@@ -74,7 +75,7 @@ def draw_probes(kind: str, k: int, x: Tensor, generator: torch.Generator | None)
     drawn sample by sample, so a sample's probes do not depend on the size of the batch after it."""
     shape = (x.shape[0], k, *x.shape[1:])
     if kind == "rademacher":
-        v = torch.randint(0, 2, shape, generator=generator).to(x.dtype).mul_(2).sub_(1)
+        v = draw(lambda s, g: torch.randint(0, 2, s, generator=g), shape, generator).to(x.dtype).mul_(2).sub_(1)
     else:
-        v = torch.randn(shape, generator=generator, dtype=x.dtype)
+        v = draw(lambda s, g: torch.randn(s, generator=g, dtype=x.dtype), shape, generator)
     return v.transpose(0, 1)

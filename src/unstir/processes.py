@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._checks import as_time, check_choice, expand_as
+from ._random import randn
 
 Tensor = torch.Tensor
 
@@ -216,7 +217,7 @@ class Process:
     def prior_sample(self, shape, generator: torch.Generator | None = None, dtype=torch.float32,
                      device=None) -> Tensor:
         """Draw x_T from the prior N(0, sigma(T)^2 I)."""
-        return self.prior_std * torch.randn(*shape, generator=generator, dtype=dtype, device=device)
+        return self.prior_std * randn(shape, generator, dtype, device)
 
     def prior_logp(self, x: Tensor) -> Tensor:
         """log N(x; 0, sigma(T)^2 I), summed over all but the batch dimension."""

@@ -27,6 +27,8 @@ from tqdm import tqdm
 from . import data as data_mod
 from . import nets
 from ._checks import check_choice, check_device
+from .distributed import init as init_distributed
+from .distributed import rank_world
 from .losses import WEIGHTINGS, TimeSampler, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
@@ -109,11 +111,7 @@ class TrainConfig:
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
 
 
-# --- distributed ------------------------------------------------------------------------------------
-
-
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+# --- threads and signals --------------------------------------------------------------------------
 
 
 def _set_threads(cfg: TrainConfig, dataset) -> None:
@@ -138,16 +136,6 @@ def _handle_sigint(handler):
         return lambda: None
     old = signal.signal(signal.SIGINT, handler)
     return lambda: signal.signal(signal.SIGINT, old)
-
-
-def _init_distributed(device: torch.device) -> None:
-    """Join the torchrun group. A collective that waits longer than UNSTIR_DIST_TIMEOUT seconds (default 120)
-    for a lost rank fails instead of hanging (torchrun also stops the other ranks when one dies)."""
-    import datetime
-
-    if _dist_info()[1] > 1 and not torch.distributed.is_initialized():
-        timeout = datetime.timedelta(seconds=float(os.environ.get("UNSTIR_DIST_TIMEOUT", 120)))
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -280,9 +268,9 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     elif (run / "run.json").exists():
         raise ValueError(f"{str(run)!r} already holds a run: pass --resume to continue it or choose another --out")
     cfg.validate()
-    rank, world = _dist_info()
+    rank, world = rank_world()
     device = check_device(cfg.device)
-    _init_distributed(device)
+    init_distributed(device)
     if cfg.batch_size % (world * cfg.accumulate):
         raise ValueError(f"batch_size {cfg.batch_size} does not split into {world} process(es) x {cfg.accumulate} "
                          f"micro-batch(es) (--accumulate): choose a multiple of {world * cfg.accumulate}")

@@ -13,22 +13,29 @@ def likelihood_cmd(args) -> int:
     """Log-likelihood of held-out data under a trained run, by the probability-flow ODE: mean nats and
     bits/dim with their standard error, and the model evaluations. Quantised data (images, digits) are
     dequantised and their bits/dim include the offset of their number of levels (see unstir.likelihood)."""
-    from ..likelihood import log_likelihood
     from ..runs import load_run
 
+    from ..distributed import init, likelihood_sharded, rank_world, shard
+
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
+    rank, world = rank_world()
+    shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     model = load_run(args.run, device=args.device)
     x, levels = held_out(model, args.data, args.n, args.seed)
-    r = log_likelihood(model, x, divergence=args.divergence, probes=args.probes, accuracy=args.accuracy, rtol=args.rtol, atol=args.atol,
-                       levels=levels, batch_size=args.batch_size, y=args.label, generator=torch.Generator().manual_seed(args.seed),
-                       progress=not args.quiet)
+    init(torch.device(args.device))
+    r = likelihood_sharded(model, x, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                           progress=not args.quiet, divergence=args.divergence, probes=args.probes,
+                           accuracy=args.accuracy, rtol=args.rtol, atol=args.atol, levels=levels, y=args.label)
+    if rank != 0:
+        return 0
     d = x[0].numel()
     bpd, se = r.mean()
     nats_se = (r.nats.std() / r.nats.numel() ** 0.5).item() if r.nats.numel() > 1 else float("nan")
     kind = f"dequantised, {levels} levels" if levels else "continuous"
     div = "exact" if r.stderr is None else f"Hutchinson ({args.probes} probes)"
+    spread = f", {world} processes" if world > 1 else ""
     print(f"{x.shape[0]} samples ({kind}), d = {d}, {div} divergence, {r.nfe} evaluations of the augmented "
-          f"ODE in all (batches of {args.batch_size})")
+          f"ODE in all (batches of {args.batch_size}{spread})")
     print(f"log-likelihood: {r.nats.mean().item():.4f} +- {nats_se:.4f} nats per sample")
     print(f"bits/dim:       {bpd:.4f} +- {se:.4f}")
     return 0

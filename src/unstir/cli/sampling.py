@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import figures
 from ..grids import GRIDS
-from ..samplers import SAMPLERS, sample
+from ..samplers import SAMPLERS
+from .._random import sample_seeds
 from .common import (add_class, add_count, add_device, add_guidance, add_out, add_quiet, add_run, add_seed, add_steps,
-                     check_strength, data_bound, npy, output_path, save, warn_out_of_range)
+                     check_strength, data_bound, npy, output_path, positive, save, warn_out_of_range)
 
 def guidance_model(model, args):
     """The model to sample: as is, classifier-free guided (--guidance without --classifier) or classifier
@@ -43,12 +45,16 @@ def sample_cmd(args) -> int:
     from ..data import from_unit_range
     from ..runs import load_run
 
-    out = output_path(args)
-    if args.n < 1:
-        raise ValueError(f"-n must be a positive integer, got {args.n}")
+    from ..distributed import init, rank_world, sample_sharded, shard
+
+    out = sample_output(args)
+    positive(**{"-n": args.n, "--batch-size": args.batch_size})
+    rank, world = rank_world()
+    shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     options = sampler_options(args)
     model, y = guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
-    shape = (args.n, *model.data_shape)
+    init(torch.device(args.device))
+    speak = rank == 0  # under torchrun one process writes and reports
     from ..tuning import load_tuned, nfe_for_steps, pilot_grid, save_tuned, steps_for_nfe, tunable
 
     if args.nfe is not None:
@@ -68,10 +74,10 @@ def sample_cmd(args) -> int:
             # a grid from fewer than PILOT_N is used once, not stored (`tune-grid --method pilot` stores one).
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=args.afs, device=args.device,
                                **options)
-            stored = tuned.n == PILOT_N
-            if stored:
+            stored = tuned.n == PILOT_N  # every rank places the same grid (a fixed pilot seed); rank 0 stores it
+            if stored and speak:
                 save_tuned(args.run, tuned)
-            print(f"placed the grid for {args.sampler} at {nfe} NFE{' with --afs' if args.afs else ''} by a pilot run "
+            speak and print(f"placed the grid for {args.sampler} at {nfe} NFE{' with --afs' if args.afs else ''} by a pilot run "
                   f"({tuned.evaluations} evaluations of {tuned.n} samples, {tuned.seconds:.1f} s; "
                   + (f"stored in {args.run}/grids.json)" if stored else f"not stored: fewer than {PILOT_N} samples; "
                      f"`unstir tune-grid --method pilot` stores one)"), file=sys.stderr)
@@ -85,24 +91,68 @@ def sample_cmd(args) -> int:
             grid = tuned.grid
             given = "".join(f" --{k} {v}" for k, v in tuned.options.items())
             how = "placed by a pilot run" if tuned.method == "pilot" else "tuned"
-            print(f"using the grid {how} for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (its "
+            speak and print(f"using the grid {how} for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (its "
                   f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid, on "
                   f"{tuned.n} prior samples); --grid overrides it", file=sys.stderr)
+    if args.sampler == "pc" and args.n > args.batch_size * world and speak:
+        print("note: pc's Langevin step averages norms over the batch (score_sde's rule), so its samples depend on "
+              "how the batches are split (--batch-size, processes); every other sampler's do not", file=sys.stderr)
     with torch.no_grad():
-        r = sample(model, None, shape, sampler=args.sampler, steps=args.steps, grid=grid, y=y, afs=args.afs,
-                   generator=torch.Generator().manual_seed(args.seed), **options)
-    x = r.x.cpu()
+        x, nfe = sample_sharded(model, args.n, seed=args.seed, batch_size=args.batch_size, device=args.device, y=y,
+                                progress=not args.quiet, sampler=args.sampler, steps=args.steps, grid=grid,
+                                afs=args.afs, **options)
+    if not speak:
+        return 0
     if args.guidance is not None:
         warn_out_of_range(x, data_bound(model, args.seed), f"--guidance {args.guidance:g}")
     if out.suffix == ".npy":
         save(out, npy(x.numpy()))
+    elif out.suffix == "":
+        write_sample_folder(out, x, sample_seeds(args.seed, args.n))
     elif x.ndim == 4:
         save(out, lambda p: figures.image_grid(from_unit_range(x), p))
     else:
-        save(out, lambda p: figures.scatter_panels({f"{args.sampler} ({r.nfe} NFE)": x[:, :2]}, p, xlim=args.xlim,
+        save(out, lambda p: figures.scatter_panels({f"{args.sampler} ({nfe} NFE)": x[:, :2]}, p, xlim=args.xlim,
                                                     ylim=args.ylim))
-    print(f"{args.n} samples with {args.sampler} ({r.nfe} model evaluations) -> {out}")
+    spread = f", {world} processes" if world > 1 else ""
+    print(f"{args.n} samples with {args.sampler} ({nfe} model evaluations{spread}) -> {out}")
     return 0
+
+
+def sample_output(args) -> Path:
+    """--out: a .png or .npy file (``output_path``'s rules), or a folder (a name without a suffix) that
+    ``write_sample_folder`` fills: new, empty, or replaced with --force."""
+    out = Path(args.out)
+    if out.suffix:
+        return output_path(args)
+    if not out.parent.is_dir():
+        raise ValueError(f"the folder that holds --out, {str(out.parent)!r}, does not exist; create it first")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ValueError(f"{str(out)!r} exists and is not an empty folder; pass --force to replace its samples or "
+                         f"choose another --out")
+    return out
+
+
+def write_sample_folder(out: Path, x, seeds) -> None:
+    """``samples.npz`` (``x``: the samples in the model's coordinates, float32; ``seeds``: each one's seed) and,
+    for images, one PNG per sample named by its index (EDM's layout)."""
+    from ..data import from_unit_range
+
+    out.mkdir(exist_ok=True)
+    for old in out.glob("[0-9]*.png"):
+        old.unlink()
+    arrays = {"x": x.numpy().astype(np.float32), "seeds": np.asarray(seeds, dtype=np.uint64)}
+    def write(path):
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    save(out / "samples.npz", write)
+    if x.ndim == 4:
+        from PIL import Image
+
+        images = from_unit_range(x).permute(0, 2, 3, 1).numpy()
+        for i, image in enumerate(images):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out / f"{i:06d}.png")
 
 
 PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here (benchmarks/few_steps.py)
@@ -178,8 +228,13 @@ def register(sub) -> None:
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
                     "replaced by x_T / sigma_T, one evaluation fewer (fixed-grid samplers)")
     add_count(sa, 1000, "number of samples")
-    add_out(sa, "samples.png (image grid, clipped to 0-255, or scatter plot) or samples.npy (the model's "
-            "coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot)", default="samples.png")
+    add_out(sa, "samples.png (image grid, clipped to 0-255, or scatter plot), samples.npy (the model's "
+            "coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot) or a folder (a name without a "
+            "suffix): samples.npz (x and each sample's seed) and, for images, one PNG per sample",
+            default="samples.png")
+    sa.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="samples per batch (default: "
+                    "256). Sample i draws its noise from its own seed (--seed * 2^20 + i), so the samples are the "
+                    "same for any batch size and, under torchrun, any number of processes")
     add_class(sa)
     add_guidance(sa, "guidance strength (default: none): classifier-free (diffusers/Imagen scale s: 0 "
                  "unconditional, 1 conditional; Ho & Salimans' w = s - 1), or with --classifier the classifier "
@@ -195,6 +250,7 @@ def register(sub) -> None:
     sa.add_argument("--atol", type=float, help="ode_rk45: absolute tolerance (default: 1e-5)")
     add_seed(sa)
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    add_quiet(sa)
     sa.add_argument("--xlim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot x range (default: from the samples)")
     sa.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot y range (default: from the samples)")
     add_device(sa)

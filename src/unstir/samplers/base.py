@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .._random import randn
 from ..parametrization import ModelOutput
 from ..processes import Coefficients, coefficients
 
@@ -66,7 +67,7 @@ def coef(model, t: float) -> Coefficients:
 
 
 def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return randn(x.shape, generator, x.dtype, x.device)
 
 
 def langevin(model, x: Tensor, t: float, *, snr: float, generator) -> Tensor:
