@@ -73,8 +73,8 @@ def sample_sharded(model, n: int, *, seed: int = 0, batch_size: int = 256, devic
     rank, world = rank_world()
     seeds = sample_seeds(seed, n)
     mine = shard(n, batch_size, rank, world)
-    local, nfe = [], 0
-    for rows in tqdm(mine, disable=not progress or rank != 0, unit="batch", desc="sampling"):
+    local, nfe, bar = [], 0, None
+    for rows in mine:
         part = slice(rows.start, rows.stop)
         generators = SeedGenerators(seeds[part])
         x_T = model.process.prior_sample((len(rows), *model.data_shape), generators, device=device)
@@ -82,6 +82,11 @@ def sample_sharded(model, n: int, *, seed: int = 0, batch_size: int = 256, devic
                    **sample_options)
         local.append((rows.start, r.x.cpu()))
         nfe = r.nfe
+        # The bar appears once the first batch has passed, so that a bad option or a model that fails at once
+        # is reported as one line, without a bar before it.
+        bar = bar or tqdm(total=len(mine), disable=not progress or rank != 0, unit="batch", desc="sampling")
+        bar.update(1)
+    bar is not None and bar.close()
     parts = sorted(gather(local), key=lambda p: p[0])
     return torch.cat([x for _, x in parts]), nfe
 
