@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 BIN := $(VENV)/bin
 API_MODULES := processes parametrization grids samplers tuning pf_ode likelihood inversion guidance inverse losses \
-	training runs oracle data nets metrics report adapters.diffusers adapters.karras
+	training runs oracle data nets metrics quality distributed report adapters.diffusers adapters.karras
 STAMP := $(VENV)/.unstir-installed
 
 .PHONY: demo test test-slow bench docs install clean

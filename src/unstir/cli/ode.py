@@ -38,7 +38,25 @@ def likelihood_cmd(args) -> int:
           f"ODE in all (batches of {args.batch_size}{spread})")
     print(f"log-likelihood: {r.nats.mean().item():.4f} +- {nats_se:.4f} nats per sample")
     print(f"bits/dim:       {bpd:.4f} +- {se:.4f}")
+    if x.ndim == 4 and levels == 256:
+        print(f"baselines:      {image_baselines(model, x)} bits/dim on the same images")
     return 0
+
+
+def image_baselines(model, x) -> str:
+    """The compressor baselines of 8-bit images (``unstir.quality``): lossless PNG and WebP files, and the
+    per-pixel categorical fitted to the run's training data where that can still be loaded."""
+    from .. import data as data_mod
+    from ..quality import categorical_bits_per_dim, file_bits_per_dim
+
+    cfg = model.run_info["config"]
+    text = f"PNG {file_bits_per_dim(x, 'PNG'):.4f}, WebP {file_bits_per_dim(x, 'WEBP'):.4f}"
+    try:
+        train = data_mod.load(cfg["data"], n=cfg.get("n_data", 20000), size=cfg.get("size"),
+                              mode=cfg.get("mode", "L"), seed=cfg.get("seed", 0)).x
+    except (ValueError, OSError):
+        return text + " (the per-pixel categorical needs the training data, which is gone)"
+    return f"per-pixel categorical {categorical_bits_per_dim(train, x):.4f}, " + text
 
 
 def encode_cmd(args) -> int:

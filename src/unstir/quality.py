@@ -1,0 +1,203 @@
+"""Image sample quality without downloaded weights: Frechet distance and precision/recall (Kynkaanniemi et al.
+2019) in the feature space of a classifier trained here, with the two-sample floor beside them; for
+``shapes32``, validity and class coverage read by a factor classifier.
+
+A classifier trained on the data set stands in for Inception (FID's network, Heusel et al. 2017), which would
+have to be downloaded. Its numbers compare samplers and runs on one data set; they are not FID values."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as data_mod
+
+Tensor = torch.Tensor
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets
+    (Heusel et al. 2017, Eq. 6), in float64. The trace of the matrix square root is the sum of the square
+    roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), which are real and >= 0."""
+    a, b = _features(a), _features(b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets of different widths: {a.shape[1]} and {b.shape[1]}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls
+    around its points with radius the distance to the k-th nearest neighbour (k = 3, the paper's choice);
+    precision is the share of fake points inside the real manifold, recall the share of real points inside
+    the fake one."""
+    real, fake = torch.as_tensor(_features(real)), torch.as_tensor(_features(fake))
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k = {k} points in each set, got {len(real)} and {len(fake)}")
+
+    def radii(x):
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # the 0 to itself comes first
+
+    def inside(points, centres, r):
+        return (torch.cdist(points, centres) <= r[None]).any(1).double().mean().item()
+
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def _features(x) -> np.ndarray:
+    x = np.asarray(x.detach().cpu().double() if isinstance(x, Tensor) else x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"features must be (n >= 2, width), got shape {x.shape}")
+    return x
+
+
+INVALID = 18  # the factor classifier's class for an image that is not one shapes32 shape
+
+
+class ShapesClassifier(nn.Module):
+    """A small convolutional classifier of shapes32 images: 18 classes (6 shape + colour) and class 18,
+    'not a shapes32 image' (trained on two shapes at once, blank images and shapes in colours outside the
+    palette). ``features`` is its 128-wide penultimate layer, the space of the Frechet distance."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(64, 128, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(128, 128), nn.SiLU())
+        self.head = nn.Linear(128, INVALID + 1)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def _negatives(n: int, rng: np.random.Generator) -> Tensor:
+    """Images that are not one shapes32 shape: two shapes overlaid, blank, or one shape recoloured off the palette."""
+    a, b = data_mod.shapes32(n, int(rng.integers(2**31))).x, data_mod.shapes32(n, int(rng.integers(2**31))).x
+    kind = torch.as_tensor(rng.integers(0, 3, n))
+    two = torch.maximum(a, b)
+    blank = torch.full_like(a, -1.0)
+    lit = (a > -1).any(1, keepdim=True)
+    colour = torch.as_tensor(rng.uniform(-1, 1, (n, 3, 1, 1)), dtype=a.dtype)
+    recoloured = torch.where(lit, -1 + (a.amax(1, keepdim=True) + 1) / 2 * (colour + 1), a)
+    pick = kind[:, None, None, None]
+    return torch.where(pick == 0, two, torch.where(pick == 1, blank, recoloured))
+
+
+def train_shapes_classifier(steps: int = 1500, batch_size: int = 128, seed: int = 0,
+                            progress: bool = False) -> ShapesClassifier:
+    """The factor classifier, trained on fresh shapes32 draws (seeds disjoint from training sets and from
+    shapes32-test) and on negatives (a fifth of each batch)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 77)
+    net = ShapesClassifier()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    for _ in tqdm(range(steps), disable=not progress, desc="factor classifier", unit="step"):
+        pos = data_mod.shapes32(batch_size - batch_size // 5, 500_000 + int(rng.integers(2**30)))
+        neg = _negatives(batch_size // 5, rng)
+        x = torch.cat([pos.x, neg])
+        y = torch.cat([pos.labels, torch.full((len(neg),), INVALID)])
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: Tensor, threshold: float = 0.9,
+                     batch_size: int = 500) -> dict:
+    """For samples in [-1, 1] (N, 3, 32, 32): ``validity`` (the share the classifier reads as one of the 18
+    classes with probability above ``threshold``), ``coverage`` (the share of the 18 classes among the valid
+    samples), ``class_tv`` (total variation between the valid samples' class histogram and uniform), and the
+    Frechet distance and precision/recall against ``reference`` (real images) in the classifier's features."""
+    def run(x):
+        feats, probs = [], []
+        for i in range(0, len(x), batch_size):
+            f = classifier.features(x[i:i + batch_size].float().clamp(-1, 1))
+            feats.append(f)
+            probs.append(classifier.head(f).softmax(1))
+        return torch.cat(feats), torch.cat(probs)
+
+    f_fake, p_fake = run(samples)
+    f_real, _ = run(reference)
+    conf, label = p_fake.max(1)
+    valid = (conf > threshold) & (label != INVALID)
+    counts = torch.bincount(label[valid], minlength=INVALID)[:INVALID].double()
+    hist = counts / counts.sum().clamp(min=1)
+    precision, recall = precision_recall(f_real, f_fake)
+    return {"validity": valid.double().mean().item(), "coverage": (counts > 0).double().mean().item(),
+            "class_tv": 0.5 * (hist - 1 / INVALID).abs().sum().item(),
+            "fd": frechet_distance(f_real, f_fake), "precision": precision, "recall": recall, "n": len(samples)}
+
+
+def categorical_bits_per_dim(train: Tensor, test: Tensor) -> float:
+    """Bits/dim of ``test`` under a categorical distribution over the 256 levels fitted independently at every
+    position and channel to ``train`` (images in [-1, 1], 8-bit), with the Krichevsky-Trofimov estimate
+    (counts + 1/2) so that a level absent from training costs finite bits. The baseline that ignores all
+    dependence between pixels; a diffusion model's dequantised bits/dim should be below it."""
+    from .data import from_unit_range
+
+    tr, te = from_unit_range(_images(train)).long(), from_unit_range(_images(test)).long()
+    if tr.shape[1:] != te.shape[1:]:
+        raise ValueError(f"train and test images differ in shape: {tuple(tr.shape[1:])} and {tuple(te.shape[1:])}")
+    flat_tr, flat_te = tr.flatten(1), te.flatten(1)
+    counts = torch.zeros(256, flat_tr.shape[1], dtype=torch.float64)
+    counts.scatter_add_(0, flat_tr, torch.ones_like(flat_tr, dtype=torch.float64))
+    logp = ((counts + 0.5) / (len(flat_tr) + 128)).log2()
+    return -logp.gather(0, flat_te).mean().item()
+
+
+def file_bits_per_dim(test: Tensor, fmt: str = "PNG") -> float:
+    """Bits/dim of ``test`` (images in [-1, 1], 8-bit) as lossless files, one per image, headers included: the
+    classic compressor baseline. ``fmt``: 'PNG' (compression level 9, optimised) or 'WEBP' (lossless, method 6)."""
+    import io
+
+    from PIL import Image
+
+    from .data import from_unit_range
+
+    if fmt not in ("PNG", "WEBP"):
+        raise ValueError(f"fmt must be 'PNG' or 'WEBP', got {fmt!r}")
+    x = from_unit_range(_images(test))
+    total = 0
+    for im in x:
+        arr = im.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        buf = io.BytesIO()
+        pil.save(buf, fmt, **({"optimize": True, "compress_level": 9} if fmt == "PNG" else
+                              {"lossless": True, "quality": 100, "method": 6}))
+        total += buf.tell()
+    return 8 * total / x.numel()
+
+
+def _images(x) -> Tensor:
+    x = torch.as_tensor(x)
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or len(x) < 1:
+        raise ValueError(f"images must be (n, 1 or 3, height, width) in [-1, 1], got shape {tuple(x.shape)}")
+    return x
+
+
+def floor(classifier: ShapesClassifier, n: int, seed: int = 0) -> dict:
+    """``shapes32_quality`` of n held-out real images (shapes32-test) against n training images: what a perfect
+    sampler scores at this sample size."""
+    real = data_mod.shapes32(n, seed).x
+    held = data_mod.load("shapes32-test", n=n, seed=seed).x
+    return shapes32_quality(held, classifier, real)
+
+
+__all__ = ["frechet_distance", "precision_recall", "ShapesClassifier", "train_shapes_classifier", "shapes32_quality",
+           "floor", "categorical_bits_per_dim", "file_bits_per_dim"]

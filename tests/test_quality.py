@@ -1,0 +1,124 @@
+"""Sample quality: the Frechet distance against its identities and scipy's matrix square root, precision and
+recall on sets whose answer is known, the shapes32 scores' bookkeeping, and the bits/dim baselines."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from unstir import quality
+
+
+def _gauss(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + torch.randn(d, generator=g, dtype=torch.float64)
+
+
+def test_frechet_distance_identities_and_scipy():
+    a, b = _gauss(400, 6, 0), _gauss(300, 6, 1)
+    mu, cov = a.mean(0), torch.cov(a.T)
+    assert abs(quality.frechet_distance(a, a)) < 1e-9
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0], dtype=torch.float64)
+    # A shift moves only the means: FD = ||c||^2.
+    assert quality.frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-9)
+    # 2a: covariance 4 S, so Tr(S + 4S - 2 (4 S^2)^(1/2)) = Tr S, and the means differ by mu.
+    assert quality.frechet_distance(a, 2 * a) == pytest.approx(float(mu @ mu + cov.trace()), rel=1e-9)
+    # Two non-commuting covariances: against scipy's sqrtm of the product (pytorch-fid's formula).
+    ca, cb = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+    assert quality.frechet_distance(a, b) == pytest.approx(ref, rel=1e-8)
+    assert quality.frechet_distance(b, a) == pytest.approx(ref, rel=1e-8)
+    with pytest.raises(ValueError, match="different widths"):
+        quality.frechet_distance(a, b[:, :5])
+    with pytest.raises(ValueError, match=r"\(n >= 2, width\)"):
+        quality.frechet_distance(a[0], b)
+
+
+def test_precision_recall_on_sets_with_known_answers():
+    real = _gauss(200, 4, 2)
+    assert quality.precision_recall(real, real) == (1.0, 1.0)
+    assert quality.precision_recall(real, real + 1e3) == (0.0, 0.0)
+    # Real has two far clusters; fake is exactly one of them: every fake point is a real point (precision 1),
+    # and the real points of the other cluster lie outside the fake manifold (recall 1/2).
+    two = torch.cat([real[:100], real[100:] + 1e3])
+    assert quality.precision_recall(two, two[:100]) == (1.0, 0.5)
+    assert quality.precision_recall(two[:100], two) == (0.5, 1.0)
+    with pytest.raises(ValueError, match="more than k = 3"):
+        quality.precision_recall(real, real[:3])
+
+
+class _Oracle(torch.nn.Module):
+    """Stands in for the factor classifier: features are the mean colour, and the label is given by the
+    image's top-left pixel (a test fixture, so that the scores' bookkeeping has a known answer)."""
+
+    def features(self, x):
+        return torch.cat([x.mean((2, 3)), x[:, :, 0, 0]], 1)
+
+    def head(self, f):
+        label = ((f[:, 3] + 1) * 10).round().long().clamp(0, quality.INVALID)
+        return torch.nn.functional.one_hot(label, quality.INVALID + 1).float() * 50
+
+
+def test_shapes32_quality_bookkeeping():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(90, 3, 32, 32, generator=g) * 2 - 1
+
+    def labelled(labels):
+        x = torch.rand(len(labels), 3, 32, 32, generator=g) * 2 - 1
+        x[:, 0, 0, 0] = torch.tensor(labels, dtype=torch.float32) / 10 - 1
+        return x
+
+    every = labelled([i % 18 for i in range(90)])
+    scores = quality.shapes32_quality(every, _Oracle(), reference)
+    assert scores["validity"] == 1.0 and scores["coverage"] == 1.0 and scores["class_tv"] == pytest.approx(0.0, abs=1e-12)
+    assert scores["n"] == 90 and scores["fd"] >= 0 and 0 <= scores["precision"] <= 1
+    # A third read as 'not a shape', the rest all class 0: validity 2/3, coverage 1/18, TV = 1 - 1/18.
+    skewed = labelled([quality.INVALID] * 30 + [0] * 60)
+    scores = quality.shapes32_quality(skewed, _Oracle(), reference)
+    assert scores["validity"] == pytest.approx(2 / 3) and scores["coverage"] == pytest.approx(1 / 18)
+    assert scores["class_tv"] == pytest.approx(1 - 1 / 18)
+
+
+def test_negatives_are_not_single_palette_shapes_and_the_classifier_has_the_right_shapes():
+    neg = quality._negatives(64, np.random.default_rng(0))
+    assert neg.shape == (64, 3, 32, 32) and neg.min() >= -1 and neg.max() <= 1
+    net = quality.ShapesClassifier()
+    assert net(neg).shape == (64, quality.INVALID + 1) and net.features(neg).shape == (64, 128)
+
+
+def test_bits_per_dim_baselines_against_closed_forms():
+    flat = torch.zeros(10, 3, 4, 4)  # every pixel at level 127.5 -> 128
+    # Every training count sits on one level: -log2((10 + 1/2) / (10 + 256/2)) bits at every dimension.
+    assert quality.categorical_bits_per_dim(flat, flat) == pytest.approx(-np.log2(10.5 / 138), rel=1e-12)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (2000, 1, 2, 2), generator=g) / 127.5 - 1
+    held = torch.randint(0, 256, (500, 1, 2, 2), generator=g) / 127.5 - 1
+    # Uniform levels: the fitted categorical approaches 8 bits; its excess is the estimation cost (~0.1 here).
+    assert 8.0 < quality.categorical_bits_per_dim(noise, held) < 8.2
+    # Lossless files: uniform noise cannot go below 8 bits/dim; a flat image goes far below.
+    big_noise = torch.randint(0, 256, (4, 3, 32, 32), generator=g) / 127.5 - 1
+    for fmt in ("PNG", "WEBP"):
+        assert quality.file_bits_per_dim(big_noise, fmt) > 8.0
+        assert quality.file_bits_per_dim(torch.zeros(4, 3, 32, 32), fmt) < 0.5
+    with pytest.raises(ValueError, match="'PNG' or 'WEBP'"):
+        quality.file_bits_per_dim(flat, "JPEG")
+    with pytest.raises(ValueError, match="differ in shape"):
+        quality.categorical_bits_per_dim(flat, torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(n, 1 or 3, height, width\)"):
+        quality.file_bits_per_dim(torch.zeros(3, 4))
+
+
+def test_likelihood_prints_the_baselines_of_its_images(tmp_path):
+    from types import SimpleNamespace
+
+    from unstir import data
+    from unstir.cli.ode import image_baselines
+
+    x = data.load("shapes32-test", n=20).x
+    run = SimpleNamespace(run_info={"config": {"data": "shapes32", "n_data": 50, "seed": 0}})
+    want = (f"per-pixel categorical {quality.categorical_bits_per_dim(data.shapes32(50, 0).x, x):.4f}, "
+            f"PNG {quality.file_bits_per_dim(x):.4f}, WebP {quality.file_bits_per_dim(x, 'WEBP'):.4f}")
+    assert image_baselines(run, x) == want
+    run.run_info["config"]["data"] = str(tmp_path / "gone")
+    assert image_baselines(run, x).endswith("(the per-pixel categorical needs the training data, which is gone)")
