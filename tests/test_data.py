@@ -36,3 +36,22 @@ def test_shapes32_held_out_draws_are_not_the_training_draws():
 def test_shapes32_bad_input():
     with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
         data.shapes32(0)
+
+
+def test_patches32_train_and_test_come_from_disjoint_columns(monkeypatch):
+    import sklearn.datasets
+    from types import SimpleNamespace
+
+    real = data.load("patches32", n=40, seed=3)
+    assert real.shape == (3, 32, 32) and real.levels == 256 and set(real.labels.tolist()) == {0, 1}
+    torch.testing.assert_close(real.x, data.load("patches32", n=40, seed=3).x, rtol=0, atol=0)
+    assert not torch.equal(real.x, data.load("patches32", n=40, seed=4).x)
+    # Photographs whose red channel is the column (rounded 255 col / 639): column 479 reads 191, column 480
+    # reads 192, at full and half scale alike, so the red channel tells which side of the split a patch is on.
+    cols = np.rint(np.arange(640) * 255 / 639).astype(np.uint8)
+    photo = np.zeros((427, 640, 3), np.uint8)
+    photo[:, :, 0] = cols
+    monkeypatch.setattr(sklearn.datasets, "load_sample_images", lambda: SimpleNamespace(images=[photo, photo]))
+    red = lambda spec: data.from_unit_range(data.load(spec, n=2000, seed=0).x[:, 0])
+    train, test = red("patches32"), red("patches32-test")
+    assert train.max() == 191 and test.min() == 192 and train.min() == 0 and test.max() == 255

@@ -158,6 +158,39 @@ def shapes32(n: int, seed: int = 0, *, return_factors: bool = False):
     return data
 
 
+PATCHES_SPLIT = 480  # of the photographs' 640 columns: training patches lie left of it, held-out ones right
+
+
+def patches32(n: int, seed: int = 0, split: str = "train") -> Dataset:
+    """n natural 32x32 RGB patches cut from the two photographs scikit-learn ships in its wheel
+    (``load_sample_images``: china.jpg and flower.jpg, 427 x 640), half at full resolution and half from the
+    photographs halved (area-averaged), at positions, photographs and scales drawn from ``seed``. 'train'
+    patches lie wholly in columns 0..479 and 'test' patches wholly in 480..639, so no held-out pixel was
+    seen in training. Labels: the photograph (0 china, 1 flower). 8-bit (levels=256); no download."""
+    from sklearn.datasets import load_sample_images
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_choice("patches32 split", split, ("train", "test"))
+    photos = [torch.tensor(im).permute(2, 0, 1).float() for im in load_sample_images().images]
+    scales = [[p for p in photos], [torch.nn.functional.avg_pool2d(p[None], 2)[0] for p in photos]]
+    rng = np.random.default_rng(seed)
+    photo, scale = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    out = torch.empty(n, 3, 32, 32)
+    for i in range(n):
+        img = scales[scale[i]][photo[i]]
+        cut = PATCHES_SPLIT >> scale[i]
+        lo, hi = (0, cut - 32) if split == "train" else (cut, img.shape[2] - 32)
+        top, left = rng.integers(0, img.shape[1] - 32 + 1), rng.integers(lo, hi + 1)
+        out[i] = img[:, top:top + 32, left:left + 32]
+    name = "patches32" if split == "train" else "patches32-test"
+    return Dataset(name, to_unit_range(out.round()), torch.as_tensor(photo), 256)
+
+
+HELD_OUT = {"digits": "digits-test", "shapes32": "shapes32-test", "patches32": "patches32-test"}
+IMAGE_SETS = ("digits", "digits-test", "shapes32", "shapes32-test", "patches32", "patches32-test")
+
+
 def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
     """Every PNG/JPEG under ``path`` as (N, C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped
     to ``size`` if given, else all images must share one size. ``mode``: 'L' (grayscale) or 'RGB'."""
@@ -266,11 +299,13 @@ def load(spec: str, *, n: int = 20000, size: int | None = None, mode: str = "L",
         data = shapes32(n, seed if spec == "shapes32" else SHAPES32_TEST_SEED + seed)
         data.name = spec
         return data
+    if spec in ("patches32", "patches32-test"):
+        return patches32(n, seed, "train" if spec == "patches32" else "test")
     p = Path(spec)
     if p.suffix == ".npy":
         return npy_array(p)
     if p.is_dir():
         return image_folder(p, size, mode)
-    raise ValueError(f"unknown data {spec!r}: use one of {list(TOY_2D) + ['digits', 'digits-test', 'shapes32', 'shapes32-test']}, "
+    raise ValueError(f"unknown data {spec!r}: use one of {list(TOY_2D) + list(IMAGE_SETS)}, "
                      f"a folder of images or a .npy file")
 

@@ -402,9 +402,9 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
 
 
 def classifier_accuracy(net, process, cfg: TrainConfig, device, n: int = 2000) -> dict:
-    """Accuracy on held-out data (digits-test for digits; a fresh draw, seed + 1000, for 2-D sets) at t = t_min and
-    at a quarter, half and three quarters of [t_min, T] (noised with a fixed seed): ``{"t=...": accuracy}``."""
-    held = data_mod.load("digits-test" if cfg.data == "digits" else cfg.data, n=n, size=cfg.size, mode=cfg.mode,
+    """Accuracy on held-out data (the held-out set of digits, shapes32 or patches32; a fresh draw, seed + 1000,
+    for 2-D sets) at t = t_min and at a quarter, half and three quarters of [t_min, T] (noised with a fixed seed): ``{"t=...": accuracy}``."""
+    held = data_mod.load(data_mod.HELD_OUT.get(cfg.data, cfg.data), n=n, size=cfg.size, mode=cfg.mode,
                          seed=cfg.seed + 1000)
     if held.labels is None:
         return {}

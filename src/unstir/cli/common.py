@@ -57,7 +57,7 @@ def add_steps(p: argparse.ArgumentParser, default: int | None, help: str) -> Non
 def add_held_out(p: argparse.ArgumentParser) -> None:
     """What the verbs that read held-out data share."""
     add_run(p)
-    p.add_argument("--data", help="held-out data (default: the run's data: a fresh draw, digits-test or shapes32-test)")
+    p.add_argument("--data", help="held-out data (default: the run's data: a fresh draw, or digits-test, shapes32-test, patches32-test)")
     add_seed(p)
     add_device(p)
     add_class(p)
@@ -120,12 +120,12 @@ HELD_OUT_CHUNK = 20000  # 2-D held-out data come in fixed chunks, so the first k
 
 def held_out(model, spec: str | None, n: int, seed: int):
     """Data the run was not trained on: a fresh draw of a 2-D set (chunks of 20000 from seeds seed + 1000,
-    seed + 1001, ...: a fixed sequence, so point i is the same for any n), the held-out digits or shapes32-test, or the first n
+    seed + 1001, ...: a fixed sequence, so point i is the same for any n), the held-out set of digits, shapes32 or patches32, or the first n
     items of a folder / .npy file. Returns (x, levels)."""
     from .. import data as data_mod
 
     cfg = model.run_info["config"]
-    spec = spec or {"digits": "digits-test", "shapes32": "shapes32-test"}.get(cfg["data"], cfg["data"])
+    spec = spec or data_mod.HELD_OUT.get(cfg["data"], cfg["data"])
     if spec in data_mod.TOY_2D:
         chunks = [data_mod.load(spec, n=HELD_OUT_CHUNK, seed=seed + 1000 + k) for k in range(-(-n // HELD_OUT_CHUNK))]
         ds = chunks[0]

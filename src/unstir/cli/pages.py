@@ -28,10 +28,10 @@ def report_cmd(args) -> int:
 def list_choices(args) -> int:
     """Every name the other commands take: data, processes, predictions, weightings, networks, grids,
     samplers, inverse-problem methods and oracle mixtures."""
-    from ..data import TOY_2D
+    from ..data import IMAGE_SETS, TOY_2D
     from ..nets import NETS
 
-    print("data:       ", ", ".join([*TOY_2D, "digits", "digits-test", "shapes32", "shapes32-test"]),
+    print("data:       ", ", ".join([*TOY_2D, *IMAGE_SETS]),
           "(or a folder of images, or a .npy file)")
     print("predictions:", ", ".join(PREDICTIONS))
     print("weightings: ", ", ".join(["auto", *WEIGHTINGS]))
