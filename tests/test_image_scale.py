@@ -106,3 +106,11 @@ def test_image_folder_of_mixed_colour_modes_is_refused(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8), "RGB").save(folder / "b.png")
     with pytest.raises(ValueError, match=r"mix colour modes: colour \(e.g. b.png\), grayscale \(e.g. a.png\)"):
         data.image_folder(folder, mode="RGB")
+
+
+def test_a_torch_device_is_recorded_by_its_name(tmp_path):
+    import json
+
+    train(TrainConfig(data="moons", steps=2, warmup=0, batch_size=8, device=torch.device("cpu")), tmp_path / "r",
+          progress=False)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["device"] == "cpu"

@@ -84,6 +84,8 @@ class TrainConfig:
             self.warmup = min(200, self.steps // 10)
         if self.weighting == "auto":
             self.weighting = "velocity" if self.prediction == "velocity" else "simple"
+        if isinstance(self.device, torch.device):  # recorded in run.json by its name
+            self.device = str(self.device)
 
     def validate(self) -> None:
         check_choice("process", self.process, PROCESSES)
@@ -307,8 +309,9 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     if resume and rank == 0:  # a notice, not progress: --quiet keeps it
         change = cfg.schedule_changes[-1] if cfg.schedule_changes and cfg.schedule_changes[-1]["at"] == start else None
         note = (f"; length {change['previous_steps']} -> {cfg.steps} steps, learning rate "
-                f"{'restarts at' if change['rule'] == 'warm restart' else 'continues from'} {change['lr']:.3g} "
-                f"and decays to 0 at step {cfg.steps}" if change else "")
+                + (f"{'restarts at' if change['rule'] == 'warm restart' else 'continues from'} {change['lr']:.3g} "
+                   f"and decays to 0 at step {cfg.steps}" if cfg.lr_schedule == "cosine" else
+                   f"stays at {cfg.lr:.3g} (constant schedule)") if change else "")
         tqdm.write(f"resuming {str(run)!r} at step {start}{note}")
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = Denoiser(_compiled(ddp) if cfg.compile else ddp, process, cfg.prediction, discrete_labels=cfg.discrete)

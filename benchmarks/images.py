@@ -1,0 +1,232 @@
+"""Image scale on shapes32 (a benchmark, not a test): quality against the floor as training goes on, bits/dim
+against the compressor baselines, and training and sampling speed against diffusers.
+
+1. A factor classifier (``unstir.quality``) is trained on fresh shapes32 draws (cached in --work); the floor is
+   what held-out real images (shapes32-test) score against training images at the same sample size.
+2. ``unstir.train`` on shapes32 for --minutes in all, in --segments equal parts (constant learning rate
+   after warm-up, each part resumed from the last); after each part the EMA weights sample --n images
+   (dpm++2m, 20 NFE, per-sample seeds) and are scored: validity, coverage, class TV, FD, precision and recall.
+   The learning curve says whether a missed goal is the time budget or the method.
+3. Bits/dim of held-out images (log_likelihood, default accuracy) beside the per-pixel categorical and
+   lossless PNG / WebP on the same images.
+4. Speed, same network and batch, the two sides alternating: training samples/s of ``unstir.train`` (from
+   its log) against the plain diffusers loop (``UNet2DModel`` + ``DDPMScheduler.add_noise`` + MSE + AdamW),
+   with diffusers' network at about the same parameter count and with unstir's; sampling time of
+   ``unstir.sample`` against diffusers' DPMSolverMultistep loop at 20 NFE on the same network.
+
+    .venv/bin/python benchmarks/images.py [--minutes 30] [--device cpu] [--out benchmarks/images_results.md]
+
+Goals (issue 20): validity >= 0.9 and FD within 3x the floor after at most 30 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import unstir
+from unstir import data, figures, nets, quality
+from unstir.distributed import sample_sharded
+from unstir.runs import load_run
+from unstir.training import TrainConfig, train
+
+HERE = Path(__file__).parent
+CLASSIFIER_STEPS = 1500
+EVAL_SEED = 2424  # sampling seeds; never used to choose a setting
+
+
+def factor_classifier(work: Path, device) -> quality.ShapesClassifier:
+    from safetensors.torch import load_file, save_file
+
+    path = work / f"factor-classifier-{CLASSIFIER_STEPS}.safetensors"
+    if path.exists():
+        clf = quality.ShapesClassifier()
+        clf.load_state_dict(load_file(path))
+    else:
+        clf = quality.train_shapes_classifier(CLASSIFIER_STEPS, progress=True)
+        save_file(clf.state_dict(), path)
+    return clf.eval().to(device)
+
+
+def fmt_scores(name: str, s: dict) -> str:
+    return (f"{name:28s} {s['validity']:8.3f} {s['coverage']:8.3f} {s['class_tv']:8.3f} {s['fd']:9.1f} "
+            f"{s['precision']:9.3f} {s['recall']:7.3f}")
+
+
+HEADER = f"{'':28s} {'validity':>8s} {'coverage':>8s} {'class TV':>8s} {'FD':>9s} {'precision':>9s} {'recall':>7s}"
+
+
+def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
+    run = args.work / "run"
+    widths = tuple(int(w) for w in args.widths.split(","))
+    base = dict(data="shapes32", batch_size=args.batch_size, lr=args.lr, lr_schedule="constant",
+                ema_decay=0.999, widths=widths, checkpoint_every=10**9, log_every=50, device=args.device,
+                threads=args.threads)
+    lines, rate, elapsed, steps = [], None, 0.0, 0
+    budget = args.minutes * 60 / args.segments
+    for part in range(args.segments):
+        if rate is None:  # a short probe of the real loop sets the first part's length
+            probe = args.work / "probe"
+            t0 = time.perf_counter()
+            train(TrainConfig(**{**base, "steps": 20, "warmup": 0, "log_every": 10}), probe, progress=False)
+            log = [json.loads(line) for line in (probe / "log.jsonl").read_text().splitlines()]
+            rate = (log[-1]["step"] - log[0]["step"]) / (log[-1]["elapsed_s"] - log[0]["elapsed_s"])
+            budget -= (time.perf_counter() - t0) / args.segments
+        steps += max(2, int(rate * budget))
+        base.setdefault("warmup", min(200, steps // 2))  # fixed by the first part (a resumed run keeps it)
+        t0 = time.perf_counter()
+        train(TrainConfig(**{**base, "steps": steps}), run, resume=part > 0, progress=False)
+        elapsed += time.perf_counter() - t0
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        rate = log[-1]["steps_per_s"]
+        model = load_run(run, device=args.device)
+        with torch.no_grad():
+            x, nfe = sample_sharded(model, args.n, seed=EVAL_SEED, batch_size=250, device=args.device,
+                                    sampler="dpm++2m", steps=20)
+        s = quality.shapes32_quality(x.to(args.device), clf, reference)
+        lines.append(fmt_scores(f"step {steps:5d} ({elapsed / 60:4.1f} min)", s) +
+                     f"   loss {sum(e['loss'] for e in log[-5:]) / min(5, len(log)):.4f}, "
+                     f"{100 * (x.abs() > 1.02).double().mean():.1f}% of values outside [-1, 1]")
+        print(lines[-1], flush=True)
+    figures.image_grid(data.from_unit_range(x[:64].clamp(-1, 1)), args.work / "samples.png")
+    return lines, run, rate * args.batch_size
+
+
+def bits_per_dim(run: Path, n: int, device) -> list[str]:
+    model = load_run(run, device=device)
+    held = data.load("shapes32-test", n=n, seed=7).x
+    t0 = time.perf_counter()
+    r = unstir.log_likelihood(model, held.to(device), levels=256, generator=torch.Generator().manual_seed(0))
+    bpd, se = r.mean()
+    train_x = data.shapes32(20000, 0).x
+    return [f"{n} held-out shapes32-test images ({time.perf_counter() - t0:.0f} s, {r.nfe} evaluations):",
+            f"  unstir (PF ODE, dequantised)   {bpd:.3f} +- {se:.3f} bits/dim",
+            f"  per-pixel categorical (KT)     {quality.categorical_bits_per_dim(train_x, held):.3f}",
+            f"  PNG (lossless, optimised)      {quality.file_bits_per_dim(held, 'PNG'):.3f}",
+            f"  WebP (lossless, method 6)      {quality.file_bits_per_dim(held, 'WEBP'):.3f}"]
+
+
+def diffusers_unet(widths):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
+                       norm_num_groups=8)
+
+
+def plain_loop_rate(net, call, batch: int, device, steps: int = 12) -> float:
+    """Samples/s of the plain diffusers training loop: add_noise, MSE on eps, AdamW (median step after one)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    opt = torch.optim.AdamW(net.parameters(), 1e-4)
+    x0 = data.shapes32(batch, 1).x.to(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        loss = torch.nn.functional.mse_loss(call(net, sched.add_noise(x0, noise, t), t), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return batch / sorted(times[1:])[len(times[1:]) // 2]
+
+
+def speed(args, unstir_rate: float) -> list[str]:
+    import diffusers
+
+    widths = tuple(int(w) for w in args.widths.split(","))
+    ours = nets.UNet(3, 32, widths).to(args.device)
+    theirs = diffusers_unet(widths).to(args.device)
+    ours_call = lambda net, x, t: net(x, (t.float() + 1) / 1000)  # noqa: E731
+    theirs_call = lambda net, x, t: net(x, t).sample  # noqa: E731
+    rates = {"ours": [], "theirs": []}
+    for _ in range(3):  # alternate, keep the best of each
+        rates["ours"].append(plain_loop_rate(ours, ours_call, args.batch_size, args.device))
+        rates["theirs"].append(plain_loop_rate(theirs, theirs_call, args.batch_size, args.device))
+    loop_ours, loop_theirs = max(rates["ours"]), max(rates["theirs"])
+    lines = [f"training, batch {args.batch_size} (samples/s; diffusers {diffusers.__version__}):",
+             f"  unstir.train, unstir U-Net {nets.count_parameters(ours):,} params       {unstir_rate:8.1f}",
+             f"  plain diffusers loop, UNet2DModel {sum(p.numel() for p in theirs.parameters()):,} params "
+             f"{loop_theirs:8.1f}   ratio unstir.train / this = {unstir_rate / loop_theirs:.2f}",
+             f"  plain diffusers loop, unstir U-Net                {loop_ours:8.1f}   ratio = {unstir_rate / loop_ours:.2f}"]
+    # Sampling: the same network in both loops, 20 evaluations, batch --n.
+    from diffusers import DPMSolverMultistepScheduler
+
+    model = unstir.Denoiser(ours.eval(), unstir.make_process("vp"), data_shape=(3, 32, 32))
+    z = torch.randn(args.n, 3, 32, 32, device=args.device)
+
+    def theirs_sample():
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000)
+        sched.set_timesteps(20)
+        x = z.clone()
+        for t in sched.timesteps:
+            x = sched.step(ours(x, (torch.full((len(x),), float(t), device=x.device) + 1) / 1000), t, x).prev_sample
+        return x
+
+    def ours_sample():
+        return unstir.sample(model, None, z, sampler="dpm++2m", steps=20).x
+
+    best = {"ours": math.inf, "theirs": math.inf}
+    with torch.no_grad():
+        for _ in range(3):
+            for name, fn in (("ours", ours_sample), ("theirs", theirs_sample)):
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    lines += [f"sampling {args.n} images, 20 NFE, the same U-Net (s): unstir dpm++2m {best['ours']:.2f}, diffusers "
+              f"DPMSolverMultistep loop {best['theirs']:.2f}, ratio {best['ours'] / best['theirs']:.2f}"]
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0, help="training budget in all (default 30)")
+    ap.add_argument("--segments", type=int, default=3, help="evaluate after each of this many equal parts")
+    ap.add_argument("--widths", default="32,64,64")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("-n", type=int, default=500, help="samples per evaluation (and for the floor)")
+    ap.add_argument("--likelihood-n", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_images"))
+    ap.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    args = ap.parse_args()
+    args.device = torch.device(args.device)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for stale in ("run", "probe"):
+        import shutil
+
+        shutil.rmtree(args.work / stale, ignore_errors=True)
+    t_start = time.perf_counter()
+    clf = factor_classifier(args.work, args.device)
+    reference = data.shapes32(args.n, 0).x.to(args.device)
+    lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; widths {args.widths}, "
+             f"batch {args.batch_size}, lr {args.lr}; {args.minutes:g} min of training; {args.n} samples per row; "
+             f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
+             fmt_scores("floor (shapes32-test)", quality.shapes32_quality(
+                 data.load("shapes32-test", n=args.n).x.to(args.device), clf, reference))]
+    print("\n".join(lines), flush=True)
+    curve, run, rate = train_and_score(args, clf, reference)
+    lines += curve + ["```", "", "```"]
+    for part in (bits_per_dim(run, args.likelihood_n, args.device), [""], speed(args, rate)):
+        print("\n".join(part), flush=True)
+        lines += part
+    lines += ["```", f"total {(time.perf_counter() - t_start) / 60:.1f} min; samples of the last row: "
+              f"{args.work / 'samples.png'}"]
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
