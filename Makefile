@@ -9,7 +9,7 @@ API_MODULES := processes parametrization grids samplers tuning pf_ode likelihood
 	training runs oracle data nets metrics quality distributed report adapters.diffusers adapters.karras
 STAMP := $(VENV)/.unstir-installed
 
-.PHONY: demo test test-slow bench docs install clean
+.PHONY: demo demo-images test test-slow bench docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/unstir demo --out runs/demo --force
 	$(BIN)/unstir report --run runs/demo/run
+
+demo-images: $(STAMP)
+	$(BIN)/unstir demo --images --out runs/demo-images --force
 
 # Both cores (pytest-xdist), one intra-op thread per worker: 2 min 50 s against 3 min 50 s serial on a quiet
 # 2-core machine; two workers at torch's default two threads each oversubscribe the cores (over 18 min).

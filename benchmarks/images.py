@@ -12,7 +12,8 @@ against the compressor baselines, and training and sampling speed against diffus
 4. Speed, same network and batch, the two sides alternating: training samples/s of ``unstir.train`` (from
    its log) against the plain diffusers loop (``UNet2DModel`` + ``DDPMScheduler.add_noise`` + MSE + AdamW),
    with diffusers' network at about the same parameter count and with unstir's; sampling time of
-   ``unstir.sample`` against diffusers' DPMSolverMultistep loop at 20 NFE on the same network.
+   ``unstir.sample`` against diffusers' DPMSolverMultistep loop at 20 NFE on the same network; and the
+   trainer's options (bf16 autocast, channels_last, torch.compile) on a bare step (``--options-only``).
 
     .venv/bin/python benchmarks/images.py [--minutes 30] [--device cpu] [--out benchmarks/images_results.md]
 
@@ -188,6 +189,45 @@ def speed(args, unstir_rate: float) -> list[str]:
     return lines
 
 
+def options(args) -> list[str]:
+    """The trainer's image options on a bare forward + backward + AdamW step of the benchmark's U-Net (median
+    of 6 after 2; compile: after its first call, whose time is the compile time): fp32, bf16 autocast,
+    channels_last and torch.compile, the same batch."""
+    widths = tuple(int(w) for w in args.widths.split(","))
+    x, t = data.shapes32(args.batch_size, 3).x.to(args.device), torch.rand(args.batch_size, device=args.device)
+
+    def step_ms(bf16=False, layout=torch.contiguous_format, compile=False):
+        torch.manual_seed(0)
+        net = nets.UNet(3, 32, widths).to(args.device, memory_format=layout)
+        opt = torch.optim.AdamW(net.parameters(), 1e-4)
+        call = torch.compile(net) if compile else net
+        xx, times = x.contiguous(memory_format=layout), []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            with torch.autocast(args.device.type, torch.bfloat16, enabled=bf16):
+                loss = (call(xx, t).float() - xx).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if args.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * sorted(times[2:])[len(times[2:]) // 2], 1e3 * times[0]
+
+    base, _ = step_ms()
+    lines = [f"trainer options, bare step of the U-Net ({args.widths}), batch {args.batch_size} (ms; ratio to fp32):",
+             f"  fp32                 {base:8.1f}"]
+    for name, kw in (("bf16 autocast", {"bf16": True}), ("channels_last", {"layout": torch.channels_last}),
+                     ("torch.compile", {"compile": True})):
+        try:
+            ms, first = step_ms(**kw)
+            extra = f"   (first call {first / 1e3:.1f} s)" if name == "torch.compile" else ""
+            lines.append(f"  {name:20s} {ms:8.1f}   {ms / base:5.2f}{extra}")
+        except Exception as err:  # a compiler that is missing here: say so, do not stop the benchmark
+            lines.append(f"  {name:20s} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget in all (default 30)")
@@ -201,8 +241,12 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_images"))
     ap.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    ap.add_argument("--options-only", action="store_true", help="only time the trainer's options (bf16, ...)")
     args = ap.parse_args()
     args.device = torch.device(args.device)
+    if args.options_only:
+        print("\n".join(options(args)))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     for stale in ("run", "probe"):
         import shutil
@@ -219,7 +263,7 @@ def main():
     print("\n".join(lines), flush=True)
     curve, run, rate = train_and_score(args, clf, reference)
     lines += curve + ["```", "", "```"]
-    for part in (bits_per_dim(run, args.likelihood_n, args.device), [""], speed(args, rate)):
+    for part in (bits_per_dim(run, args.likelihood_n, args.device), [""], speed(args, rate), options(args)):
         print("\n".join(part), flush=True)
         lines += part
     lines += ["```", f"total {(time.perf_counter() - t_start) / 60:.1f} min; samples of the last row: "

@@ -39,6 +39,19 @@ def test_main_demo_trains_samples_and_reports(tmp_path, capsys):
         assert (tmp_path / fig).stat().st_size > 10_000
 
 
+def test_image_demo_trains_scores_and_keeps_its_classifier(tmp_path, capsys):
+    args = ["demo", "--images", "--out", str(tmp_path), "--train-steps", "2", "--classifier-steps", "2", "-n", "8"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "training on 'shapes32'" in text and "held-out real (floor)" in text and "dpm++2m (20 NFE)" in text
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "factor-classifier-2.safetensors").exists()
+    mtime = (tmp_path / "factor-classifier-2.safetensors").stat().st_mtime
+    assert main(args + ["--force"]) == 0  # the run is replaced, the classifier reused
+    assert (tmp_path / "factor-classifier-2.safetensors").stat().st_mtime == mtime
+    assert main(args + ["--force", "--classifier-steps", "0"]) == 2
+    assert "--classifier-steps must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_likelihood_encode_decode_interpolate_commands(tmp_path, capsys):
     """The PF-ODE uses from the command line on a small trained run: bits/dim of held-out data, latents
     to .npy and back (decoded close to the encoded data), and an interpolation figure."""

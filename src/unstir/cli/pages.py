@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import oracle
-from ..demos import demo, oracle_demo
+from ..demos import IMAGE_DEMO_N, IMAGE_DEMO_STEPS, demo, oracle_demo
 from ..grids import GRIDS
 from ..losses import WEIGHTINGS
 from ..parametrization import PREDICTIONS
@@ -54,8 +54,14 @@ def register(sub) -> None:
     m.add_argument("--data", default="moons", choices=["moons", "swiss_roll", "circles", "checkerboard", "ring",
                                                        "unequal_2d"], help="2-D data set (default: moons)")
     m.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default: vp)")
-    m.add_argument("--train-steps", dest="train_steps", type=int, default=3000, help="training steps (default: 3000)")
-    add_count(m, 2000, "samples per sampler")
+    m.add_argument("--train-steps", dest="train_steps", type=int, default=None,
+                   help=f"training steps (default: 3000; {IMAGE_DEMO_STEPS} with --images)")
+    m.add_argument("--images", action="store_true", help="shapes32 (32x32 colour) instead: a few minutes of "
+                   "training, samples scored by a factor classifier against real images")
+    m.add_argument("--classifier-steps", dest="classifier_steps", type=int, default=1500,
+                   help="with --images: training steps of the factor classifier, kept in OUT (default: 1500)")
+    m.add_argument("-n", type=int, default=None, help="samples per sampler (default: 2000; with --images, samples "
+                   f"scored: {IMAGE_DEMO_N})")
     m.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
     add_seed(m, "training, noise and held-out data")
     m.set_defaults(func=demo)
