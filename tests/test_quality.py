@@ -122,3 +122,41 @@ def test_likelihood_prints_the_baselines_of_its_images(tmp_path):
     assert image_baselines(run, x) == want
     run.run_info["config"]["data"] = str(tmp_path / "gone")
     assert image_baselines(run, x).endswith("(the per-pixel categorical needs the training data, which is gone)")
+
+
+class _FakeInception(torch.nn.Module):
+    """A random-weight stand-in with the TorchScript Inception's interface: 8-bit RGB in, any size, resized
+    inside, ``return_features=True`` gives the pooled features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        x = torch.nn.functional.interpolate(x.float(), size=(29, 29), mode="bilinear") / 127.5 - 1
+        f = self.conv(x).relu().mean((2, 3))
+        return f if return_features else f.sum(1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_fid_plumbing_with_random_weights(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pt"
+    net = torch.jit.script(_FakeInception())
+    net.save(str(weights))
+    a = torch.rand(30, 3, 12, 12) * 2 - 1
+    b = torch.rand(40, 1, 12, 12) * 2 - 1
+    fa = quality.inception_features(a, weights, batch_size=7)
+    with torch.no_grad():
+        want = net(((a + 1) * 127.5).round().to(torch.uint8), return_features=True).double()
+    torch.testing.assert_close(fa, want)  # batching, the 8-bit conversion and the call, as the network sees them
+    assert quality.inception_features(b, weights).shape == (40, 16)  # grayscale goes in as three equal channels
+    assert quality.fid(a, a, weights) == pytest.approx(0.0, abs=1e-9)
+    assert quality.fid(a, b, weights) == pytest.approx(
+        quality.frechet_distance(fa, quality.inception_features(b, weights)), rel=1e-12)
+    with pytest.raises(ValueError, match="does not download it"):
+        quality.fid(a, b, tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a torchscript archive")
+    with pytest.raises(ValueError, match="is not a TorchScript file"):
+        quality.fid(a, b, tmp_path / "bad.pt")

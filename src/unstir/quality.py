@@ -3,7 +3,8 @@
 ``shapes32``, validity and class coverage read by a factor classifier.
 
 A classifier trained on the data set stands in for Inception (FID's network, Heusel et al. 2017), which would
-have to be downloaded. Its numbers compare samplers and runs on one data set; they are not FID values."""
+have to be downloaded. Its numbers compare samplers and runs on one data set; they are not FID values. With
+a copy of the Inception network, ``fid`` computes FID itself."""
 
 from __future__ import annotations
 
@@ -144,6 +145,51 @@ def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: T
             "fd": frechet_distance(f_real, f_fake), "precision": precision, "recall": recall, "n": len(samples)}
 
 
+def inception_features(images: Tensor, weights, batch_size: int = 200, device="cpu") -> Tensor:
+    """The 2048-wide pool features of FID's Inception network for images in [-1, 1] (N, 1 or 3, H, W), from
+    ``weights``: a TorchScript file of the network as StyleGAN2-ADA, EDM and clean-fid use it
+    (``inception-2015-12-05.pt``: called with 8-bit RGB images of any size and ``return_features=True``, it
+    resizes them to 299 itself). unstir never downloads it: pass the path of a copy you trust (TorchScript
+    runs only torch operations, but it is code). Grayscale images are repeated to three channels.
+
+    Why not torchmetrics, clean-fid or pytorch-fid: each needs torchvision (torchmetrics through
+    torch-fidelity), which cannot be installed beside the CPU build of torch this project pins; clean-fid
+    and EDM use this same file, and the Frechet distance of its features is ``frechet_distance``."""
+    from pathlib import Path
+
+    from .data import from_unit_range
+
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"Inception weights {str(path)!r} do not exist: give the path of a TorchScript "
+                         f"inception-2015-12-05.pt (unstir does not download it)")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated; the file is TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError as err:
+        raise ValueError(f"{str(path)!r} is not a TorchScript file ({str(err).splitlines()[0][:80]}); FID needs "
+                         f"the TorchScript inception-2015-12-05.pt") from None
+    x = _images(images)
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            part = from_unit_range(x[i:i + batch_size]).to(device)
+            part = part.expand(-1, 3, -1, -1) if part.shape[1] == 1 else part
+            feats.append(net(part, return_features=True).reshape(len(part), -1).double().cpu())
+    return torch.cat(feats)
+
+
+def fid(samples: Tensor, reference: Tensor, weights, batch_size: int = 200, device="cpu") -> float:
+    """FID (Heusel et al. 2017): the Frechet distance between Inception features (``inception_features``) of
+    ``samples`` and ``reference`` (images in [-1, 1]). Comparable with published values only at their sample
+    sizes (50,000 against the training set) and image preprocessing."""
+    return frechet_distance(inception_features(samples, weights, batch_size, device),
+                            inception_features(reference, weights, batch_size, device))
+
+
 def categorical_bits_per_dim(train: Tensor, test: Tensor) -> float:
     """Bits/dim of ``test`` under a categorical distribution over the 256 levels fitted independently at every
     position and channel to ``train`` (images in [-1, 1], 8-bit), with the Krichevsky-Trofimov estimate
@@ -200,4 +246,4 @@ def floor(classifier: ShapesClassifier, n: int, seed: int = 0) -> dict:
 
 
 __all__ = ["frechet_distance", "precision_recall", "ShapesClassifier", "train_shapes_classifier", "shapes32_quality",
-           "floor", "categorical_bits_per_dim", "file_bits_per_dim"]
+           "floor", "categorical_bits_per_dim", "file_bits_per_dim", "inception_features", "fid"]
