@@ -13,7 +13,7 @@ against the compressor baselines, and training and sampling speed against diffus
    its log) against the plain diffusers loop (``UNet2DModel`` + ``DDPMScheduler.add_noise`` + MSE + AdamW),
    with diffusers' network at about the same parameter count and with unstir's; sampling time of
    ``unstir.sample`` against diffusers' DPMSolverMultistep loop at 20 NFE on the same network; and the
-   trainer's options (bf16 autocast, channels_last, torch.compile) on a bare step (``--options-only``).
+   trainer's options (bf16 autocast, channels_last, torch.compile) on a bare step; ``--speed-only`` runs only 4.
 
     .venv/bin/python benchmarks/images.py [--minutes 30] [--device cpu] [--out benchmarks/images_results.md]
 
@@ -120,16 +120,19 @@ def diffusers_unet(widths):
                        norm_num_groups=8)
 
 
-def plain_loop_rate(net, call, batch: int, device, steps: int = 12) -> float:
-    """Samples/s of the plain diffusers training loop: add_noise, MSE on eps, AdamW (median step after one)."""
+def plain_loop(net, call, batch: int, device, steps: int = 12, lr: float = 1e-4, seed: int = 0):
+    """The plain diffusers training loop (add_noise, MSE on eps, AdamW) for ``steps`` steps: (samples/s, the
+    median step after the first; the eps MSE on a fixed held-out batch at the end)."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(num_train_timesteps=1000)
-    opt = torch.optim.AdamW(net.parameters(), 1e-4)
-    x0 = data.shapes32(batch, 1).x.to(device)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr)
+    train_x = data.shapes32(4096, 1).x
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
+        x0 = train_x[torch.randint(len(train_x), (batch,))].to(device)
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (batch,), device=device)
         loss = torch.nn.functional.mse_loss(call(net, sched.add_noise(x0, noise, t), t), noise)
@@ -139,27 +142,41 @@ def plain_loop_rate(net, call, batch: int, device, steps: int = 12) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return batch / sorted(times[1:])[len(times[1:]) // 2]
+    held = data.load("shapes32-test", n=256, seed=11).x.to(device)
+    g = torch.Generator().manual_seed(12)
+    noise, t = torch.randn(held.shape, generator=g).to(device), torch.arange(256, device=device) * 1000 // 256
+    with torch.no_grad():
+        held_loss = torch.nn.functional.mse_loss(call(net, sched.add_noise(held, noise, t), t), noise).item()
+    return batch / sorted(times[1:])[len(times[1:]) // 2], held_loss
 
 
 def speed(args, unstir_rate: float) -> list[str]:
     import diffusers
 
     widths = tuple(int(w) for w in args.widths.split(","))
-    ours = nets.UNet(3, 32, widths).to(args.device)
-    theirs = diffusers_unet(widths).to(args.device)
-    ours_call = lambda net, x, t: net(x, (t.float() + 1) / 1000)  # noqa: E731
-    theirs_call = lambda net, x, t: net(x, t).sample  # noqa: E731
+    their_widths = tuple(int(w) for w in args.diffusers_widths.split(","))
+    fresh = {"ours": lambda: nets.UNet(3, 32, widths).to(args.device),
+             "theirs": lambda: diffusers_unet(their_widths).to(args.device)}
+    calls = {"ours": lambda net, x, t: net(x, (t.float() + 1) / 1000),  # unstir's net takes t in (0, 1]
+             "theirs": lambda net, x, t: net(x, t).sample}
+    size = {k: sum(p.numel() for p in f().parameters()) for k, f in fresh.items()}
     rates = {"ours": [], "theirs": []}
     for _ in range(3):  # alternate, keep the best of each
-        rates["ours"].append(plain_loop_rate(ours, ours_call, args.batch_size, args.device))
-        rates["theirs"].append(plain_loop_rate(theirs, theirs_call, args.batch_size, args.device))
-    loop_ours, loop_theirs = max(rates["ours"]), max(rates["theirs"])
-    lines = [f"training, batch {args.batch_size} (samples/s; diffusers {diffusers.__version__}):",
-             f"  unstir.train, unstir U-Net {nets.count_parameters(ours):,} params       {unstir_rate:8.1f}",
-             f"  plain diffusers loop, UNet2DModel {sum(p.numel() for p in theirs.parameters()):,} params "
-             f"{loop_theirs:8.1f}   ratio unstir.train / this = {unstir_rate / loop_theirs:.2f}",
-             f"  plain diffusers loop, unstir U-Net                {loop_ours:8.1f}   ratio = {unstir_rate / loop_ours:.2f}"]
+        for k in rates:
+            rates[k].append(plain_loop(fresh[k](), calls[k], args.batch_size, args.device)[0])
+    rate = {k: max(v) for k, v in rates.items()}
+    loss = {k: plain_loop(fresh[k](), calls[k], args.batch_size, args.device, args.compare_steps, lr=1e-3)[1]
+            for k in rates}
+    lines = [f"training, batch {args.batch_size}, diffusers {diffusers.__version__} (samples/s; plain loop = "
+             "UNet2DModel-style loop: DDPMScheduler.add_noise + MSE on eps + AdamW):",
+             f"  unstir.train, unstir U-Net {args.widths} ({size['ours']:,} params)         {unstir_rate:8.1f}",
+             f"  plain loop, unstir U-Net                                  {rate['ours']:8.1f}   "
+             f"unstir.train / this = {unstir_rate / rate['ours']:.2f}",
+             f"  plain loop, UNet2DModel {args.diffusers_widths} ({size['theirs']:,} params) {rate['theirs']:8.1f}   "
+             f"unstir.train / this = {unstir_rate / rate['theirs']:.2f}",
+             f"held-out eps MSE after {args.compare_steps} plain-loop steps at lr 1e-3 (same data, seed, batches): "
+             f"unstir U-Net {loss['ours']:.4f}, UNet2DModel {loss['theirs']:.4f}"]
+    ours = fresh["ours"]()
     # Sampling: the same network in both loops, 20 evaluations, batch --n.
     from diffusers import DPMSolverMultistepScheduler
 
@@ -217,6 +234,7 @@ def options(args) -> list[str]:
     base, _ = step_ms()
     lines = [f"trainer options, bare step of the U-Net ({args.widths}), batch {args.batch_size} (ms; ratio to fp32):",
              f"  fp32                 {base:8.1f}"]
+    print("\n".join(lines), flush=True)
     for name, kw in (("bf16 autocast", {"bf16": True}), ("channels_last", {"layout": torch.channels_last}),
                      ("torch.compile", {"compile": True})):
         try:
@@ -225,6 +243,7 @@ def options(args) -> list[str]:
             lines.append(f"  {name:20s} {ms:8.1f}   {ms / base:5.2f}{extra}")
         except Exception as err:  # a compiler that is missing here: say so, do not stop the benchmark
             lines.append(f"  {name:20s} failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -233,6 +252,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget in all (default 30)")
     ap.add_argument("--segments", type=int, default=3, help="evaluate after each of this many equal parts")
     ap.add_argument("--widths", default="32,64,64")
+    ap.add_argument("--diffusers-widths", default="32,48,56", help="UNet2DModel widths of about the same size")
+    ap.add_argument("--compare-steps", type=int, default=300, help="plain-loop steps of each network for the loss")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None)
@@ -241,11 +262,13 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_images"))
     ap.add_argument("--out", type=Path, help="also write the report to this markdown file")
-    ap.add_argument("--options-only", action="store_true", help="only time the trainer's options (bf16, ...)")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed parts: the trainer's options (bf16, ...) and the "
+                    "diffusers comparison (the unstir.train rate is left out)")
     args = ap.parse_args()
     args.device = torch.device(args.device)
-    if args.options_only:
-        print("\n".join(options(args)))
+    if args.speed_only:
+        print("\n".join(speed(args, float("nan"))), flush=True)
+        options(args)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     for stale in ("run", "probe"):
@@ -263,9 +286,10 @@ def main():
     print("\n".join(lines), flush=True)
     curve, run, rate = train_and_score(args, clf, reference)
     lines += curve + ["```", "", "```"]
-    for part in (bits_per_dim(run, args.likelihood_n, args.device), [""], speed(args, rate), options(args)):
+    for part in (bits_per_dim(run, args.likelihood_n, args.device), [""], speed(args, rate)):
         print("\n".join(part), flush=True)
         lines += part
+    lines += options(args)  # prints as it goes (torch.compile takes minutes on a CPU)
     lines += ["```", f"total {(time.perf_counter() - t_start) / 60:.1f} min; samples of the last row: "
               f"{args.work / 'samples.png'}"]
     if args.out:
