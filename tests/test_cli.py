@@ -50,6 +50,8 @@ def test_image_demo_trains_scores_and_keeps_its_classifier(tmp_path, capsys):
     assert (tmp_path / "factor-classifier-2.safetensors").stat().st_mtime == mtime
     assert main(args + ["--force", "--classifier-steps", "0"]) == 2
     assert "--classifier-steps must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(args + ["--force", "--data", "ring"]) == 2
+    assert "--images trains on shapes32; --data ring names a 2-D set" in capsys.readouterr().err
 
 
 def test_likelihood_encode_decode_interpolate_commands(tmp_path, capsys):

@@ -115,7 +115,10 @@ def demo(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"{_flag(name)} must be a positive integer, got {getattr(args, name)}")
     if args.images:
+        if args.data is not None:
+            raise ValueError(f"--images trains on shapes32; --data {args.data} names a 2-D set (leave it out)")
         return image_demo(args)
+    args.data = args.data or "moons"
     out = Path(args.out)
     run = _fresh_run(args)
     cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed)

@@ -51,8 +51,8 @@ def register(sub) -> None:
                        description=demo.__doc__)
     m.add_argument("--out", default="runs/demo", help="folder for the run and figures (default: runs/demo)")
     m.add_argument("--force", action="store_true", help="replace OUT/run if it holds an earlier demo run")
-    m.add_argument("--data", default="moons", choices=["moons", "swiss_roll", "circles", "checkerboard", "ring",
-                                                       "unequal_2d"], help="2-D data set (default: moons)")
+    m.add_argument("--data", default=None, choices=["moons", "swiss_roll", "circles", "checkerboard", "ring",
+                                                    "unequal_2d"], help="2-D data set (default: moons)")
     m.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default: vp)")
     m.add_argument("--train-steps", dest="train_steps", type=int, default=None,
                    help=f"training steps (default: 3000; {IMAGE_DEMO_STEPS} with --images)")
