@@ -4,8 +4,10 @@ For each fresh case (none of them used to choose a default or the pilot grid's c
 ring(), random_mixture(16, 4, seed=11) and random_mixture(64, 6, seed=11), noise seed 555) and each NFE, the
 endpoint error (mean distance to a tight solve of the same PF ODE from the same noise) of:
 
-* unstir, per deterministic multistep sampler (deis4: DEIS of order 4, the variable-step iPNDM), with and
-  without the analytical first step (AFS):
+* unstir, per deterministic multistep sampler (deis4: DEIS of order 4, the variable-step iPNDM), from T,
+  with the analytical first step (``afs``), or from below T by analytical teleportation (``tele``: the
+  Gaussian with the mean and covariance of 10,000 data draws, standing in for a training set; the pilot
+  chooses where to land):
   - ``named``: the sampler's default named grid;
   - ``pilot``: the automatic grid of ``unstir.tuning.pilot_grid`` (GITS-style dynamic programming over a
     100-step teacher run of 64 pilot samples, seed 0), which ``unstir sample --nfe N`` computes and caches;
@@ -33,6 +35,7 @@ import unstir  # noqa: E402
 from common import endpoint_error, reference, sliced_w2, two_sample_floor  # noqa: E402
 from samplers import PROCESS, diffusers_configs, exact_eps_for_diffusers, run_diffusers  # noqa: E402
 from unstir import oracle  # noqa: E402
+from unstir.teleport import Moments  # noqa: E402
 from unstir.tuning import pilot_grid  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -40,7 +43,7 @@ NFES = (3, 4, 5, 6, 8, 10)
 # name -> (sampler, options): deis order 4 is the variable-step iPNDM (Zhou et al. 2024's iPNDM_v)
 SAMPLERS = {"ipndm": ("ipndm", {}), "deis": ("deis", {}), "deis4": ("deis", {"order": 4}),
             "dpm++2m": ("dpm++2m", {}), "unipc": ("unipc", {})}
-SEED_NOISE, SEED_EXACT, SEED_FLOOR = 2026, 2027, 3000
+SEED_NOISE, SEED_EXACT, SEED_FLOOR, SEED_MOMENTS = 2026, 2027, 3000, 2028
 
 
 def fresh_cases():
@@ -69,19 +72,23 @@ def main():
         exact = gm.sample(args.n, torch.Generator().manual_seed(SEED_EXACT))
         floors = two_sample_floor(lambda i: gm.sample(args.n, torch.Generator().manual_seed(SEED_FLOOR + i)), exact)
         floor = sum(floors) / len(floors)
+        # the "training set": moments of 10,000 draws (analytical teleportation's Gaussian)
+        moments = Moments.of(gm.sample(10000, torch.Generator().manual_seed(SEED_MOMENTS)))
         rows, pilot_cost = {}, []
         for label, (sampler, opts) in SAMPLERS.items():
-            for afs in (False, True):
+            for start in ("", "afs", "tele"):
+                afs, tele = start == "afs", moments if start == "tele" else None
                 for nfe in NFES:
-                    steps = nfe + (1 if afs else 0)
-                    r = unstir.sample(model, PROCESS, x_T, sampler=sampler, steps=steps, afs=afs, **opts)
-                    rows.setdefault((label, afs, "named"), {})[nfe] = r.x
+                    if not tele:
+                        r = unstir.sample(model, PROCESS, x_T, sampler=sampler, steps=nfe + afs, afs=afs, **opts)
+                        rows.setdefault((label, start, "named"), {})[nfe] = r.x
                     t0 = time.perf_counter()
-                    tg = pilot_grid(model, sampler, nfe, afs=afs, dtype=torch.float64, **opts)
+                    tg = pilot_grid(model, sampler, nfe, afs=afs, teleport=tele, dtype=torch.float64, **opts)
                     pilot_cost.append((tg.evaluations, time.perf_counter() - t0))
-                    r = unstir.sample(model, PROCESS, x_T, sampler=sampler, grid=tg.grid, afs=afs, **opts)
-                    assert r.nfe == nfe, (sampler, afs, nfe, r.nfe)
-                    rows.setdefault((label, afs, "pilot"), {})[nfe] = r.x
+                    r = unstir.sample(model, PROCESS, x_T, sampler=sampler, grid=tg.grid, afs=afs, teleport=tele,
+                                      **opts)
+                    assert r.nfe == nfe, (sampler, start, nfe, r.nfe)
+                    rows.setdefault((label, start, "pilot"), {})[nfe] = r.x
         eps_fn = exact_eps_for_diffusers(gm)
         dbest = {}
         for name, (factory, per_step, det) in dcfg.items():
@@ -98,10 +105,10 @@ def main():
         lines += [f"### {cname} (d = {gm.dim}); sliced-W2 floor {floor:.3e}", "", "```",
                   f"{'sampler':22s} " + " ".join(f"{'NFE ' + str(k):>9s}" for k in NFES)]
         errs = {}
-        for (sampler, afs, grid), by in rows.items():
-            errs[(sampler, afs, grid)] = {k: endpoint_error(x, ref) for k, x in by.items()}
-            label = f"{sampler}{' afs' if afs else ''} {grid}"
-            lines.append(f"{label:22s} " + " ".join(f"{errs[(sampler, afs, grid)][k]:9.2e}" for k in NFES))
+        for (sampler, start, grid), by in rows.items():
+            errs[(sampler, start, grid)] = {k: endpoint_error(x, ref) for k, x in by.items()}
+            label = f"{sampler} {start} {grid}".replace("  ", " ")
+            lines.append(f"{label:22s} " + " ".join(f"{errs[(sampler, start, grid)][k]:9.2e}" for k in NFES))
         lines.append(f"{'diffusers best':22s} " + " ".join(f"{dbest[k][0]:9.2e}" for k in NFES))
         lines += ["```", f"pilot grid cost: {max(c for c, _ in pilot_cost)} evaluations of 64 samples at most, "
                          f"{max(s for _, s in pilot_cost):.1f} s at most", ""]
@@ -109,7 +116,7 @@ def main():
             key = min(errs, key=lambda k: errs[k][nfe])
             e = errs[key][nfe]
             sw = sliced_w2(rows[key][nfe], exact) / floor
-            label = f"{key[0]}{' afs' if key[1] else ''} {key[2]}"
+            label = f"{key[0]} {key[1]} {key[2]}".replace("  ", " ")
             summary.append(f"| {cname} | {nfe} | {e:.3e} ({label}) | {dbest[nfe][0]:.3e} ({dbest[nfe][1]}) | "
                            f"{e / dbest[nfe][0]:.2f} | {sw:.2f} |")
         print("\n".join(lines[-(len(rows) + 8):]), flush=True)

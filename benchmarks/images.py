@@ -3,8 +3,9 @@ against the compressor baselines, and training and sampling speed against diffus
 
 1. A factor classifier (``unstir.quality``) is trained on fresh shapes32 draws (cached in --work); the floor is
    what held-out real images (shapes32-test) score against training images at the same sample size.
-2. ``unstir.train`` on shapes32 for --minutes in all, in --segments equal parts (constant learning rate
-   after warm-up, each part resumed from the last); after each part the EMA weights sample --n images
+2. ``unstir.train`` on shapes32 for --minutes in all, in --segments equal parts, each resumed from the last
+   (``--schedule cosine``: one run whose length fills the budget at a probe's rate, decaying to 0 at its end;
+   ``constant``: each part lengthens the run, the learning rate stays); after each part the EMA weights sample --n images
    (dpm++2m, 20 NFE, per-sample seeds) and are scored: validity, coverage, class TV, FD, precision and recall.
    The learning curve says whether a missed goal is the time budget or the method.
 3. Bits/dim of held-out images (log_likelihood, default accuracy) beside the per-pixel categorical and
@@ -65,7 +66,7 @@ HEADER = f"{'':28s} {'validity':>8s} {'coverage':>8s} {'class TV':>8s} {'FD':>9s
 def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
     run = args.work / "run"
     widths = tuple(int(w) for w in args.widths.split(","))
-    base = dict(data="shapes32", batch_size=args.batch_size, lr=args.lr, lr_schedule="constant",
+    base = dict(data="shapes32", batch_size=args.batch_size, lr=args.lr, lr_schedule=args.schedule,
                 ema_decay=0.999, widths=widths, checkpoint_every=10**9, log_every=50, device=args.device,
                 threads=args.threads)
     lines, rate, elapsed, steps = [], None, 0.0, 0
@@ -78,20 +79,30 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
             log = [json.loads(line) for line in (probe / "log.jsonl").read_text().splitlines()]
             rate = (log[-1]["step"] - log[0]["step"]) / (log[-1]["elapsed_s"] - log[0]["elapsed_s"])
             budget -= (time.perf_counter() - t0) / args.segments
-        steps += max(2, int(rate * budget))
+            # cosine: one run whose length fills the whole budget at the probe's rate, stopped (with a
+            # checkpoint) after each part; constant: each part extends the run by its share of the budget.
+            total = args.segments * max(2, int(rate * budget))
+        stop, previous = None, steps
+        if args.schedule == "constant":
+            steps += max(2, int(rate * budget))
+            length = steps
+        else:
+            steps, length = total * (part + 1) // args.segments, total
+            stop = steps - previous
+            base["checkpoint_every"] = total // args.segments
         base.setdefault("warmup", min(200, steps // 2))  # fixed by the first part (a resumed run keeps it)
         t0 = time.perf_counter()
-        train(TrainConfig(**{**base, "steps": steps}), run, resume=part > 0, progress=False)
+        train(TrainConfig(**{**base, "steps": length}), run, resume=part > 0, progress=False, stop_after=stop)
         elapsed += time.perf_counter() - t0
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-        rate = log[-1]["steps_per_s"]
+        rate = log[-1]["steps_per_s"] if log else rate
         model = load_run(run, device=args.device)
         with torch.no_grad():
             x, nfe = sample_sharded(model, args.n, seed=EVAL_SEED, batch_size=250, device=args.device,
                                     sampler="dpm++2m", steps=20)
         s = quality.shapes32_quality(x.to(args.device), clf, reference)
         lines.append(fmt_scores(f"step {steps:5d} ({elapsed / 60:4.1f} min)", s) +
-                     f"   loss {sum(e['loss'] for e in log[-5:]) / min(5, len(log)):.4f}, "
+                     f"   loss {sum(e['loss'] for e in log[-5:]) / len(log[-5:]) if log else float('nan'):.4f}, "
                      f"{100 * (x.abs() > 1.02).double().mean():.1f}% of values outside [-1, 1]")
         print(lines[-1], flush=True)
     figures.image_grid(data.from_unit_range(x[:64].clamp(-1, 1)), args.work / "samples.png")
@@ -256,6 +267,9 @@ def main():
     ap.add_argument("--compare-steps", type=int, default=300, help="plain-loop steps of each network for the loss")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                    help="learning rate after warm-up: cosine to 0 at the budget's end (default) or constant")
+    ap.add_argument("--no-speed", action="store_true", help="leave out the speed parts (parts 4)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("-n", type=int, default=500, help="samples per evaluation (and for the floor)")
     ap.add_argument("--likelihood-n", type=int, default=32)
@@ -279,17 +293,19 @@ def main():
     clf = factor_classifier(args.work, args.device)
     reference = data.shapes32(args.n, 0).x.to(args.device)
     lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; widths {args.widths}, "
-             f"batch {args.batch_size}, lr {args.lr}; {args.minutes:g} min of training; {args.n} samples per row; "
+             f"batch {args.batch_size}, lr {args.lr} ({args.schedule}); {args.minutes:g} min of training; {args.n} samples per row; "
              f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
              fmt_scores("floor (shapes32-test)", quality.shapes32_quality(
                  data.load("shapes32-test", n=args.n).x.to(args.device), clf, reference))]
     print("\n".join(lines), flush=True)
     curve, run, rate = train_and_score(args, clf, reference)
     lines += curve + ["```", "", "```"]
-    for part in (bits_per_dim(run, args.likelihood_n, args.device), [""], speed(args, rate)):
+    for part in (bits_per_dim(run, args.likelihood_n, args.device), [""],
+                 [] if args.no_speed else speed(args, rate)):
         print("\n".join(part), flush=True)
         lines += part
-    lines += options(args)  # prints as it goes (torch.compile takes minutes on a CPU)
+    if not args.no_speed:
+        lines += options(args)  # prints as it goes (torch.compile takes minutes on a CPU)
     lines += ["```", f"total {(time.perf_counter() - t_start) / 60:.1f} min; samples of the last row: "
               f"{args.work / 'samples.png'}"]
     if args.out:

@@ -94,6 +94,32 @@ def load_tensors(path) -> dict[str, Tensor]:
                          f"or retrain") from None
 
 
+MOMENTS_FILE = "moments.safetensors"
+MOMENTS_MAX_DIM = 4096  # a 32x32 colour image: 3072 values, a 38 MB float32 covariance
+
+
+def write_moments(run: Path, x: Tensor) -> None:
+    """The training data's mean and covariance (float32) in ``run/moments.safetensors``, for analytical
+    teleportation (``unstir.teleport``); nothing above ``MOMENTS_MAX_DIM`` values per sample."""
+    from .teleport import Moments
+
+    if x[0].numel() > MOMENTS_MAX_DIM or len(x) < 2:
+        return
+    m = Moments.of(x)
+    atomic_write(run / MOMENTS_FILE, lambda p: save_file({"mean": m.mean.float(), "cov": m.cov.float()}, str(p)))
+
+
+def load_moments(run):
+    """The run's training-data ``Moments``, or None (a run trained before they were stored, or too large)."""
+    from .teleport import Moments
+
+    path = Path(run) / MOMENTS_FILE
+    if not path.exists():
+        return None
+    t = load_tensors(path)
+    return Moments(t["mean"], t["cov"])
+
+
 def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
                     generator: torch.Generator) -> Path:
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in net.state_dict().items()}

@@ -32,7 +32,8 @@ from .distributed import rank_world
 from .losses import WEIGHTINGS, TimeSampler, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
-from .runs import load_checkpoint, read_run_info, remove_temporaries, save_checkpoint, write_run_info
+from .runs import (MOMENTS_FILE, load_checkpoint, read_run_info, remove_temporaries, save_checkpoint, write_moments,
+                   write_run_info)
 
 Tensor = torch.Tensor
 
@@ -317,6 +318,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     model = Denoiser(_compiled(ddp) if cfg.compile else ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
     times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete)
     x_all = dataset.x.to(device)
+    if rank == 0 and not (run / MOMENTS_FILE).exists():  # for analytical teleportation (sample --nfe)
+        write_moments(run, dataset.x)
     labels_all = dataset.labels.to(device) if (dataset.labels is not None and cfg.class_conditional) else None
     local = cfg.batch_size // world
     mine = slice(rank * local, (rank + 1) * local)

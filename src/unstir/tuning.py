@@ -83,6 +83,7 @@ class TunedGrid:
     options: dict
     method: str = "nelder-mead"  # or "pilot" (``pilot_grid``)
     afs: bool = False            # fitted for sampling with the analytical first step
+    teleport: bool = False       # starts below T: sample with teleport= (the data's Moments)
 
     @property
     def grid(self) -> Tensor:
@@ -176,7 +177,7 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
 def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine: int = 100,
                gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs: bool = False, seed: int = 0, y=None,
-               dtype=torch.float32, device: str | torch.device = "cpu", **options) -> TunedGrid:
+               dtype=torch.float32, device: str | torch.device = "cpu", teleport=None, **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
     2024, Alg. 1), at a cost of about ``fine`` + 11 ``nfe`` evaluations of ``n`` pilot samples.
 
@@ -193,6 +194,11 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
        the one nearest the teacher's samples is returned (``error``; ``error_start`` is that of the
        sampler's named default grid, ``start``). So the result is never worse than the named default on
        the pilot batch.
+    5. With ``teleport`` (the data's ``unstir.teleport.Moments``), paths may also start below T: x_T is
+       carried to the path's first point t_j by the Gaussian's exact flow (no evaluation), at the cost of
+       its mean distance to the teacher's xbar_j, and the dynamic programming chooses t_j with the rest of
+       the path. Those grids join step 4's candidates; ``sample(..., grid=result.grid, teleport=moments)``
+       runs the winner (``result.teleport`` says whether it starts below T).
 
     Where it differs from the paper: the teacher is deis-3 on the edm grid (they use their own solvers on
     polynomial grids); the cost is their "l2" metric for every sampler (they also apply the Euler-cost grid
@@ -202,6 +208,10 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     Judge it on fresh noise (``benchmarks/few_steps.py`` does).
     """
     check_deterministic(sampler, options)
+    if teleport is not None and afs:
+        raise ValueError("afs replaces the evaluation at T and teleport starts below T: pass one of them")
+    if teleport is not None and not hasattr(teleport, "flow"):
+        raise TypeError(f"teleport must be a unstir.teleport.Moments, got {type(teleport).__name__}")
     for name, value, low in (("nfe", nfe, 2), ("n", n, 1), ("fine", fine, 8)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -246,7 +256,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
         nonlocal spent
         with torch.no_grad():
             try:
-                r = run_sampler(model, x_T, g, sampler, y=labels, afs=afs, **options)
+                x = teleport.flow(process, x_T, process.T, float(g[0])) if g[0] < process.T else x_T
+                r = run_sampler(model, x, g, sampler, y=labels, afs=afs, **options)
             except FloatingPointError:
                 spent += nfe
                 return math.inf
@@ -255,19 +266,28 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
 
     zero = teacher_grid.new_zeros(1)
     candidates = {name: time_grid(process, steps, name) for name in GRIDS}
+    starts = [None]
+    if teleport is not None:  # the teleport's distance to the teacher at each point (inf at T: no teleport)
+        starts.append(np.array([math.inf] + [
+            (teleport.flow(process, x_T, process.T, t).to(torch.float64).flatten(1) /
+             coefficients(process, t).alpha - X[i]).norm(dim=1).mean().item()
+            for i, t in enumerate(teacher_grid[1:-1].tolist(), start=1)]))
     for g in gammas:
-        path = tuple(_cheapest_path(cost, steps - 1, g))
-        candidates.setdefault(path, torch.cat([teacher_grid[list(path)], zero]))
+        for start_cost in starts:
+            path = tuple(_cheapest_path(cost, steps - 1, g, start_cost))
+            candidates.setdefault(path, torch.cat([teacher_grid[list(path)], zero]))
     errors = {k: error(g) for k, g in candidates.items()}
     start = SAMPLERS[sampler].grid
     best = min(errors, key=errors.get)
     return TunedGrid(sampler, nfe, candidates[best].tolist(), start, errors[start], errors[best], spent,
-                     time.perf_counter() - t0, n, seed, dict(options), "pilot", afs)
+                     time.perf_counter() - t0, n, seed, dict(options), "pilot", afs,
+                     bool(candidates[best][0] < process.T))
 
 
-def _cheapest_path(cost: np.ndarray, k: int, gamma: float) -> list[int]:
+def _cheapest_path(cost: np.ndarray, k: int, gamma: float, start: np.ndarray | None = None) -> list[int]:
     """Indices 0 = i_0 < i_1 < ... < i_k = m - 1 minimising sum_s gamma^s cost[i_s, i_{s+1}] (dynamic
-    programming over (point, steps left), as GITS)."""
+    programming over (point, steps left), as GITS). With ``start`` (m,), i_0 is free: the path reaches it at
+    ``start[i_0]`` and its k steps are weighted from gamma^1 on (the teleport is step 0)."""
     m = cost.shape[0]
     value = np.full((k + 1, m), np.inf)  # value[r, i]: least cost from point i to the end in r steps
     choice = np.zeros((k + 1, m), dtype=int)
@@ -277,7 +297,8 @@ def _cheapest_path(cost: np.ndarray, k: int, gamma: float) -> list[int]:
             total = cost[i, i + 1:] + gamma * value[r - 1, i + 1:]
             j = int(np.argmin(total))
             value[r, i], choice[r, i] = total[j], i + 1 + j
-    path, i = [0], 0
+    i = 0 if start is None else int(np.argmin(start[:m - 1] + gamma * value[k, :m - 1]))
+    path = [i]
     for r in range(k, 0, -1):
         i = int(choice[r, i])
         path.append(i)
@@ -289,31 +310,36 @@ def _cheapest_path(cost: np.ndarray, k: int, gamma: float) -> list[int]:
 GRIDS_FILE = "grids.json"
 
 
-def _key(sampler: str, nfe: int, afs: bool = False) -> str:
-    return f"{sampler}@{nfe}" + ("+afs" if afs else "")
+def _key(sampler: str, nfe: int, afs: bool = False, teleport: bool = False) -> str:
+    """``sampler@nfe``, ``+afs`` for a grid placed for AFS, ``+tele`` for one placed with teleportation allowed."""
+    return f"{sampler}@{nfe}" + ("+afs" if afs else "") + ("+tele" if teleport else "")
 
 
-def save_tuned(run, tuned: TunedGrid) -> Path:
-    """Add (or replace) ``tuned`` in ``run/grids.json``, written atomically."""
+def save_tuned(run, tuned: TunedGrid, teleport: bool = False) -> Path:
+    """Add (or replace) ``tuned`` in ``run/grids.json``, written atomically; ``teleport``: it was placed with
+    teleportation allowed (its key says so, whether or not the winner starts below T)."""
     from .runs import atomic_write
 
     path = Path(run) / GRIDS_FILE
     stored = _read_grids(path) if path.exists() else {}
-    stored[_key(tuned.sampler, tuned.nfe, tuned.afs)] = asdict(tuned)
+    stored[_key(tuned.sampler, tuned.nfe, tuned.afs, teleport or tuned.teleport)] = asdict(tuned)
     atomic_write(path, lambda p: p.write_text(json.dumps(stored, indent=1)))
     return path
 
 
-def load_tuned(run, process, sampler: str, nfe: int, afs: bool = False) -> TunedGrid | None:
-    """The grid stored for ``sampler`` at ``nfe`` evaluations (with the analytical first step if ``afs``) in
-    ``run/grids.json``, validated, or None."""
+def load_tuned(run, process, sampler: str, nfe: int, afs: bool = False, teleport: bool = False) -> TunedGrid | None:
+    """The grid stored for ``sampler`` at ``nfe`` evaluations (with the analytical first step if ``afs``; placed
+    with teleportation allowed if ``teleport``, else the one placed from T) in ``run/grids.json``, validated, or
+    None."""
     path = Path(run) / GRIDS_FILE
     if not path.exists():
         return None
-    key = _key(sampler, nfe, afs)
-    entry = _read_grids(path).get(key)
-    if entry is None:
+    grids = _read_grids(path)
+    keys = [_key(sampler, nfe, afs, True)] * teleport + [_key(sampler, nfe, afs)]
+    key = next((k for k in keys if k in grids), None)
+    if key is None:
         return None
+    entry = grids[key]
     try:
         tuned = TunedGrid(**entry)
         check_grid(process, tuned.grid)
@@ -324,6 +350,10 @@ def load_tuned(run, process, sampler: str, nfe: int, afs: bool = False) -> Tuned
     if tuned.grid[-1] != 0 or len(tuned.times) != points or tuned.afs != afs:
         raise ValueError(f"{str(path)!r}: the entry {key!r} has {len(tuned.times)} points, "
                          f"not the {points} of a denoising {nfe}-evaluation grid{' with AFS' if afs else ''}")
+    if (tuned.grid[0] < process.T) != (tuned.teleport and key.endswith("+tele")):
+        raise ValueError(f"{str(path)!r}: the entry {key!r} starts at t = {tuned.times[0]:.6g}, below T = "
+                         f"{process.T:g}, without teleport (or says teleport and starts at T); delete it or place it "
+                         f"again with `unstir tune-grid --method pilot`")
     return tuned
 
 

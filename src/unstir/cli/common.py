@@ -54,6 +54,13 @@ def add_steps(p: argparse.ArgumentParser, default: int | None, help: str) -> Non
                    help=help + f" (default: {20 if default is None else default})")
 
 
+def add_no_teleport(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-teleport", dest="no_teleport", action="store_true",
+                   help="keep the pilot run's grids starting at T: by default, on a run that stores its training data's "
+                   "moments, the pilot may start below T by analytical teleportation (the data's Gaussian, solved "
+                   "exactly; Wang & Vastola 2024) where that is nearer its teacher")
+
+
 def add_held_out(p: argparse.ArgumentParser) -> None:
     """What the verbs that read held-out data share."""
     add_run(p)

@@ -12,7 +12,8 @@ from .. import figures
 from ..grids import GRIDS
 from ..samplers import SAMPLERS
 from .._random import sample_seeds
-from .common import (add_class, add_count, add_device, add_guidance, add_out, add_quiet, add_run, add_seed, add_steps,
+from .common import (add_class, add_count, add_device, add_guidance, add_no_teleport, add_out, add_quiet, add_run,
+                     add_seed, add_steps,
                      check_strength, data_bound, npy, output_path, positive, save, warn_out_of_range)
 
 def guidance_model(model, args):
@@ -55,6 +56,7 @@ def sample_cmd(args) -> int:
     model, y = guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
     init(torch.device(args.device))
     speak = rank == 0  # under torchrun one process writes and reports
+    from ..runs import load_moments
     from ..tuning import load_tuned, nfe_for_steps, pilot_grid, save_tuned, steps_for_nfe, tunable
 
     if args.nfe is not None:
@@ -62,10 +64,14 @@ def sample_cmd(args) -> int:
             raise ValueError("give --steps or --nfe, not both")
         args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0))  # AFS: a step for free
     args.steps = 20 if args.steps is None else args.steps
-    grid = args.grid
+    grid, teleport = args.grid, None
     if grid is None and args.sampler in tunable():  # a grid fitted for this sampler and NFE beats the named one
         nfe = nfe_for_steps(args.sampler, args.steps) - (1 if args.afs else 0)
-        tuned = load_tuned(args.run, model.process, args.sampler, nfe, args.afs)
+        # Analytical teleportation (unstir.teleport) from the training data's moments, for the unconditional
+        # model only (a class's or a guided model's distribution has other moments).
+        moments = None if (args.afs or args.no_teleport or args.guidance is not None or y is not None) \
+            else load_moments(args.run)
+        tuned = load_tuned(args.run, model.process, args.sampler, nfe, args.afs, moments is not None)
         deterministic = not (args.sampler == "edm" and options.get("churn") != 0
                              or args.sampler == "ddim" and options.get("eta", 0) != 0)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
@@ -73,10 +79,10 @@ def sample_cmd(args) -> int:
             # The pilot costs about 100 + 10 NFE evaluations of its batch: no more samples than asked for, and
             # a grid from fewer than PILOT_N is used once, not stored (`tune-grid --method pilot` stores one).
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=args.afs, device=args.device,
-                               **options)
+                               teleport=moments, **options)
             stored = tuned.n == PILOT_N  # every rank places the same grid (a fixed pilot seed); rank 0 stores it
             if stored and speak:
-                save_tuned(args.run, tuned)
+                save_tuned(args.run, tuned, teleport=moments is not None)
             speak and print(f"placed the grid for {args.sampler} at {nfe} NFE{' with --afs' if args.afs else ''} by a pilot run "
                   f"({tuned.evaluations} evaluations of {tuned.n} samples, {tuned.seconds:.1f} s; "
                   + (f"stored in {args.run}/grids.json)" if stored else f"not stored: fewer than {PILOT_N} samples; "
@@ -88,9 +94,11 @@ def sample_cmd(args) -> int:
                                  + ", ".join(f"--{k} {t}" for k, (_, t) in clash.items())
                                  + "; sample with those options, or choose a named grid with --grid")
             options = {**tuned.options, **options}
-            grid = tuned.grid
+            grid, teleport = tuned.grid, moments if tuned.teleport else None
             given = "".join(f" --{k} {v}" for k, v in tuned.options.items())
             how = "placed by a pilot run" if tuned.method == "pilot" else "tuned"
+            if teleport is not None:
+                how += f", teleported from T to {float(grid[0]):.4g} (the training data's Gaussian)"
             speak and print(f"using the grid {how} for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (its "
                   f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid, on "
                   f"{tuned.n} prior samples); --grid overrides it", file=sys.stderr)
@@ -100,7 +108,7 @@ def sample_cmd(args) -> int:
     with torch.no_grad():
         x, nfe = sample_sharded(model, args.n, seed=args.seed, batch_size=args.batch_size, device=args.device, y=y,
                                 progress=not args.quiet, sampler=args.sampler, steps=args.steps, grid=grid,
-                                afs=args.afs, **options)
+                                afs=args.afs, teleport=teleport, **options)
     if not speak:
         return 0
     if args.guidance is not None:
@@ -181,7 +189,7 @@ def sampler_options(args) -> dict:
 def tune_grid_cmd(args) -> int:
     """Fit the time points of an NFE-evaluation grid to the run's model and store them in RUN/grids.json;
     `unstir sample` with the same sampler and --steps then uses them (and says so)."""
-    from ..runs import load_run
+    from ..runs import load_moments, load_run
     from ..tuning import GRIDS_FILE, _key, _read_grids, pilot_grid, save_tuned, tune_grid
 
     options = sampler_options(args)
@@ -190,13 +198,15 @@ def tune_grid_cmd(args) -> int:
     stored = Path(args.run) / GRIDS_FILE
     if args.afs and args.method != "pilot":
         raise ValueError("--afs grids are placed by --method pilot; the Nelder-Mead fit tunes grids without AFS")
-    if stored.exists() and _key(args.sampler, args.nfe, args.afs) in _read_grids(stored) and not args.force:
+    moments = None if (args.method != "pilot" or args.afs or args.no_teleport) else load_moments(args.run)
+    if stored.exists() and _key(args.sampler, args.nfe, args.afs, moments is not None) in _read_grids(stored) \
+            and not args.force:
         raise ValueError(f"{str(stored)!r} already holds a grid for {args.sampler} at {args.nfe} NFE; pass --force to "
                          f"replace it (the new one is stored only if it beats the best named grid)")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     if args.method == "pilot":
         tuned = pilot_grid(model, args.sampler, args.nfe, n=args.n, afs=args.afs, seed=args.seed, device=args.device,
-                           **options)
+                           teleport=moments, **options)
     else:
         tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
                           progress=not args.quiet, **options)
@@ -206,9 +216,10 @@ def tune_grid_cmd(args) -> int:
     if not tuned.error < tuned.error_start:
         print(f"{summary}: no grid beat the named one, nothing stored")
         return 0
-    path = save_tuned(args.run, tuned)
+    path = save_tuned(args.run, tuned, teleport=moments is not None)
     print(f"{summary} -> {path}")
-    print("times: " + " ".join(f"{t:.5g}" for t in tuned.times))
+    print("times: " + " ".join(f"{t:.5g}" for t in tuned.times)
+          + (" (teleported from T to the first: the training data's Gaussian)" if tuned.teleport else ""))
     return 0
 
 
@@ -227,6 +238,7 @@ def register(sub) -> None:
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
                     "replaced by x_T / sigma_T, one evaluation fewer (fixed-grid samplers)")
+    add_no_teleport(sa)
     add_count(sa, 1000, "number of samples")
     add_out(sa, "samples.png (image grid, clipped to 0-255, or scatter plot), samples.npy (the model's "
             "coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot) or a folder (a name without a "
@@ -266,6 +278,7 @@ def register(sub) -> None:
                     help="nelder-mead: fit the points to a tight solve (costly); pilot: dynamic programming over a "
                     "100-step pilot run, GITS (cheap; what `unstir sample --nfe` does) (default: nelder-mead)")
     tg.add_argument("--afs", action="store_true", help="place the grid for sampling with --afs (--method pilot)")
+    add_no_teleport(tg)
     add_count(tg, 256, "prior samples the grid is fitted on")
     tg.add_argument("--max-evals", type=int, default=300, help="bound on the optimiser's trial grids, each costing "
                     "NFE evaluations on the batch (default: 300)")

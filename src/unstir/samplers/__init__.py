@@ -104,7 +104,7 @@ def analytic_first_step(process: Process, x: Tensor) -> ModelOutput:
 def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | None = None, *,
            sampler: str = "dpm++2m", steps: int = 20, grid: str | Tensor | None = None, denoise: bool = True,
            y: Tensor | int | None = None, generator: torch.Generator | None = None, callback=None,
-           project=None, dtype=torch.float32, afs: bool = False, **options) -> SampleResult:
+           project=None, dtype=torch.float32, afs: bool = False, teleport=None, **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``x_T`` (a tensor) or from the prior (a shape).
 
     ``model`` is a ``unstir.Model`` (a ``Denoiser``, a guidance wrapper, an adapter), or any callable
@@ -114,7 +114,10 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     explicit descending tensor of times. ``project(model, x, s)``, if given, constrains the state after every
     step (e.g. ``Measurement.replacement()`` for inpainting; not with the adaptive ode_rk45). ``options`` go
     to the sampler (``eta``, ``order``, ``snr``, ...). ``afs=True`` replaces the first model evaluation at T by
-    its analytic limit (``analytic_first_step``): one evaluation fewer for the same grid.
+    its analytic limit (``analytic_first_step``): one evaluation fewer for the same grid. ``teleport`` (a
+    ``unstir.teleport.Moments`` of the data being sampled) with a grid that starts below T carries x_T from T to
+    the grid's first point by the exact PF-ODE flow of the Gaussian with those moments (analytical
+    teleportation, Wang & Vastola 2024), at no evaluation; ``pilot_grid(..., teleport=)`` places that point.
     """
     check_choice("sampler", sampler, SAMPLERS)
     if not isinstance(model, Model):
@@ -141,7 +144,11 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     if afs and (sampler == "ode_rk45" or times[0] != process.T):
         raise ValueError("afs replaces the first evaluation at T on a fixed grid that starts there; "
                          f"sampler {sampler!r} on a grid starting at {float(times[0]):.6g} has none")
+    if teleport is not None and not hasattr(teleport, "flow"):
+        raise TypeError(f"teleport must be a unstir.teleport.Moments, got {type(teleport).__name__}")
     x = _initial(model, process, x_T, generator, dtype)
+    if teleport is not None and times[0] < process.T:
+        x = teleport.flow(process, x, process.T, float(times[0]))
     return run_sampler(model, x, times, sampler, y=check_labels(model, y, x.shape[0], x.device),
                        generator=generator, callback=callback, project=project, afs=afs, **options)
 
