@@ -24,6 +24,7 @@ from unstir.adapters.karras import from_karras, to_karras
 from unstir.inverse import Measurement, dps, pigdm, repaint, twisted_smc
 from unstir.oracle import GaussianMixture, unequal_2d
 from unstir.parametrization import Denoiser, from_eps
+from unstir.teleport import Moments
 
 CLASSES = [0, 1, 1]
 GM = unequal_2d()
@@ -108,6 +109,12 @@ def _sample(sampler):
     return lambda m, y: unstir.sample(m, None, _x_T(m), sampler=sampler, steps=6, y=y, generator=_gen()).x
 
 
+def _below_T(p):
+    return torch.tensor([0.5 * p.T, 0.2 * p.T, 0.05 * p.T, p.t_min, 0.0], dtype=torch.float64)
+
+
+MOMENTS = Moments(torch.tensor([0.3, -0.2]), torch.tensor([[1.0, 0.4], [0.4, 0.8]]))  # teleport's Gaussian
+
 # use name -> use(model, labels) -> the numbers it produces
 USES = {
     **{f"sample {s}": _sample(s) for s in DETERMINISTIC},
@@ -121,6 +128,10 @@ USES = {
     "decode ode_rk45": lambda m, y: unstir.decode(m, _x_T(m), y=y).x,
     "decode ddim": lambda m, y: unstir.decode(m, _x_T(m), sampler="ddim", steps=8, y=y).x,
     "interpolate": lambda m, y: unstir.interpolate(m, _data()[0], _data()[1], 4, y=y).x,
+    "sample teleport": lambda m, y: unstir.sample(m, None, _x_T(m), sampler="ipndm", y=y, teleport=MOMENTS,
+                                                  grid=_below_T(m.process)).x,
+    "pilot_grid teleport": lambda m, y: unstir.pilot_grid(m, "ipndm", 4, n=8, fine=20, y=y, teleport=MOMENTS,
+                                                          dtype=torch.float64).grid,
     "tune_grid": lambda m, y: unstir.tune_grid(m, "dpm++2m", 5, n=8, max_evals=6, y=y, dtype=torch.float64).grid,
     "repaint": lambda m, y: repaint(m, MASK, _x_T(m), 10, jump_length=5, resamples=2, y=y, generator=_gen()).x,
     "dps": lambda m, y: dps(m, MASK, _x_T(m), 10, zeta=0.5, y=y, generator=_gen()).x,
