@@ -18,7 +18,7 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     assert main(["train", "--data", "unequal_2d", "--class-conditional", "--steps", "150", "--out",
                  str(root / "run"), "--quiet"]) == 0
-    assert main(["tune-grid", "--run", str(root / "run"), "--nfe", "5", "-n", "32", "--max-evals", "10",
+    assert main(["tune-grid", "--run", str(root / "run"), "--sampler", "dpm++2m", "--nfe", "5", "-n", "32", "--max-evals", "10",
                  "--quiet"]) == 0
     assert main(["report", "--run", str(root / "run"), "-n", "200", "--quiet"]) == 0
     return root / "run" / "report.html"

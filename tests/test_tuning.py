@@ -149,35 +149,39 @@ def test_stored_grids_round_trip_and_damage_is_named(tmp_path, tuned_ring):
 def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--steps", "60", "--out", str(run), "--quiet"]) == 0
-    assert main(["tune-grid", "--run", str(run), "--nfe", "5", "-n", "64", "--max-evals", "20", "--quiet"]) == 0
+    assert main(["tune-grid", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "-n", "64", "--max-evals", "20", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "dpm++2m at 5 NFE: mean endpoint error" in text and "grids.json" in text
-    assert main(["sample", "--run", str(run), "--steps", "5", "-n", "50", "--out", str(tmp_path / "a.npy")]) == 0
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--steps", "5", "-n", "50", "--out", str(tmp_path / "a.npy")]) == 0
     notice = capsys.readouterr().err
     assert "using the grid tuned for dpm++2m at 5 NFE" in notice and "on the named" in notice
-    assert main(["sample", "--run", str(run), "--nfe", "5", "-n", "50", "--out", str(tmp_path / "a2.npy")]) == 0
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "-n", "50", "--out", str(tmp_path / "a2.npy")]) == 0
     assert "using the grid tuned for dpm++2m at 5 NFE" in capsys.readouterr().err
-    assert main(["sample", "--run", str(run), "--steps", "6", "-n", "50", "--out", str(tmp_path / "b.npy")]) == 0
+    # Without --sampler, 10 NFE or fewer means ipndm (benchmarks/RESULTS.md), placed by its own pilot run.
+    assert main(["sample", "--run", str(run), "--nfe", "5", "-n", "20", "--out", str(tmp_path / "i.npy")]) == 0
+    out, err = capsys.readouterr()
+    assert "20 samples with ipndm (5 model evaluations)" in out and "placed the grid for ipndm at 5 NFE" in err
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--steps", "6", "-n", "50", "--out", str(tmp_path / "b.npy")]) == 0
     assert "using the grid tuned" not in capsys.readouterr().err
     # --afs buys a grid step for free: --nfe 5 runs 6 steps for 5 evaluations. The tuned grid was fitted
     # without it, so a pilot run places one for AFS, stores it, and the next run uses it.
-    assert main(["sample", "--run", str(run), "--nfe", "5", "--afs", "-n", "20", "--out", str(tmp_path / "f.npy")]) == 0
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "--afs", "-n", "20", "--out", str(tmp_path / "f.npy")]) == 0
     out, err = capsys.readouterr()  # fewer samples than the pilot's 128: a pilot of 20, used once, not stored
     assert "(5 model evaluations)" in out and "of 20 samples" in err and "not stored" in err
     assert load_tuned(run, unstir.load_run(run).process, "dpm++2m", 5, afs=True) is None
-    assert main(["sample", "--run", str(run), "--nfe", "5", "--afs", "-n", "200", "--out", str(tmp_path / "f2.npy")]) == 0
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "--afs", "-n", "200", "--out", str(tmp_path / "f2.npy")]) == 0
     out, err = capsys.readouterr()
     assert "(5 model evaluations)" in out and "placed the grid for dpm++2m at 5 NFE with --afs by a pilot run" in err
     assert load_tuned(run, unstir.load_run(run).process, "dpm++2m", 5, afs=True).method == "pilot"
-    assert main(["sample", "--run", str(run), "--nfe", "5", "--afs", "-n", "50", "--out", str(tmp_path / "g.npy")]) == 0
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "--afs", "-n", "50", "--out", str(tmp_path / "g.npy")]) == 0
     assert "using the grid placed by a pilot run for dpm++2m at 5 NFE" in capsys.readouterr().err
-    assert main(["tune-grid", "--run", str(run), "--nfe", "6", "--method", "pilot", "-n", "32", "--quiet"]) == 0
+    assert main(["tune-grid", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "6", "--method", "pilot", "-n", "32", "--quiet"]) == 0
     assert "dpm++2m at 6 NFE: mean endpoint error" in capsys.readouterr().out
     # A stored grid is never replaced without --force, and an unfitted one is never stored.
     before = (run / "grids.json").read_text()
-    assert main(["tune-grid", "--run", str(run), "--nfe", "5", "-n", "64", "--max-evals", "20", "--quiet"]) == 2
+    assert main(["tune-grid", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "-n", "64", "--max-evals", "20", "--quiet"]) == 2
     assert "already holds a grid for dpm++2m at 5 NFE; pass --force" in capsys.readouterr().err
-    assert main(["tune-grid", "--run", str(run), "--nfe", "5", "--max-evals", "0", "--force", "--quiet"]) == 0
+    assert main(["tune-grid", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "--max-evals", "0", "--force", "--quiet"]) == 0
     assert "nothing stored" in capsys.readouterr().out and (run / "grids.json").read_text() == before
     # Sampler options are stored with the grid: edm's grid is tuned with churn 0 and is sampled with it.
     stored = json.loads((run / "grids.json").read_text())
@@ -192,7 +196,7 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     assert "was tuned with --churn 0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: ddpm is not a tunable sampler
         main(["tune-grid", "--run", str(run), "--sampler", "ddpm", "--nfe", "5"])
-    assert main(["tune-grid", "--run", str(run), "--nfe", "2", "--quiet"]) == 2
+    assert main(["tune-grid", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "2", "--quiet"]) == 2
     assert "nfe must be an integer >= 3, got 2" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--sampler", "dpm++3m", "--form", "taylor", "--out",
                  str(tmp_path / "c.npy")]) == 2

@@ -49,6 +49,7 @@ def sample_cmd(args) -> int:
     from ..distributed import init, rank_world, sample_sharded, shard
 
     out = sample_output(args)
+    args.sampler = args.sampler or default_sampler(args.nfe)
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
     rank, world = rank_world()
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
@@ -169,6 +170,12 @@ PILOT_N = 128       # pilot samples: 64 left a fitted grid worse than the named 
 SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol")
 
 
+def default_sampler(nfe: int | None) -> str:
+    """ipndm for 10 evaluations or fewer (with the pilot grid and teleportation, the only configuration within
+    half of diffusers' best error at NFE 4-6 up to d = 64: benchmarks/RESULTS.md), else dpm++2m."""
+    return "ipndm" if nfe is not None and nfe <= PILOT_MAX_NFE else "dpm++2m"
+
+
 def sampler_options(args) -> dict:
     """The sampler options given on the command line, each checked to apply to the chosen sampler."""
     import inspect
@@ -192,6 +199,7 @@ def tune_grid_cmd(args) -> int:
     from ..runs import load_moments, load_run
     from ..tuning import GRIDS_FILE, _key, _read_grids, pilot_grid, save_tuned, tune_grid
 
+    args.sampler = args.sampler or default_sampler(args.nfe)
     options = sampler_options(args)
     if args.sampler == "edm":
         options["churn"] = 0.0
@@ -227,8 +235,8 @@ def register(sub) -> None:
     deterministic = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
     sa = sub.add_parser("sample", help="sample from a trained run", description=sample_cmd.__doc__)
     add_run(sa)
-    sa.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS),
-                    help="see `unstir list` (default: dpm++2m)")
+    sa.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                    help="see `unstir list` (default: dpm++2m; ipndm with --nfe 10 or fewer)")
     add_steps(sa, None, "grid intervals; the model evaluations are reported. For ode_rk45 only the output grid: its "
               "cost is set by --rtol/--atol")
     sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers). A grid "
@@ -271,8 +279,9 @@ def register(sub) -> None:
     tg = sub.add_parser("tune-grid", help="fit a sampler's time grid to the run's model (stored in the run)",
                         description=tune_grid_cmd.__doc__)
     add_run(tg)
-    tg.add_argument("--sampler", default="dpm++2m", choices=sorted(set(deterministic) - {"ode_rk45"} | {"edm"}),
-                    help="deterministic fixed-grid sampler (edm runs with churn 0) (default: dpm++2m)")
+    tg.add_argument("--sampler", default=None, choices=sorted(set(deterministic) - {"ode_rk45"} | {"edm"}),
+                    help="deterministic fixed-grid sampler (edm runs with churn 0) (default: as for sample: ipndm for "
+                    "--nfe 10 or fewer, else dpm++2m)")
     tg.add_argument("--nfe", type=int, default=8, help="model evaluations of the grid (default: 8)")
     tg.add_argument("--method", choices=["nelder-mead", "pilot"], default="nelder-mead",
                     help="nelder-mead: fit the points to a tight solve (costly); pilot: dynamic programming over a "
