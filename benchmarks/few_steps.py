@@ -14,7 +14,8 @@ endpoint error (mean distance to a tight solve of the same PF ODE from the same 
 * diffusers: every scheduler configuration of benchmarks/samplers.py, the best per NFE.
 
 No offline tuning (``tune_grid``) is used. Also the sliced-W2 of unstir's best to exact samples, against the
-two-sample floor. Driven by the exact eps of the discrete DDPM schedule, as benchmarks/samplers.py.
+two-sample floor, beside that of the tight solve from the same noise (the most any sampler of this ODE can
+reach). Driven by the exact eps of the discrete DDPM schedule, as benchmarks/samplers.py.
 
     .venv/bin/python benchmarks/few_steps.py [--n 2000] [--out benchmarks/few_steps_results.md]
 """
@@ -41,7 +42,7 @@ from unstir.tuning import pilot_grid  # noqa: E402
 warnings.filterwarnings("ignore")
 NFES = (3, 4, 5, 6, 8, 10)
 # name -> (sampler, options): deis order 4 is the variable-step iPNDM (Zhou et al. 2024's iPNDM_v)
-SAMPLERS = {"ipndm": ("ipndm", {}), "deis": ("deis", {}), "deis4": ("deis", {"order": 4}),
+SAMPLERS = {"ipndm": ("ipndm", {}), "ipndm3": ("ipndm", {"order": 3}), "deis": ("deis", {}), "deis4": ("deis", {"order": 4}),
             "dpm++2m": ("dpm++2m", {}), "unipc": ("unipc", {})}
 SEED_NOISE, SEED_EXACT, SEED_FLOOR, SEED_MOMENTS = 2026, 2027, 3000, 2028
 
@@ -56,13 +57,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="samples per case")
     ap.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    ap.add_argument("--no-tune", action="store_true", help="leave out the Nelder-Mead comparison (tune_grid)")
     args = ap.parse_args()
     import diffusers
 
     lines = [f"unstir {unstir.__version__} vs diffusers {diffusers.__version__}, torch {torch.__version__}; "
              f"n = {args.n} fresh samples per case; endpoint error (mean distance to the tight solve)", ""]
-    summary = ["| case | NFE | unstir best (grid) | diffusers best | ratio | unstir SW2 / floor |",
-               "|---|---|---|---|---|---|"]
+    summary = ["| case | NFE | unstir best (grid) | diffusers best | ratio | unstir SW2 / floor | tight solve SW2 / floor |",
+               "|---|---|---|---|---|---|---|"]
+    tuned_rows = ["| case | NFE | pilot: error (fresh noise) | pilot: cost | Nelder-Mead: error (fresh noise) | "
+                  "Nelder-Mead: cost |", "|---|---|---|---|---|---|"]
     dcfg = diffusers_configs()
     for cname, gm in fresh_cases():
         model = gm.denoiser(PROCESS)
@@ -118,9 +122,22 @@ def main():
             sw = sliced_w2(rows[key][nfe], exact) / floor
             label = f"{key[0]} {key[1]} {key[2]}".replace("  ", " ")
             summary.append(f"| {cname} | {nfe} | {e:.3e} ({label}) | {dbest[nfe][0]:.3e} ({dbest[nfe][1]}) | "
-                           f"{e / dbest[nfe][0]:.2f} | {sw:.2f} |")
+                           f"{e / dbest[nfe][0]:.2f} | {sw:.2f} | {sliced_w2(ref, exact) / floor:.2f} |")
         print("\n".join(lines[-(len(rows) + 8):]), flush=True)
+        for nfe in () if args.no_tune else (4, 5, 6):  # placement cost and error: pilot against Nelder-Mead
+            pilot = pilot_grid(model, "ipndm", nfe, dtype=torch.float64)
+            t0 = time.perf_counter()
+            fit = unstir.tune_grid(model, "ipndm", nfe, n=256, max_evals=300, dtype=torch.float64)
+            seconds = time.perf_counter() - t0
+            e_fit = endpoint_error(unstir.sample(model, PROCESS, x_T, sampler="ipndm", grid=fit.grid).x, ref)
+            tuned_rows.append(f"| {cname} | {nfe} | {errs[('ipndm', '', 'pilot')][nfe]:.3e} | {pilot.evaluations} x "
+                              f"{pilot.n} samples, {pilot.seconds:.1f} s | {e_fit:.3e} | {fit.evaluations} x {fit.n} "
+                              f"samples, {seconds:.1f} s |")
+            print(tuned_rows[-1], flush=True)
     lines += ["### Summary: unstir's best (default or automatic grid) against diffusers' best", ""] + summary
+    if not args.no_tune:
+        lines += ["", "### Placing ipndm's grid from T: the pilot (GITS) against Nelder-Mead (tune_grid, 256 samples, "
+                  "at most 300 trial grids), judged on the fresh noise", ""] + tuned_rows
     print("\n".join(summary))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

@@ -161,6 +161,11 @@ def plain_loop(net, call, batch: int, device, steps: int = 12, lr: float = 1e-4,
     return batch / sorted(times[1:])[len(times[1:]) // 2], held_loss
 
 
+def _seeded(factory, seed: int):
+    torch.manual_seed(100 + seed)  # the network's initial weights
+    return factory()
+
+
 def speed(args, unstir_rate: float) -> list[str]:
     import diffusers
 
@@ -176,8 +181,17 @@ def speed(args, unstir_rate: float) -> list[str]:
         for k in rates:
             rates[k].append(plain_loop(fresh[k](), calls[k], args.batch_size, args.device)[0])
     rate = {k: max(v) for k, v in rates.items()}
-    loss = {k: plain_loop(fresh[k](), calls[k], args.batch_size, args.device, args.compare_steps, lr=1e-3)[1]
-            for k in rates}
+    # Loss after equal steps, and after equal time (unstir's U-Net gets the steps it takes in diffusers' time),
+    # each the mean over two seeds of network and batches.
+    equal_time = round(args.compare_steps * rate["ours"] / rate["theirs"])
+    runs = {"ours": args.compare_steps, "theirs": args.compare_steps, "ours, equal time": equal_time}
+
+    def held_loss(k, steps):
+        net = k.split(",")[0]
+        return sum(plain_loop(_seeded(fresh[net], seed), calls[net], args.batch_size, args.device, steps, lr=1e-3,
+                              seed=seed)[1] for seed in (0, 1)) / 2
+
+    loss = {k: held_loss(k, steps) for k, steps in runs.items()}
     lines = [f"training, batch {args.batch_size}, diffusers {diffusers.__version__} (samples/s; plain loop = "
              "UNet2DModel-style loop: DDPMScheduler.add_noise + MSE on eps + AdamW):",
              f"  unstir.train, unstir U-Net {args.widths} ({size['ours']:,} params)         {unstir_rate:8.1f}",
@@ -185,8 +199,9 @@ def speed(args, unstir_rate: float) -> list[str]:
              f"unstir.train / this = {unstir_rate / rate['ours']:.2f}",
              f"  plain loop, UNet2DModel {args.diffusers_widths} ({size['theirs']:,} params) {rate['theirs']:8.1f}   "
              f"unstir.train / this = {unstir_rate / rate['theirs']:.2f}",
-             f"held-out eps MSE after {args.compare_steps} plain-loop steps at lr 1e-3 (same data, seed, batches): "
-             f"unstir U-Net {loss['ours']:.4f}, UNet2DModel {loss['theirs']:.4f}"]
+             f"held-out eps MSE after {args.compare_steps} plain-loop steps at lr 1e-3 (same data and batches; mean of "
+             f"seeds 0 and 1): unstir U-Net {loss['ours']:.4f}, UNet2DModel {loss['theirs']:.4f}; after equal time "
+             f"(unstir U-Net {equal_time} steps): {loss['ours, equal time']:.4f}"]
     ours = fresh["ours"]()
     # Sampling: the same network in both loops, 20 evaluations, batch --n.
     from diffusers import DPMSolverMultistepScheduler

@@ -114,3 +114,25 @@ def test_a_torch_device_is_recorded_by_its_name(tmp_path):
     train(TrainConfig(data="moons", steps=2, warmup=0, batch_size=8, device=torch.device("cpu")), tmp_path / "r",
           progress=False)
     assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["device"] == "cpu"
+
+
+def test_a_64x64_colour_folder_trains_and_samples_end_to_end(tmp_path, capsys):
+    """A folder of 64x64 RGB images: trained (a small U-Net, three levels), sampled to a folder of 64x64 PNGs
+    with --nfe (no teleport: 12,288 values per sample is above what a run stores moments for)."""
+    from PIL import Image
+
+    from unstir.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB").save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(folder), "--mode", "RGB", "--size", "64", "--widths", "8,16,16",
+                 "--steps", "2", "--batch-size", "4", "--out", str(run), "--quiet"]) == 0
+    assert not (run / "moments.safetensors").exists()
+    assert main(["sample", "--run", str(run), "--nfe", "3", "-n", "2", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    assert "2 samples with ipndm (3 model evaluations)" in capsys.readouterr().out
+    assert Image.open(tmp_path / "s" / "000001.png").size == (64, 64)
+    assert np.load(tmp_path / "s" / "samples.npz")["x"].shape == (2, 3, 64, 64)
