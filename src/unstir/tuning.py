@@ -212,6 +212,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
         raise ValueError("afs replaces the evaluation at T and teleport starts below T: pass one of them")
     if teleport is not None and not hasattr(teleport, "flow"):
         raise TypeError(f"teleport must be a unstir.teleport.Moments, got {type(teleport).__name__}")
+    if teleport is not None:
+        teleport.eig()  # a covariance that is not positive semi-definite is refused before the teacher runs
     for name, value, low in (("nfe", nfe, 2), ("n", n, 1), ("fine", fine, 8)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
