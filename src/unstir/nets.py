@@ -247,7 +247,46 @@ class EncoderClassifier(nn.Module):
         return self.head(self.attn(self.mid(h, emb)))
 
 
-NETS = {"mlp": MLP, "unet": UNet, "encoder": EncoderClassifier}
+class DiffusersUNet(nn.Module):
+    """diffusers' ``UNet2DModel`` trained directly (``unstir train --net diffusers``; needs the ``diffusers``
+    package), with the U-Net options mapped onto it: ``widths`` -> ``block_out_channels``, ``res_blocks`` ->
+    ``layers_per_block``, an attention resolution -> that level's ``AttnDownBlock2D`` / ``AttnUpBlock2D``
+    (the middle block always attends), ``groups`` -> ``norm_num_groups``, ``dropout``; a class-conditional
+    net gets ``num_class_embeds = num_classes + 1`` (the last is the null label, as ``UNet``'s). The time
+    goes in as the timestep ``t * time_scale`` (diffusers' sinusoidal embedding of DDPM's 0..999 labels)."""
+
+    def __init__(self, channels: int = 3, size: int = 32, widths=(32, 64), num_classes: int = 0,
+                 time_scale: float = 1000.0, res_blocks: int = 1, attention=(), dropout: float = 0.0,
+                 groups: int = 8):
+        super().__init__()
+        try:
+            from diffusers import UNet2DModel
+        except ImportError:
+            raise ValueError("--net diffusers trains diffusers' UNet2DModel and needs the diffusers package: "
+                             "pip install 'unstir[diffusers]'") from None
+        widths, attention = tuple(int(w) for w in widths), tuple(int(r) for r in attention)
+        check_unet(channels, size, widths, res_blocks, attention, dropout, groups)
+        self.config = {"kind": "diffusers_unet", "channels": channels, "size": size, "widths": list(widths),
+                       "num_classes": num_classes, "time_scale": time_scale, "res_blocks": res_blocks,
+                       "attention": list(attention), "dropout": dropout, "groups": groups}
+        attends = [size >> i in attention for i in range(len(widths))]
+        self.time_scale, self.num_classes = time_scale, num_classes
+        self.unet = UNet2DModel(
+            sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=widths,
+            layers_per_block=res_blocks, norm_num_groups=groups, dropout=dropout,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
+            num_class_embeds=num_classes + 1 if num_classes else None)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        labels = None
+        if self.num_classes:
+            labels = y if y is not None else torch.full((x.shape[0],), self.num_classes, device=x.device,
+                                                        dtype=torch.long)
+        return self.unet(x, t * self.time_scale, class_labels=labels).sample
+
+
+NETS = {"mlp": MLP, "unet": UNet, "encoder": EncoderClassifier, "diffusers_unet": DiffusersUNet}
 
 
 def count_parameters(net: nn.Module) -> int:

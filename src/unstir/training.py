@@ -60,6 +60,7 @@ class TrainConfig:
     depth: int = 3
     # The image U-Net (``nets.UNet``): channels per level (a base width times the channel multipliers; default
     # by image size, ``default_widths``), residual blocks per level, attention resolutions, dropout.
+    net: str = "unstir"  # images: unstir's U-Net, or "diffusers" (diffusers' UNet2DModel, same options)
     widths: tuple | None = None
     res_blocks: int = 1
     attention: tuple = ()
@@ -101,6 +102,7 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, 0 <= ema_decay < 1, grad_clip > 0; got lr={self.lr}, "
                              f"ema_decay={self.ema_decay}, grad_clip={self.grad_clip}")
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_choice("net", self.net, ("unstir", "diffusers"))
         check_choice("nonfinite", self.nonfinite, ("stop", "skip"))
         if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
@@ -163,14 +165,16 @@ def build_net(cfg: TrainConfig, dataset: data_mod.Dataset, process) -> nn.Module
     num_classes = dataset.num_classes if cfg.class_conditional else 0
     if dataset.is_image:
         c, h, _ = dataset.shape
-        return nets.UNet(c, h, num_classes=num_classes, time_scale=time_scale, **unet_options(cfg, h))
+        net = nets.DiffusersUNet if cfg.net == "diffusers" else nets.UNet
+        return net(c, h, num_classes=num_classes, time_scale=time_scale, **unet_options(cfg, h))
     return nets.MLP(dataset.shape[0], cfg.width, cfg.depth, time_scale, num_classes)
 
 
 def check_net_options(cfg: TrainConfig, dataset: data_mod.Dataset) -> None:
     """The network options against the data, before any work: U-Net settings only for images, and those
     that the image size allows."""
-    unet_given = [f"--{k.replace('_', '-')}" for k in ("widths", "res_blocks", "attention", "dropout", "channels_last")
+    unet_given = [f"--{k.replace('_', '-')}" for k in ("net", "widths", "res_blocks", "attention", "dropout",
+                                                       "channels_last")
                   if json.dumps(getattr(cfg, k)) != json.dumps(getattr(DEFAULTS, k))]
     if not dataset.is_image:
         if unet_given:

@@ -100,6 +100,9 @@ def register(sub) -> None:
                     help="steps between checkpoints (default: 1000; one is always written at the end)")
     tr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     tr.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU and CUDA)")
+    tr.add_argument("--net", choices=["unstir", "diffusers"], help="image network: unstir's U-Net (unstir.nets.UNet) "
+                    "or diffusers' UNet2DModel trained directly (needs diffusers), the same options below (default: "
+                    "unstir; benchmarks/images_results.md compares them)")
     tr.add_argument("--widths", type=int_list, help="image U-Net: channels per level, a base width times the "
                     "channel multipliers, e.g. 64,128,128 (default: 32,64 below 32 px, else 64,128,128)")
     tr.add_argument("--res-blocks", dest="res_blocks", type=int, help="image U-Net: residual blocks per level "
