@@ -4,7 +4,7 @@ For each fresh case (none of them used to choose a default or the pilot grid's c
 ring(), random_mixture(16, 4, seed=11) and random_mixture(64, 6, seed=11), noise seed 555) and each NFE, the
 endpoint error (mean distance to a tight solve of the same PF ODE from the same noise) of:
 
-* unstir, per deterministic multistep sampler (deis4: DEIS of order 4, the variable-step iPNDM), from T,
+* unstir, per deterministic multistep sampler (ipndm: its default, order 3 up to 10 steps; ipndm4: order 4; deis4: DEIS of order 4, the variable-step iPNDM), from T,
   with the analytical first step (``afs``), or from below T by analytical teleportation (``tele``: the
   Gaussian with the mean and covariance of 10,000 data draws, standing in for a training set; the pilot
   chooses where to land):
@@ -42,7 +42,7 @@ from unstir.tuning import pilot_grid  # noqa: E402
 warnings.filterwarnings("ignore")
 NFES = (3, 4, 5, 6, 8, 10)
 # name -> (sampler, options): deis order 4 is the variable-step iPNDM (Zhou et al. 2024's iPNDM_v)
-SAMPLERS = {"ipndm": ("ipndm", {}), "ipndm3": ("ipndm", {"order": 3}), "deis": ("deis", {}), "deis4": ("deis", {"order": 4}),
+SAMPLERS = {"ipndm": ("ipndm", {}), "ipndm4": ("ipndm", {"order": 4}), "deis": ("deis", {}), "deis4": ("deis", {"order": 4}),
             "dpm++2m": ("dpm++2m", {}), "unipc": ("unipc", {})}
 SEED_NOISE, SEED_EXACT, SEED_FLOOR, SEED_MOMENTS = 2026, 2027, 3000, 2028
 

@@ -179,7 +179,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
                gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs: bool = False, seed: int = 0, y=None,
                dtype=torch.float32, device: str | torch.device = "cpu", teleport=None, **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
-    2024, Alg. 1), at a cost of about ``fine`` + 11 ``nfe`` evaluations of ``n`` pilot samples.
+    2024, Alg. 1), at a cost of about ``fine`` + 11 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 16
+    ``nfe`` with ``teleport``).
 
     1. Teacher: ``n`` prior samples (``seed``) solved on the ``fine``-step edm grid (deis, order 3); its
        states xbar_i = x_i / alpha_i and eps_i at every point t_i (t_min included) are kept.

@@ -197,16 +197,26 @@ def _fixed_weights(nodes, a, b):
     return [(b - a) * c for c in _AB_FIXED[len(nodes)]]
 
 
-def ipndm(model, x, grid, *, order: int = 4, generator=None, callback=None):
+SHORT_RUN = 10  # ipndm: grids of at most this many steps default to order 3
+
+
+def ipndm(model, x, grid, *, order: int | None = None, generator=None, callback=None):
     """iPNDM (Zhang & Chen 2023; measured best training-free solver at 10 NFE by Zhou et al. 2024):
     Adams-Bashforth of order ``order`` on d xbar / d sbar = eps with the equal-step coefficients
     (1; 3/2, -1/2; 23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24), warming up at lower order.
+
+    ``order`` defaults to 4 (the paper's), and to 3 on grids of at most 10 steps: a lower cap for short runs,
+    chosen on the tuning cases of benchmarks/few_steps.py (with teleported pilot grids order 3 was lower or
+    equal in 13 of 15 (case, NFE 4-10) cells, e.g. random_mixture(64, 6, seed=11) at NFE 5: 0.44 against
+    0.69) and confirmed on its fresh cases (benchmarks/RESULTS.md). Where this differs from the paper.
 
     The coefficients are exact for equal steps in sbar; on a grid whose steps vary smoothly they lose
     accuracy at second order in the step change, so the global order there is 2 (the variable-step
     form, ``deis`` with order 4, keeps order 4). Few-step accuracy is what it is for: at 8-15 NFE it has
     the lowest endpoint error of unstir's named-grid samplers on three of the four oracle cases in
     benchmarks/RESULTS.md (on fresh seeds)."""
+    if order is None:
+        order = 3 if len(grid) - 1 <= SHORT_RUN else 4
     _check_order(order, (1, 2, 3, 4))
     return _adams_bashforth(model, x, grid, order, _fixed_weights, callback)
 
