@@ -51,7 +51,7 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm++2m": Sampler(functools.partial(dpmpp, order=2), "cubic", False, doc="DPM-Solver++(2M)"),
     "dpm++3m": Sampler(functools.partial(dpmpp, order=3), "log_snr", False, doc="DPM-Solver++(3M)"),
     "deis": Sampler(deis, "quadratic", False, doc="DEIS rho-AB, order 3"),
-    "ipndm": Sampler(ipndm, "quadratic", False, doc="iPNDM, order 4 Adams-Bashforth in sigma/alpha (3 up to 10 steps)"),
+    "ipndm": Sampler(ipndm, "quadratic", False, doc="iPNDM, Adams-Bashforth in sigma/alpha, order 4 (3 up to 10 steps)"),
     "unipc": Sampler(unipc, "cubic", False, doc="UniPC, order 3 predictor + corrector"),
     "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn", evals=2),
 }

@@ -208,7 +208,8 @@ def ipndm(model, x, grid, *, order: int | None = None, generator=None, callback=
     ``order`` defaults to 4 (the paper's), and to 3 on grids of at most 10 steps: a lower cap for short runs,
     chosen on the tuning cases of benchmarks/few_steps.py (with teleported pilot grids order 3 was lower or
     equal in 13 of 15 (case, NFE 4-10) cells, e.g. random_mixture(64, 6, seed=11) at NFE 5: 0.44 against
-    0.69) and confirmed on its fresh cases (benchmarks/RESULTS.md). Where this differs from the paper.
+    0.69) and confirmed on its fresh cases (benchmarks/RESULTS.md). The cap is unstir's: the paper's iPNDM
+    runs at order 4 whatever the number of steps.
 
     The coefficients are exact for equal steps in sbar; on a grid whose steps vary smoothly they lose
     accuracy at second order in the step change, so the global order there is 2 (the variable-step
