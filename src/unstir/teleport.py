@@ -1,6 +1,6 @@
 """Analytical teleportation: the high-noise part of the PF ODE solved in closed form (Wang & Vastola 2024,
 "The unreasonable effectiveness of Gaussian score approximation for diffusion models and its
-applications", Sec. 5).
+applications", arXiv:2412.09726: their "analytical teleportation").
 
 At high noise the score of p_t is close to that of the Gaussian with the data's mean m and covariance C.
 For Gaussian data N(m, C) every marginal is p_t = N(alpha_t m, alpha_t^2 C + sigma_t^2 I), and its PF ODE
@@ -11,8 +11,8 @@ between the marginals, the affine one, so from time s to time t
 
     x_t = alpha_t m + U diag(sqrt(v(t) / v(s))) U^T (x_s - alpha_s m)
 
-(the paper's eq. for the Gaussian model's trajectories, in alpha/sigma form so that it holds for VP, sub-VP,
-VE, rectified flow and DDPM alike). ``Moments.flow`` is this map; ``sample(..., teleport=moments)`` uses
+(the Gaussian model's closed-form trajectory, written here in alpha/sigma form so that it holds for VP,
+sub-VP, VE, rectified flow and DDPM alike). ``Moments.flow`` is this map; ``sample(..., teleport=moments)`` uses
 it to carry x_T from T to the grid's first point, at no model evaluation, and the sampler takes over there.
 
 Where this differs from the paper: they skip a fixed share of the steps; here where to land is chosen per
@@ -35,7 +35,7 @@ Tensor = torch.Tensor
 @dataclass(frozen=True)
 class Moments:
     """The data's mean (d,) and covariance (d, d), flattened over the per-sample shape, in float64, with
-    the covariance's eigendecomposition (computed once)."""
+    the covariance's eigendecomposition (computed once, on first use; at once for d <= 1024)."""
 
     mean: Tensor
     cov: Tensor
