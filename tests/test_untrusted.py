@@ -124,7 +124,7 @@ def _user_errors(run, tmp):
         (["sample", "--run", r, "--sampler", "ddim", "--eta", "2", "--out", o], "eta must be in [0, 1], got 2.0"),
         (["sample", "--run", r, "--class", "3", "--out", o], "class"),
         (["sample", "--run", r, "--device", "cuda", "--out", o], "device 'cuda'"),
-        (["likelihood", "--run", r, "--rtol", "0"], "rtol"),
+        (["likelihood", "--run", r, "--rtol", "-1"], "rtol"),
         (["likelihood", "--run", r, "--divergence", "hutchinson", "--probes", "0"], "probes"),
         (["encode", "--run", r, "--data", "digits", "--out", str(tmp / "z.npy")], "per-sample shape"),
         (["decode", "--run", r, "--latents", str(tmp / "missing.npy"), "--out", o], "missing.npy"),

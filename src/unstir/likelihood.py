@@ -5,13 +5,30 @@ al. 2018), so
 
     log p_{t_min}(x) = log p_T(x_T) + int_{t_min}^{T} div u dt.
 
-unstir integrates it in log-SNR time with scaled state xbar = x / alpha (``unstir.pf_ode``), where the field
-is G = -sbar eps and div_xbar G = -sigma div_x eps, and adds the Jacobian of x = alpha xbar at both ends:
+unstir integrates it in log-SNR time lambda, in coordinates taken relative to the exact flow of a reference
+Gaussian N(m, C), C = U diag(l) U^T: the data's moments when given (``moments``; ``unstir train`` stores them),
+N(0, I) otherwise. With rho = sigma/alpha and xbar = x/alpha the PF ODE is d xbar/d rho = eps(x, t) for every
+process; for Gaussian data eps = rho (C + rho^2 I)^-1 (xbar - m), whose flow keeps each eigen-coordinate
+z_k = u_k^T (xbar - m) proportional to s_k = sqrt(l_k + rho^2) (the flow of ``unstir.teleport``). So the state
+is the whitened w_k = z_k / s_k, constant along the reference's flow, and the log-density is carried as
+l = log p(xbar) + sum_k log s_k, constant for the reference too:
 
-    log p_{t_min}(x) = log pi(x_T) + d log(alpha_T / alpha_{t_min}) + int_{lambda(t_min)}^{lambda(T)} div G d lambda,
+    dw_k/d lambda = -rho (u_k^T eps - rho w_k / s_k) / s_k,
+    dl/d lambda   = rho (div_xbar eps - sum_k rho / s_k^2),   div_xbar eps = alpha div_x eps,
+
+(lambda = log(alpha/sigma) here, d rho/d lambda = -rho). Both right-hand sides are the model's departure from
+the reference Gaussian: nearly 0 at high noise, where p_t is nearly Gaussian, so the adaptive solver crosses
+that part in a few growing steps instead of following the exponential growth of xbar (at the default
+accuracy this saves 10-30% of the evaluations on the oracle cases; for Gaussian data with their own moments
+the whole solve takes 3-4 steps). It is a change of variables, not an approximation: any reference gives
+the exact result, only the cost differs (tests/test_likelihood.py). Adding the Jacobians of x = alpha xbar
+and of the whitening at both ends,
+
+    log p_{t_min}(x) = log pi(x_T) + d log(alpha_T / alpha_{t_min}) + sum_k log(s_k(T) / s_k(t_min))
+                       + int_{lambda(t_min)}^{lambda(T)} -dl/d lambda d lambda,
 
 with pi the prior N(0, sigma_T^2 I) standing in for p_T (their gap is reported as ``prior``'s mismatch in
-the tests and shrinks as T grows).
+the tests and shrinks as T grows). The rotation by U costs 2 d^2 operations per sample and evaluation.
 
 **Coordinates and units.** ``nats`` is the log-density of x, taken as a sample at t_min, in the model's own
 coordinates (the [-1, 1] scaling of images, or vectors as given). ``bits_per_dim`` for continuous data is
@@ -28,31 +45,33 @@ an upper bound on the discrete data's bits/dim. The offset is that of the declar
 8-bit data log2(127.5) = 6.99; score_sde's "+7" assumes 8-bit data scaled to [-1, 1] with bins of 2/256).
 Image data without ``levels`` are refused unless ``continuous=True`` says the density is wanted.
 
-**Batch independence.** torchdiffeq's adaptive step control takes one error norm over the whole batch, so
-in the peers' code a sample's likelihood depends on its batch mates (at loose tolerances by as much as the
-global error, measured in benchmarks/likelihood_results.md). Here every sample has its own step sizes and
-its own error control (torchode's batched Dormand-Prince, Lienen & Guennemann 2022): the model is still
-evaluated once per stage for the whole batch, at per-sample times, but a sample's steps depend on its own
-error only, so the same x gives the same result in any batch (tests/test_likelihood.py).
+**Batch independence and cost.** torchdiffeq's adaptive step control takes one error norm over the whole
+batch, so in the peers' code a sample's likelihood depends on its batch mates (at loose tolerances by as much
+as the global error, measured in benchmarks/likelihood_results.md). Here every sample has its own step sizes
+and its own error control (torchode's batched Dormand-Prince, Lienen & Guennemann 2022): the model is
+evaluated once per stage at per-sample times, but a sample's steps depend on its own error only, so the same x
+gives the same result in any batch (tests/test_likelihood.py). The model is evaluated on the samples still
+running only (torchode's solver evaluates every sample at every stage; ``_method`` tells the field which are
+running), so a batch costs the mean of its samples' evaluations, not the slowest sample's; the slowest sets
+the number of sequential calls (``nfe``).
 
 **Accuracy and cost.** ``accuracy`` (default 0.01 nats per dimension) sets the error control; ``rtol``/``atol``
-override the state's tolerances it implies. Three choices, each measured (benchmarks/likelihood.py;
-tuning cases ring(), random_mixture(16, 4, seed=11) and random_mixture(64, 4, seed=11), not those judged):
+override the state's tolerances it implies. The choices, each measured on the tuning cases ring(),
+random_mixture(16, 4, seed=11) and random_mixture(64, 4, seed=11), not those judged
+(``benchmarks/likelihood.py --tuning`` prints the sweep):
 
-* the state x is controlled at rtol = atol = accuracy / 20;
+* the whitened state w is controlled at atol = accuracy / 80 and rtol = 0: w is O(1) in every direction, so
+  one absolute tolerance is scale-free and does not depend on how the axes are rotated (a relative term made
+  the 2-D ring's cost depend on a mode's angle);
 * the log-density is integrated as its own component, scaled so that the controller allows a local error of
   accuracy / 10 nats per dimension per step in it (with one RMS norm over d + 1 components its error was
-  barely controlled in low d: at rtol 1e-3, p90 errors of 0.026-0.037 on the 2-D ring);
+  barely controlled in low d);
 * a PI step-size controller (Soderlind 2003; torchode's ``PIDController`` with pcoeff 0.4, icoeff 0.3)
-  instead of the integral one: almost no rejected steps, and at equal tolerance errors 3-10 times smaller.
+  instead of the integral one: fewer rejected steps, and at equal tolerance errors 3-10 times smaller.
 
-Measured on the held-out cases (benchmarks/likelihood_default_results.md: unequal_2d, 200 samples;
-random_mixture(16, 4, seed=3), 200; random_mixture(64, 4, seed=3), 30; vp, sub-VP, VE, rf; exact prior):
-p90 per-sample error 0.0005-0.0075 nats/dim (median 0.0002-0.0009). A sample's own steps take 55-73
-evaluations at the median (9-12 steps of 6); the batch runs until its slowest sample is done, 79-127
-evaluations (reported as ``nfe``; per sample in ``sample_nfe``). score_sde's tolerance (rtol = atol = 1e-5,
-the earlier default) costs 151-205 evaluations for a p90 of 0.00002-0.00025; ``accuracy=1e-3`` sits between
-(p90 0.0001-0.001, 73-109 at the median).
+On the tuning cases (other draws) this gives a p90 per-sample error of at most 0.0034 nats/dim at a mean of
+at most 83 evaluations per sample; the earlier default (the plain xbar state at rtol = atol = accuracy / 20)
+had p90 up to 0.015 at up to 85. Measured on the held-out cases: benchmarks/likelihood_default_results.md.
 """
 
 from __future__ import annotations
@@ -74,6 +93,9 @@ from .processes import coefficients
 Tensor = torch.Tensor
 DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
+# the error control that ``accuracy`` (nats per dimension) sets: state tolerances, and the local error allowed
+# per step in the log-density (module docstring; chosen on the tuning cases)
+RTOL, ATOL, PER_STEP = 0.0, 1 / 80, 1 / 10
 
 
 @dataclass
@@ -101,8 +123,8 @@ def log_likelihood(model, x: Tensor, *, y: Tensor | int | None = None, divergenc
                    probes: int = 8, probe: str = "rademacher", accuracy: float = 0.01,
                    rtol: float | None = None, atol: float | None = None,
                    levels: int | None = None, continuous: bool = False,
-                   prior_logp: Callable[[Tensor], Tensor] | None = None, batch_size: int | None = None,
-                   generator: torch.Generator | None = None, progress: bool = False) -> LikelihoodResult:
+                   prior_logp: Callable[[Tensor], Tensor] | None = None, moments=None,
+                   batch_size: int | None = None, generator: torch.Generator | None = None, progress: bool = False) -> LikelihoodResult:
     """The model's log-likelihood of each sample of ``x`` (shape (batch, *data_shape)), by the PF ODE.
 
     ``divergence``: 'exact' (default for d <= 64), 'hutchinson' (default above) with ``probes`` probes of
@@ -121,11 +143,21 @@ def log_likelihood(model, x: Tensor, *, y: Tensor | int | None = None, divergenc
     for name, tol in (("accuracy", accuracy), ("rtol", rtol), ("atol", atol)):
         if tol is None and name != "accuracy":
             continue
-        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise ValueError(f"{name} must be a positive number, got {tol!r}")
-    rtol = accuracy / 20 if rtol is None else rtol
-    atol = accuracy / 20 if atol is None else atol
+        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol)
+                                         and (tol >= 0 if name == "rtol" else tol > 0)):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'rtol' else 'positive'} number, "
+                             f"got {tol!r}")
+    rtol = accuracy * RTOL if rtol is None else rtol
+    atol = accuracy * ATOL if atol is None else atol
     d = x[0].numel()
+    if moments is not None:
+        from .teleport import Moments
+
+        if not isinstance(moments, Moments):
+            raise TypeError(f"moments must be unstir.teleport.Moments (the data's mean and covariance), got "
+                            f"{type(moments).__name__}")
+        if moments.dim != d:
+            raise ValueError(f"the moments have {moments.dim} values per sample, the data {d}")
     kind = ("exact" if d <= 64 else "hutchinson") if divergence == "auto" else divergence
     if kind == "hutchinson" and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
         raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
@@ -136,7 +168,8 @@ def log_likelihood(model, x: Tensor, *, y: Tensor | int | None = None, divergenc
     v = draw_probes(probe, probes, x, generator) if kind == "hutchinson" else None
     step = batch_size or x.shape[0]
     parts = [_solve(model, x[i:i + step], None if y is None else y[i:i + step],
-                    None if v is None else v[:, i:i + step], rtol, atol, accuracy / 10, prior_logp, progress)
+                    None if v is None else v[:, i:i + step], rtol, atol, accuracy * PER_STEP, prior_logp, moments,
+                    progress)
              for i in range(0, x.shape[0], step)]
     prior, rest, latent, sample_nfe = (torch.cat([p[k] for p in parts]) for k in (0, 1, 2, 4))
     per_probe = prior[:, None] + rest
@@ -149,17 +182,73 @@ def log_likelihood(model, x: Tensor, *, y: Tensor | int | None = None, divergenc
                             levels)
 
 
-def _solve(model, x, y, probes, rtol, atol, per_step, prior_logp, progress):
-    """One adaptive solve of the augmented ODE for a batch, every sample with its own steps (torchode):
-    (prior term, rest per probe, x_T, nfe, per-sample nfe). The log-density components are integrated scaled by
-    w = atol / (per_step d), so that the controller's bound atol + rtol |w logp| ~ atol on them allows a local
-    error of ``per_step`` nats per dimension (w |logp| << 1)."""
+class _Reference:
+    """The reference Gaussian N(m, C), C = U diag(l) U^T, whose PF-ODE flow the solve is taken relative to
+    (module docstring). Isotropic N(0, I) without moments: then U = I and no rotation is done."""
+
+    def __init__(self, moments, d, device):
+        if moments is None:
+            self.mean, self.evals, self.evecs = None, torch.ones(d, dtype=torch.float64, device=device), None
+        else:
+            if moments.dim != d:
+                raise ValueError(f"the moments have {moments.dim} values per sample, the data {d}")
+            evals, evecs = moments.eig()
+            self.mean, self.evals, self.evecs = (v.to(device) for v in (moments.mean, evals, evecs))
+
+    def scale(self, rho: Tensor) -> Tensor:
+        """s_k = sqrt(l_k + rho^2), shape (batch, d), rho = sigma/alpha of shape (batch,)."""
+        return (self.evals + rho[:, None] ** 2).sqrt()
+
+    def rotate(self, v: Tensor) -> Tensor:  # U^T v for rows v
+        return v if self.evecs is None else v @ self.evecs
+
+    def unrotate(self, z: Tensor) -> Tensor:  # U z for rows z
+        return z if self.evecs is None else z @ self.evecs.T
+
+    def whiten(self, xbar: Tensor, rho: Tensor) -> Tensor:
+        """w = U^T (xbar - m) / s(rho), rows."""
+        return self.rotate(xbar if self.mean is None else xbar - self.mean) / self.scale(rho)
+
+    def unwhiten(self, w: Tensor, rho: Tensor) -> Tensor:
+        z = self.unrotate(self.scale(rho) * w)
+        return z if self.mean is None else z + self.mean
+
+
+_METHOD = None
+
+
+def _method():
+    """torchode's Dormand-Prince, told which samples are still running, so that the field evaluates the
+    model on those only: a finished sample costs nothing while its batch mates go on (torchode itself
+    evaluates every sample at every stage and discards the finished ones' results)."""
+    global _METHOD
+    if _METHOD is None:
+        import torchode
+
+        class Dopri5SkippingFinished(torchode.Dopri5):
+            running = None
+
+            def step(self, term, running, y0, t0, dt, state, *, stats, args):
+                self.running = running
+                return super().step(term, running, y0, t0, dt, state, stats=stats, args=args)
+
+        _METHOD = Dopri5SkippingFinished
+    return _METHOD
+
+
+def _solve(model, x, y, probes, rtol, atol, per_step, prior_logp, moments, progress):
+    """One adaptive solve of the augmented ODE for a batch, every sample with its own steps (torchode), in
+    the coordinates relative to the reference Gaussian's flow (module docstring): (prior term, rest per
+    probe, x_T, calls, per-sample nfe). The log-density component is integrated scaled by
+    w = atol / (per_step d), so that the controller's bound on it allows a local error of ``per_step`` nats
+    per dimension per step."""
     import torchode
 
     process = model.process
     batch, shape, d = x.shape[0], x.shape[1:], x[0].numel()
     c0, cT = coefficients(process, process.t_min), coefficients(process, process.T)
     lam0, lamT = c0.log_snr, cT.log_snr
+    ref = _Reference(moments, d, x.device)
     bar = tqdm(total=1000, disable=not progress, desc="likelihood (of the log-SNR range, slowest sample)",
                unit="", bar_format="{l_bar}{bar}| {elapsed} {postfix}", mininterval=0.5)
     calls = 0
@@ -167,27 +256,47 @@ def _solve(model, x, y, probes, rtol, atol, per_step, prior_logp, progress):
     def field(lam, state):
         nonlocal calls
         calls += 1
+        running = method.running
+        rows = None if running is None or bool(running.all()) else running.nonzero().squeeze(1)
+        out = torch.zeros_like(state)
+        if rows is not None:
+            if rows.numel() == 0:
+                return out
+            lam, state = lam[rows], state[rows]
         lam = lam.clamp(min(lam0, lamT), max(lam0, lamT))
-        c = process.coefficients(process.t_from_log_snr(lam))
-        xbar = state[:, :d].reshape(batch, *shape)
-        alpha = c.alpha.reshape(-1, *([1] * len(shape)))
-        eps, div = divergence_of(lambda z: in_graph(model(z, process.t_from_log_snr(lam), y), "the likelihood").eps,
-                                 (alpha * xbar).to(x.dtype), probes)
+        t = process.t_from_log_snr(lam)
+        c = process.coefficients(t)
+        rho = c.sigma / c.alpha
+        s = ref.scale(rho)
+        xbar = ref.unwhiten(state[:, :d], rho)
+        z = (c.alpha[:, None] * xbar).to(x.dtype).reshape(-1, *shape)
+        yy = y if y is None or rows is None or y.ndim == 0 else y[rows]
+        pp = probes if probes is None or rows is None else probes[:, rows]
+        eps, div = divergence_of(lambda q: in_graph(model(q, t, yy), "the likelihood").eps, z, pp)
+        # the model's eps against the reference Gaussian's, rho (C + rho^2)^-1 (xbar - m), in its eigenbasis
+        gap = ref.rotate(eps.to(torch.float64).flatten(1)) - rho[:, None] * s.pow(-2) * (s * state[:, :d])
+        div_gap = c.alpha[:, None] * div.to(torch.float64).reshape(z.shape[0], -1) \
+            - (rho[:, None] * s.pow(-2)).sum(1, keepdim=True)
+        value = torch.cat([-rho[:, None] * gap / s, -(w * rho)[:, None] * div_gap], 1)
         done = round(1000 * ((lam - lam0) / (lamT - lam0)).min().item())
         if done > bar.n:
             bar.set_postfix(nfe=calls, refresh=False)
             bar.update(done - bar.n)
-        return torch.cat([-(c.sigma / c.alpha)[:, None] * eps.to(torch.float64).flatten(1),
-                          -(w * c.sigma)[:, None] * div.to(torch.float64).reshape(batch, -1)], 1)
+        if rows is None:
+            return value
+        out[rows] = value
+        return out
 
     k = 1 if probes is None else probes.shape[0]
     w = atol / (per_step * d)
-    state = torch.cat([x.to(torch.float64).flatten(1) / c0.alpha,
+    rho0, rhoT = (torch.tensor([c.sigma / c.alpha], dtype=torch.float64, device=x.device) for c in (c0, cT))
+    state = torch.cat([ref.whiten(x.to(torch.float64).flatten(1) / c0.alpha, rho0),
                        torch.zeros(batch, k, dtype=torch.float64, device=x.device)], 1)
     t_eval = torch.tensor([lam0, lamT], dtype=torch.float64, device=x.device).expand(batch, 2)
     term = torchode.ODETerm(field)
+    method = _method()(term=term)
     controller = torchode.PIDController(atol=atol, rtol=rtol, pcoeff=0.4, icoeff=0.3, dcoeff=0.0, term=term)
-    solver = torchode.AutoDiffAdjoint(torchode.Dopri5(term=term), controller)
+    solver = torchode.AutoDiffAdjoint(method, controller)
     problem = torchode.InitialValueProblem(y0=state, t_eval=t_eval)
     dt0 = torch.full((batch,), 0.02 * (lamT - lam0), dtype=torch.float64, device=x.device)
     sol = solver.solve(problem, dt0=dt0)
@@ -196,9 +305,11 @@ def _solve(model, x, y, probes, rtol, atol, per_step, prior_logp, progress):
         raise FloatingPointError(f"the likelihood ODE solve failed for {int((sol.status != 0).sum())} of {batch} "
                                  f"samples (torchode status {sol.status.unique().tolist()})")
     end = sol.ys[:, -1]
-    x_T = (cT.alpha * end[:, :d]).reshape(batch, *shape)
+    x_T = (cT.alpha * ref.unwhiten(end[:, :d], rhoT)).reshape(batch, *shape)
     prior = (prior_logp or process.prior_logp)(x_T).to(torch.float64)
-    rest = d * (math.log(cT.alpha) - math.log(c0.alpha)) + end[:, d:] / w
+    # log p(x) = log p_T(x_T) + d log(alpha_T / alpha_0) + sum_k log(s_k(T) / s_k(t_min)) + the integrated gap
+    jacobian = d * (math.log(cT.alpha) - math.log(c0.alpha)) + (ref.scale(rhoT).log() - ref.scale(rho0).log()).sum()
+    rest = jacobian + end[:, d:] / w
     return prior, rest, x_T, calls, 6 * sol.stats["n_steps"].to(torch.long).cpu() + 1
 
 

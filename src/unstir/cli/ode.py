@@ -13,9 +13,8 @@ def likelihood_cmd(args) -> int:
     """Log-likelihood of held-out data under a trained run, by the probability-flow ODE: mean nats and
     bits/dim with their standard error, and the model evaluations. Quantised data (images, digits) are
     dequantised and their bits/dim include the offset of their number of levels (see unstir.likelihood)."""
-    from ..runs import load_run
-
     from ..distributed import init, likelihood_sharded, rank_world, shard
+    from ..runs import load_moments, load_run
 
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
     rank, world = rank_world()
@@ -25,7 +24,8 @@ def likelihood_cmd(args) -> int:
     init(torch.device(args.device))
     r = likelihood_sharded(model, x, seed=args.seed, batch_size=args.batch_size, device=args.device,
                            progress=not args.quiet, divergence=args.divergence, probes=args.probes,
-                           accuracy=args.accuracy, rtol=args.rtol, atol=args.atol, levels=levels, y=args.label)
+                           accuracy=args.accuracy, rtol=args.rtol, atol=args.atol, levels=levels, y=args.label,
+                           moments=load_moments(args.run))
     if rank != 0:
         return 0
     d = x[0].numel()
@@ -34,8 +34,8 @@ def likelihood_cmd(args) -> int:
     kind = f"dequantised, {levels} levels" if levels else "continuous"
     div = "exact" if r.stderr is None else f"Hutchinson ({args.probes} probes)"
     spread = f", {world} processes" if world > 1 else ""
-    print(f"{x.shape[0]} samples ({kind}), d = {d}, {div} divergence, {r.nfe} evaluations of the augmented "
-          f"ODE in all (batches of {args.batch_size}{spread})")
+    print(f"{x.shape[0]} samples ({kind}), d = {d}, {div} divergence, {r.sample_nfe.float().mean().item():.0f} "
+          f"evaluations of the augmented ODE per sample (the slowest {r.nfe}; batches of {args.batch_size}{spread})")
     print(f"log-likelihood: {r.nats.mean().item():.4f} +- {nats_se:.4f} nats per sample")
     print(f"bits/dim:       {bpd:.4f} +- {se:.4f}")
     if x.ndim == 4 and levels == 256:
@@ -159,8 +159,8 @@ def register(sub) -> None:
     lk.add_argument("--probes", type=int, default=8, help="Hutchinson probes per sample (default: 8)")
     lk.add_argument("--accuracy", type=float, default=0.01, help="target error in nats per dimension that sets the "
                     "solver's error control (default: 0.01)")
-    lk.add_argument("--rtol", type=float, help="solver relative tolerance on the state (default: accuracy / 20)")
-    lk.add_argument("--atol", type=float, help="solver absolute tolerance on the state (default: accuracy / 20)")
+    lk.add_argument("--rtol", type=float, help="solver relative tolerance on the whitened state (default: 0)")
+    lk.add_argument("--atol", type=float, help="solver absolute tolerance on the whitened state (default: accuracy / 80)")
     lk.add_argument("--batch-size", dest="batch_size", type=int, default=100, help="samples per solve (default: 100)")
     add_quiet(lk)
     lk.set_defaults(func=likelihood_cmd)
