@@ -65,8 +65,8 @@ HEADER = f"{'':28s} {'validity':>8s} {'coverage':>8s} {'class TV':>8s} {'FD':>9s
 
 def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
     run = args.work / "run"
-    widths = tuple(int(w) for w in args.widths.split(","))
-    base = dict(data="shapes32", batch_size=args.batch_size, lr=args.lr, lr_schedule=args.schedule,
+    widths = tuple(int(w) for w in (args.diffusers_widths if args.net == "diffusers" else args.widths).split(","))
+    base = dict(data="shapes32", net=args.net, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.schedule,
                 ema_decay=0.999, widths=widths, checkpoint_every=10**9, log_every=50, device=args.device,
                 threads=args.threads)
     lines, rate, elapsed, steps = [], None, 0.0, 0
@@ -104,6 +104,13 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
         lines.append(fmt_scores(f"step {steps:5d} ({elapsed / 60:4.1f} min)", s) +
                      f"   loss {sum(e['loss'] for e in log[-5:]) / len(log[-5:]) if log else float('nan'):.4f}, "
                      f"{100 * (x.abs() > 1.02).double().mean():.1f}% of values outside [-1, 1]")
+        print(lines[-1], flush=True)
+    if args.ddpm_steps:  # the last model again with the stochastic ancestral sampler (same seeds)
+        with torch.no_grad():
+            xs, _ = sample_sharded(model, args.n, seed=EVAL_SEED, batch_size=250, device=args.device,
+                                   sampler="ddpm", steps=args.ddpm_steps)
+        lines.append(fmt_scores(f"  same, ddpm {args.ddpm_steps} steps", quality.shapes32_quality(xs.to(args.device), clf,
+                                                                                       reference)))
         print(lines[-1], flush=True)
     figures.image_grid(data.from_unit_range(x[:64].clamp(-1, 1)), args.work / "samples.png")
     return lines, run, rate * args.batch_size
@@ -277,6 +284,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget in all (default 30)")
     ap.add_argument("--segments", type=int, default=3, help="evaluate after each of this many equal parts")
+    ap.add_argument("--net", default="unstir", choices=["unstir", "diffusers"],
+                    help="the network trained: unstir's U-Net (--widths) or diffusers' UNet2DModel (--diffusers-widths)")
+    ap.add_argument("--ddpm-steps", type=int, default=100,
+                    help="also score the last model with ddpm ancestral sampling at this many steps (0: no)")
     ap.add_argument("--widths", default="32,64,64")
     ap.add_argument("--diffusers-widths", default="32,48,56", help="UNet2DModel widths of about the same size")
     ap.add_argument("--compare-steps", type=int, default=300, help="plain-loop steps of each network for the loss")
@@ -307,7 +318,8 @@ def main():
     t_start = time.perf_counter()
     clf = factor_classifier(args.work, args.device)
     reference = data.shapes32(args.n, 0).x.to(args.device)
-    lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; widths {args.widths}, "
+    lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; net {args.net}, widths "
+             f"{args.diffusers_widths if args.net == 'diffusers' else args.widths}, "
              f"batch {args.batch_size}, lr {args.lr} ({args.schedule}); {args.minutes:g} min of training; {args.n} samples per row; "
              f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
              fmt_scores("floor (shapes32-test)", quality.shapes32_quality(

@@ -163,5 +163,17 @@ def test_diffusers_unet_trains_resumes_and_samples_through_unstir(tmp_path, caps
     assert main(["sample", "--run", str(run), "--steps", "2", "-n", "2", "--out", str(tmp_path / "s.npy"),
                  "--quiet"]) == 0
     assert np.load(tmp_path / "s.npy").shape == (2, 3, 32, 32)
+    # the likelihood's Hutchinson divergence: UNet2DModel's backward cannot be vmapped, so one pass per probe,
+    # the same numbers as the batched pass gives for unstir's own net
+    from unstir.pf_ode import divergence
+
+    probes = torch.randn(3, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _, div = divergence(lambda z: model(z, t).eps, x, probes)
+    assert div.shape == (2, 3) and torch.isfinite(div).all()
+    with torch.enable_grad():
+        z = x.clone().requires_grad_(True)
+        out = model(z, t).eps
+        one = (torch.autograd.grad(out, z, probes[1])[0] * probes[1]).flatten(1).sum(1)
+    torch.testing.assert_close(div[:, 1], one, rtol=1e-5, atol=1e-4)
     assert main(["train", "--data", "moons", "--net", "diffusers", "--out", str(tmp_path / "v")]) == 2
     assert "--net configure the image U-Net; 'moons' is vector data" in capsys.readouterr().err

@@ -62,12 +62,23 @@ def divergence(fn, x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, Ten
         if probes is None:
             batch, d = x.shape[0], x[0].numel()
             basis = torch.eye(d, dtype=out.dtype, device=out.device).reshape(d, 1, *x.shape[1:])
-            rows = torch.autograd.grad(out, x, basis.expand(d, *x.shape), is_grads_batched=True)[0]
+            rows = _vjps(out, x, basis.expand(d, *x.shape))
             div = rows.reshape(d, batch, d).diagonal(dim1=0, dim2=2).sum(-1)
         else:
-            vjp = torch.autograd.grad(out, x, probes.to(out.dtype), is_grads_batched=True)[0]
+            vjp = _vjps(out, x, probes.to(out.dtype))
             div = (vjp * probes).flatten(2).sum(-1).T
     return out.detach(), div.detach()
+
+
+def _vjps(out: Tensor, x: Tensor, vs: Tensor) -> Tensor:
+    """v^T d out / d x for each v in ``vs`` (K, *x.shape): one vmapped backward pass, or, for a network whose
+    backward vmap cannot batch (diffusers' UNet2DModel queries a memory format inside it), one pass per v."""
+    try:
+        return torch.autograd.grad(out, x, vs, is_grads_batched=True, retain_graph=True)[0]
+    except RuntimeError as err:
+        if "vmap" not in str(err):
+            raise
+    return torch.stack([torch.autograd.grad(out, x, v, retain_graph=True)[0] for v in vs])
 
 
 def draw_probes(kind: str, k: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
