@@ -189,9 +189,7 @@ class _Reference:
     def __init__(self, moments, d, device):
         if moments is None:
             self.mean, self.evals, self.evecs = None, torch.ones(d, dtype=torch.float64, device=device), None
-        else:
-            if moments.dim != d:
-                raise ValueError(f"the moments have {moments.dim} values per sample, the data {d}")
+        else:  # checked against d by log_likelihood
             evals, evecs = moments.eig()
             self.mean, self.evals, self.evecs = (v.to(device) for v in (moments.mean, evals, evecs))
 
@@ -273,8 +271,9 @@ def _solve(model, x, y, probes, rtol, atol, per_step, prior_logp, moments, progr
         yy = y if y is None or rows is None or y.ndim == 0 else y[rows]
         pp = probes if probes is None or rows is None else probes[:, rows]
         eps, div = divergence_of(lambda q: in_graph(model(q, t, yy), "the likelihood").eps, z, pp)
-        # the model's eps against the reference Gaussian's, rho (C + rho^2)^-1 (xbar - m), in its eigenbasis
-        gap = ref.rotate(eps.to(torch.float64).flatten(1)) - rho[:, None] * s.pow(-2) * (s * state[:, :d])
+        # the model's eps against the reference Gaussian's, rho (C + rho^2)^-1 (xbar - m) = rho w / s in its
+        # eigenbasis
+        gap = ref.rotate(eps.to(torch.float64).flatten(1)) - rho[:, None] * state[:, :d] / s
         div_gap = c.alpha[:, None] * div.to(torch.float64).reshape(z.shape[0], -1) \
             - (rho[:, None] * s.pow(-2)).sum(1, keepdim=True)
         value = torch.cat([-rho[:, None] * gap / s, -(w * rho)[:, None] * div_gap], 1)
