@@ -34,6 +34,7 @@ import torch
 import unstir
 from unstir import data, figures, nets, quality
 from unstir.distributed import sample_sharded
+from unstir.losses import WEIGHTINGS
 from unstir.runs import load_run
 from unstir.training import TrainConfig, train
 
@@ -67,8 +68,8 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
     run = args.work / "run"
     widths = tuple(int(w) for w in (args.diffusers_widths if args.net == "diffusers" else args.widths).split(","))
     base = dict(data="shapes32", net=args.net, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.schedule,
-                ema_decay=0.999, widths=widths, checkpoint_every=10**9, log_every=50, device=args.device,
-                threads=args.threads)
+                ema_decay=args.ema, weighting=args.weighting, widths=widths, checkpoint_every=10**9, log_every=50,
+                device=args.device, threads=args.threads)
     lines, rate, elapsed, steps = [], None, 0.0, 0
     budget = args.minutes * 60 / args.segments
     for part in range(args.segments):
@@ -293,6 +294,8 @@ def main():
     ap.add_argument("--compare-steps", type=int, default=300, help="plain-loop steps of each network for the loss")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weighting", default="simple", choices=list(WEIGHTINGS), help="loss weighting (default simple)")
+    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled weights (default 0.999)")
     ap.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
                     help="learning rate after warm-up: cosine to 0 at the budget's end (default) or constant")
     ap.add_argument("--no-speed", action="store_true", help="leave out the speed parts (parts 4)")
@@ -320,7 +323,8 @@ def main():
     reference = data.shapes32(args.n, 0).x.to(args.device)
     lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; net {args.net}, widths "
              f"{args.diffusers_widths if args.net == 'diffusers' else args.widths}, "
-             f"batch {args.batch_size}, lr {args.lr} ({args.schedule}); {args.minutes:g} min of training; {args.n} samples per row; "
+             f"batch {args.batch_size}, lr {args.lr} ({args.schedule}), {args.weighting} weighting, EMA {args.ema}; "
+             f"{args.minutes:g} min of training; {args.n} samples per row; "
              f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
              fmt_scores("floor (shapes32-test)", quality.shapes32_quality(
                  data.load("shapes32-test", n=args.n).x.to(args.device), clf, reference))]

@@ -21,7 +21,7 @@ def test_list_and_help():
     assert "dpm++3m" in out and "ddpm" in out and "log_snr" in out
     # every name `train` and `inpaint` take is listed too
     for line in ("data:        moons, swiss_roll", "predictions: eps, x0, v, score, velocity",
-                 "weightings:  auto, simple, sigma2, likelihood, velocity", "networks:    mlp, unet",
+                 "weightings:  auto, simple, sigma2, likelihood, velocity, min-snr", "networks:    mlp, unet",
                  "inpaint methods: replacement, repaint, dps, pigdm, smc"):
         assert line in out, line
     help_text = subprocess.run([sys.executable, "-m", "unstir.cli", "demo", "--help"], capture_output=True,

@@ -19,7 +19,7 @@ def _batch(process, gm, n, weighting="simple", seed=0, discrete=False):
 
 
 @pytest.mark.parametrize("name", ["vp", "ve", "subvp", "ddpm"])
-@pytest.mark.parametrize("weighting", ["simple", "sigma2", "likelihood"])
+@pytest.mark.parametrize("weighting", ["simple", "sigma2", "likelihood", "min-snr"])
 def test_exact_model_is_the_minimum(name, weighting):
     """With common random numbers, every perturbation of the exact eps raises the loss: the exact model
     is the irreducible minimum E||eps - E[eps|x_t]||^2."""
@@ -85,6 +85,32 @@ def test_importance_sampling_keeps_the_likelihood_weighted_loss(discrete):
     if discrete:
         labels = p.timestep(t2)
         assert torch.equal(labels, labels.round())
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "subvp", "ddpm", "rf", "vp_cosine"])
+def test_min_snr_weight_is_the_x0_loss_clipped_at_gamma(name):
+    """Min-SNR-gamma (Hang et al. 2023): the weight on the x0 error is min(SNR, gamma). On the eps error that
+    is min(SNR, gamma) / SNR, checked against alpha and sigma directly; and the weighted eps loss equals the
+    min(SNR, gamma)-weighted x0 loss of the same (imperfect) model."""
+    p = unstir.make_process(name)
+    t, w = TimeSampler(p, "min-snr", snr_gamma=3.0).sample(4000, torch.Generator().manual_seed(0))
+    snr = (p.alpha(t) / p.sigma(t)) ** 2
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(3.0, dtype=torch.float64)) / snr, rtol=1e-9)
+    assert (w == 1).any() and (w < 0.5).any(), "the draws must cover both sides of SNR = gamma"
+    gm = unequal_2d()
+    g = torch.Generator().manual_seed(1)
+    x0 = gm.sample(len(t), g)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    model = unstir.Denoiser(lambda x, tt: 0.9 * gm.eps(x, tt, p), p, "eps", time_dtype=torch.float64)
+    out = model(p.perturb(x0, t, noise), t)
+    x0_loss = (torch.minimum(snr, torch.tensor(3.0, dtype=torch.float64)) * (out.x0 - x0).square().mean(1)).mean()
+    assert dsm_loss(model, x0, t, w, noise, "min-snr").item() == pytest.approx(x0_loss.item(), rel=1e-9)
+
+
+def test_bad_snr_gamma():
+    for bad in (0, -1.0, float("inf"), True, "5"):
+        with pytest.raises(ValueError, match=r"snr_gamma must be a positive number, got"):
+            TimeSampler(unstir.make_process("vp"), "min-snr", snr_gamma=bad)
 
 
 def test_bad_weighting_name():

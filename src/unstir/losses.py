@@ -19,6 +19,12 @@ whatever the network predicts to eps):
                   dimensions: the conditional flow-matching loss (Lipman et al. 2023; Liu et al. 2023), since
                   the velocity is f x + g^2/(2 sigma) eps. It is evaluated in velocity coordinates, so the
                   large factor near T on the rectified-flow process costs no precision.
+* ``min-snr``:    w = min(SNR, gamma) / SNR with SNR = alpha^2 / sigma^2 and gamma = ``snr_gamma`` (5 by
+                  default), mean over dimensions: Min-SNR-gamma (Hang et al. 2023, eq. 12). The paper writes
+                  it on the x0 error, w_x0 = min(SNR, gamma); since ||x0 - x0_theta||^2 = ||eps - eps_theta||^2
+                  / SNR, that is this factor on the eps error for every prediction type (their eps and v forms
+                  are the same loss). It is ``simple`` at noise levels with SNR <= gamma and gives the
+                  low-noise levels, where the eps error is large and says little about the sample, less weight.
 
 t is uniform on [t_min, T], or uniform over the integer steps on a discrete DDPM process
 (``discrete=True``).
@@ -33,15 +39,18 @@ from .processes import DDPM, Process
 
 Tensor = torch.Tensor
 
-WEIGHTINGS = ("simple", "sigma2", "likelihood", "velocity")
+WEIGHTINGS = ("simple", "sigma2", "likelihood", "velocity", "min-snr")
 
 
 class TimeSampler:
     """Draws training times for a process and weighting, with the matching per-sample weights."""
 
     def __init__(self, process: Process, weighting: str = "simple", *, discrete: bool = False,
-                 importance: bool = True, table_size: int = 4096):
+                 importance: bool = True, table_size: int = 4096, snr_gamma: float = 5.0):
         check_choice("weighting", weighting, WEIGHTINGS)
+        if not (isinstance(snr_gamma, (int, float)) and not isinstance(snr_gamma, bool) and 0 < snr_gamma < float("inf")):
+            raise ValueError(f"snr_gamma must be a positive number, got {snr_gamma!r}")
+        self.snr_gamma = float(snr_gamma)
         if discrete and not isinstance(process, DDPM):
             raise ValueError(f"discrete=True needs a 'ddpm' process, got {process.name!r}")
         self.process, self.weighting, self.discrete = process, weighting, discrete
@@ -82,7 +91,12 @@ class TimeSampler:
             t = p.t_from_timestep(torch.floor(u * p.num_steps).clamp(max=p.num_steps - 1))
         else:
             t = p.t_min + (p.T - p.t_min) * u
-        w = self._w(t) if self.weighting == "likelihood" else torch.ones(n, dtype=torch.float64)
+        if self.weighting == "likelihood":
+            w = self._w(t)
+        elif self.weighting == "min-snr":  # min(SNR, gamma) / SNR = min(1, gamma / SNR)
+            w = (self.snr_gamma * torch.exp(-2 * p.log_snr(t))).clamp(max=1.0)
+        else:
+            w = torch.ones(n, dtype=torch.float64)
         return t, w
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     process: str = "vp"
     prediction: str = "eps"
     weighting: str = "auto"  # 'velocity' (flow matching) for a velocity prediction, else 'simple'
+    snr_gamma: float = 5.0  # gamma of the 'min-snr' weighting (Hang et al. 2023)
     steps: int = 4000
     batch_size: int = 512
     lr: float = 2e-3
@@ -93,6 +94,9 @@ class TrainConfig:
         check_choice("process", self.process, PROCESSES)
         check_choice("prediction", self.prediction, PREDICTIONS)
         check_choice("weighting", self.weighting, WEIGHTINGS)
+        if not (isinstance(self.snr_gamma, (int, float)) and not isinstance(self.snr_gamma, bool)
+                and 0 < self.snr_gamma < float("inf")):
+            raise ValueError(f"snr_gamma must be a positive number, got {self.snr_gamma!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -320,7 +324,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         tqdm.write(f"resuming {str(run)!r} at step {start}{note}")
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = Denoiser(_compiled(ddp) if cfg.compile else ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
-    times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete)
+    times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete, snr_gamma=cfg.snr_gamma)
     x_all = dataset.x.to(device)
     if rank == 0 and not (run / MOMENTS_FILE).exists():  # for analytical teleportation (sample --nfe)
         write_moments(run, dataset.x)

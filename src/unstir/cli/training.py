@@ -76,8 +76,10 @@ def register(sub) -> None:
                     help="what the network predicts (default: eps; velocity is flow matching, e.g. with --process rf)")
     tr.add_argument("--weighting", choices=["auto", *WEIGHTINGS],
                     help="loss weighting: DDPM's simple eps loss, sigma^2 (score_sde), g^2 with importance-"
-                         "sampled t, or the flow-matching velocity loss (default: velocity for --prediction "
-                         "velocity, else simple)")
+                         "sampled t, the flow-matching velocity loss, or Min-SNR-gamma (default: velocity for "
+                         "--prediction velocity, else simple)")
+    tr.add_argument("--snr-gamma", dest="snr_gamma", type=float,
+                    help="gamma of --weighting min-snr: the eps error's weight is min(SNR, gamma) / SNR (default: 5)")
     tr.add_argument("--steps", type=int, help="optimizer steps in total (default: 4000)")
     tr.add_argument("--batch-size", dest="batch_size", type=int,
                     help="global batch size, split across processes (default: 512)")
