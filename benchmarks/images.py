@@ -35,6 +35,8 @@ import unstir
 from unstir import data, figures, nets, quality
 from unstir.distributed import sample_sharded
 from unstir.losses import WEIGHTINGS
+from unstir.parametrization import PREDICTIONS
+from unstir.processes import PROCESSES
 from unstir.runs import load_run
 from unstir.training import TrainConfig, train
 
@@ -68,7 +70,8 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
     run = args.work / "run"
     widths = tuple(int(w) for w in (args.diffusers_widths if args.net == "diffusers" else args.widths).split(","))
     base = dict(data="shapes32", net=args.net, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.schedule,
-                ema_decay=args.ema, weighting=args.weighting, widths=widths, checkpoint_every=10**9, log_every=50,
+                ema_decay=args.ema, weighting=args.weighting, process=args.process,
+                prediction=args.prediction, widths=widths, checkpoint_every=10**9, log_every=50,
                 device=args.device, threads=args.threads)
     lines, rate, elapsed, steps = [], None, 0.0, 0
     budget = args.minutes * 60 / args.segments
@@ -83,6 +86,8 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
             # cosine: one run whose length fills the whole budget at the probe's rate, stopped (with a
             # checkpoint) after each part; constant: each part extends the run by its share of the budget.
             total = args.segments * max(2, int(rate * budget))
+            if args.steps:  # a length given (another run's, for a comparison at equal steps)
+                total, rate = args.steps, args.steps / (budget * args.segments)
         stop, previous = None, steps
         if args.schedule == "constant":
             steps += max(2, int(rate * budget))
@@ -284,6 +289,8 @@ def options(args) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget in all (default 30)")
+    ap.add_argument("--steps", type=int, default=0, help="the run's length in steps (default: what --minutes buy at a "
+                    "20-step probe's rate; with --schedule cosine)")
     ap.add_argument("--segments", type=int, default=3, help="evaluate after each of this many equal parts")
     ap.add_argument("--net", default="unstir", choices=["unstir", "diffusers"],
                     help="the network trained: unstir's U-Net (--widths) or diffusers' UNet2DModel (--diffusers-widths)")
@@ -294,7 +301,10 @@ def main():
     ap.add_argument("--compare-steps", type=int, default=300, help="plain-loop steps of each network for the loss")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--weighting", default="simple", choices=list(WEIGHTINGS), help="loss weighting (default simple)")
+    ap.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default vp)")
+    ap.add_argument("--prediction", default="eps", choices=list(PREDICTIONS), help="network output (default eps)")
+    ap.add_argument("--weighting", default="auto", choices=["auto", *WEIGHTINGS],
+                    help="loss weighting (default: velocity for --prediction velocity, else simple)")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled weights (default 0.999)")
     ap.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
                     help="learning rate after warm-up: cosine to 0 at the budget's end (default) or constant")
@@ -323,7 +333,7 @@ def main():
     reference = data.shapes32(args.n, 0).x.to(args.device)
     lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; net {args.net}, widths "
              f"{args.diffusers_widths if args.net == 'diffusers' else args.widths}, "
-             f"batch {args.batch_size}, lr {args.lr} ({args.schedule}), {args.weighting} weighting, EMA {args.ema}; "
+             f"batch {args.batch_size}, lr {args.lr} ({args.schedule}), process {args.process}, {args.prediction} prediction, {args.weighting} weighting, EMA {args.ema}; "
              f"{args.minutes:g} min of training; {args.n} samples per row; "
              f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
              fmt_scores("floor (shapes32-test)", quality.shapes32_quality(
