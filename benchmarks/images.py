@@ -301,8 +301,10 @@ def main():
     ap.add_argument("--compare-steps", type=int, default=300, help="plain-loop steps of each network for the loss")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default vp)")
-    ap.add_argument("--prediction", default="eps", choices=list(PREDICTIONS), help="network output (default eps)")
+    ap.add_argument("--process", default="rf", choices=sorted(PROCESSES),
+                    help="forward process (default rf: flow matching learned fastest, images_results.md)")
+    ap.add_argument("--prediction", default="velocity", choices=list(PREDICTIONS),
+                    help="network output (default velocity)")
     ap.add_argument("--weighting", default="auto", choices=["auto", *WEIGHTINGS],
                     help="loss weighting (default: velocity for --prediction velocity, else simple)")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled weights (default 0.999)")

@@ -53,7 +53,9 @@ def register(sub) -> None:
     m.add_argument("--force", action="store_true", help="replace OUT/run if it holds an earlier demo run")
     m.add_argument("--data", default=None, choices=["moons", "swiss_roll", "circles", "checkerboard", "ring",
                                                     "unequal_2d"], help="2-D data set (default: moons)")
-    m.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default: vp)")
+    m.add_argument("--process", default=None, choices=sorted(PROCESSES),
+                   help="forward process (default: vp; with --images rf, flow matching, which learned shapes32 "
+                        "fastest in benchmarks/images.py)")
     m.add_argument("--train-steps", dest="train_steps", type=int, default=None,
                    help=f"training steps (default: 3000; {IMAGE_DEMO_STEPS} with --images)")
     m.add_argument("--images", action="store_true", help="shapes32 (32x32 colour) instead: a few minutes of "
