@@ -113,6 +113,16 @@ def test_bad_snr_gamma():
             TimeSampler(unstir.make_process("vp"), "min-snr", snr_gamma=bad)
 
 
+def test_snr_gamma_without_min_snr_is_refused(tmp_path):
+    from unstir.training import TrainConfig, train
+
+    with pytest.raises(ValueError, match=r"snr_gamma=3.0 is the gamma of the 'min-snr' weighting; this run's "
+                                         r"weighting is 'simple'"):
+        train(TrainConfig(data="moons", steps=2, snr_gamma=3.0), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match=r"snr_gamma must be a positive number, got -1"):
+        train(TrainConfig(data="moons", steps=2, weighting="min-snr", snr_gamma=-1), tmp_path / "x", progress=False)
+
+
 def test_bad_weighting_name():
     with pytest.raises(ValueError, match=r"unknown weighting 'elbo'; choose one of"):
         TimeSampler(unstir.make_process("vp"), "elbo")

@@ -34,6 +34,13 @@ def check_choice(kind: str, value, allowed) -> None:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(allowed)}")
 
 
+def check_positive(name: str, value) -> float:
+    """A finite number > 0 (not a bool), as a float, or a ValueError naming it."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def check_device(name) -> torch.device:
     """A torch device that exists here, or a ValueError that says what to do instead."""
     try:

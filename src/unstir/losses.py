@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_choice
+from ._checks import check_choice, check_positive
 from .processes import DDPM, Process
 
 Tensor = torch.Tensor
@@ -48,9 +48,7 @@ class TimeSampler:
     def __init__(self, process: Process, weighting: str = "simple", *, discrete: bool = False,
                  importance: bool = True, table_size: int = 4096, snr_gamma: float = 5.0):
         check_choice("weighting", weighting, WEIGHTINGS)
-        if not (isinstance(snr_gamma, (int, float)) and not isinstance(snr_gamma, bool) and 0 < snr_gamma < float("inf")):
-            raise ValueError(f"snr_gamma must be a positive number, got {snr_gamma!r}")
-        self.snr_gamma = float(snr_gamma)
+        self.snr_gamma = check_positive("snr_gamma", snr_gamma)
         if discrete and not isinstance(process, DDPM):
             raise ValueError(f"discrete=True needs a 'ddpm' process, got {process.name!r}")
         self.process, self.weighting, self.discrete = process, weighting, discrete

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import nets
-from ._checks import check_choice, check_device
+from ._checks import check_choice, check_device, check_positive
 from .distributed import init as init_distributed
 from .distributed import rank_world
 from .losses import WEIGHTINGS, TimeSampler, dsm_loss
@@ -94,9 +94,10 @@ class TrainConfig:
         check_choice("process", self.process, PROCESSES)
         check_choice("prediction", self.prediction, PREDICTIONS)
         check_choice("weighting", self.weighting, WEIGHTINGS)
-        if not (isinstance(self.snr_gamma, (int, float)) and not isinstance(self.snr_gamma, bool)
-                and 0 < self.snr_gamma < float("inf")):
-            raise ValueError(f"snr_gamma must be a positive number, got {self.snr_gamma!r}")
+        check_positive("snr_gamma", self.snr_gamma)
+        if self.snr_gamma != DEFAULTS.snr_gamma and self.weighting != "min-snr":
+            raise ValueError(f"snr_gamma={self.snr_gamma} is the gamma of the 'min-snr' weighting; this run's weighting "
+                             f"is {self.weighting!r}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
