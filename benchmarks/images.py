@@ -321,6 +321,8 @@ def main():
                     "diffusers comparison (the unstir.train rate is left out)")
     args = ap.parse_args()
     args.device = torch.device(args.device)
+    if args.net == "diffusers" and not (args.no_speed or args.speed_only):
+        ap.error("--net diffusers needs --no-speed: the speed part's 'unstir.train' row times unstir's U-Net")
     if args.speed_only:
         print("\n".join(speed(args, float("nan"))), flush=True)
         options(args)
