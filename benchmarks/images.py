@@ -70,7 +70,7 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
     run = args.work / "run"
     widths = tuple(int(w) for w in (args.diffusers_widths if args.net == "diffusers" else args.widths).split(","))
     base = dict(data="shapes32", net=args.net, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.schedule,
-                ema_decay=args.ema, weighting=args.weighting, process=args.process,
+                ema_decay=args.ema, weighting=args.weighting, process=args.process, time_sampling=args.time_sampling,
                 prediction=args.prediction, widths=widths, checkpoint_every=10**9, log_every=50,
                 device=args.device, threads=args.threads)
     lines, rate, elapsed, steps = [], None, 0.0, 0
@@ -307,6 +307,8 @@ def main():
                     help="network output (default velocity)")
     ap.add_argument("--weighting", default="auto", choices=["auto", *WEIGHTINGS],
                     help="loss weighting (default: velocity for --prediction velocity, else simple)")
+    ap.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit-normal"],
+                    help="training times: uniform (default) or logit-normal (Esser et al. 2024)")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled weights (default 0.999)")
     ap.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
                     help="learning rate after warm-up: cosine to 0 at the budget's end (default) or constant")
@@ -337,7 +339,7 @@ def main():
     reference = data.shapes32(args.n, 0).x.to(args.device)
     lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; net {args.net}, widths "
              f"{args.diffusers_widths if args.net == 'diffusers' else args.widths}, "
-             f"batch {args.batch_size}, lr {args.lr} ({args.schedule}), process {args.process}, {args.prediction} prediction, {args.weighting} weighting, EMA {args.ema}; "
+             f"batch {args.batch_size}, lr {args.lr} ({args.schedule}), process {args.process}, {args.prediction} prediction, {args.weighting} weighting, {args.time_sampling} t, EMA {args.ema}; "
              f"{args.minutes:g} min of training; {args.n} samples per row; "
              f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
              fmt_scores("floor (shapes32-test)", quality.shapes32_quality(

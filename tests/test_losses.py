@@ -126,3 +126,99 @@ def test_snr_gamma_without_min_snr_is_refused(tmp_path):
 def test_bad_weighting_name():
     with pytest.raises(ValueError, match=r"unknown weighting 'elbo'; choose one of"):
         TimeSampler(unstir.make_process("vp"), "elbo")
+
+
+@pytest.mark.parametrize("name,discrete", [("rf", False), ("vp", False), ("ve", False), ("ddpm", True)])
+@pytest.mark.parametrize("m,s", [(0.0, 1.0), (-0.5, 0.7)])
+def test_logit_normal_times(name, discrete, m, s):
+    """Esser et al. (2024, eq. 19): t = t_min + (T - t_min) u with logit(u) ~ N(m, s^2). Continuous: logit(u) has
+    mean m and std s (4 standard errors). Discrete: integer steps k = floor(N u), whose CDF
+    P(k < j) = Phi((logit(j / N) - m) / s) is checked at a few j (4 binomial standard errors). The weights
+    are the uniform-t weights."""
+    p = unstir.make_process(name)
+    n = 40_000
+    t, w = TimeSampler(p, "simple", discrete=discrete, time_sampling="logit-normal",
+                       logit_normal=(m, s)).sample(n, torch.Generator().manual_seed(3))
+    assert torch.equal(w, torch.ones(n, dtype=torch.float64))
+    assert t.min() >= p.t_min and t.max() <= p.T
+    if discrete:
+        k = p.timestep(t)
+        assert torch.equal(k, k.round())
+        N = p.num_steps
+        for j in (N // 10, N // 3, N // 2, 4 * N // 5):
+            cdf = 0.5 * (1 + math.erf((math.log(j / (N - j)) - m) / (s * math.sqrt(2))))
+            share = (k < j).double().mean().item()
+            assert abs(share - cdf) < 4 * math.sqrt(cdf * (1 - cdf) / n), (j, share, cdf)
+    else:
+        z = torch.logit((t - p.t_min) / (p.T - p.t_min))
+        assert abs(z.mean().item() - m) < 4 * s / math.sqrt(n)
+        assert abs(z.std().item() - s) < 4 * s / math.sqrt(2 * n)
+    uniform, _ = TimeSampler(p, "simple", discrete=discrete).sample(n, torch.Generator().manual_seed(3))
+    mid = lambda x: ((x - p.t_min) / (p.T - p.t_min) - 0.5).abs().lt(0.25).double().mean().item()  # noqa: E731
+    assert mid(t) > mid(uniform) + 0.05, "logit-normal puts more of the batch at intermediate times"
+
+
+def test_logit_normal_keeps_the_weighting_and_the_minimum():
+    """min-snr's weight is a function of t alone, so under logit-normal times it is the same weight; and the
+    exact model stays the minimiser of the reweighted loss."""
+    p, gm = unstir.make_process("rf"), unequal_2d()
+    t, w = TimeSampler(p, "min-snr", time_sampling="logit-normal").sample(4000, torch.Generator().manual_seed(0))
+    snr = (p.alpha(t) / p.sigma(t)) ** 2
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr, rtol=1e-9)
+    g = torch.Generator().manual_seed(1)
+    x0 = gm.sample(20000, g)
+    t, w = TimeSampler(p, "velocity", time_sampling="logit-normal").sample(20000, g)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    base = dsm_loss(gm.denoiser(p), x0, t, w, noise, "velocity").item()
+    for f in (lambda e: 1.05 * e, lambda e: e + 0.05):
+        model = unstir.Denoiser(lambda x, tt, f=f: f(gm.eps(x, tt, p)), p, "eps", time_dtype=torch.float64)
+        assert dsm_loss(model, x0, t, w, noise, "velocity").item() > base
+
+
+def test_bad_time_sampling(tmp_path):
+    from unstir.training import TrainConfig, train
+
+    p = unstir.make_process("rf")
+    with pytest.raises(ValueError, match=r"unknown time_sampling 'lognormal'; choose one of"):
+        TimeSampler(p, "simple", time_sampling="lognormal")
+    for bad in ((0.0, 0.0), (float("nan"), 1.0), (0.0, -1.0), "ab", (1.0,)):
+        with pytest.raises(ValueError, match=r"logit_normal (needs a finite mean and a std > 0|must be two numbers)"):
+            TimeSampler(p, "simple", time_sampling="logit-normal", logit_normal=bad)
+    with pytest.raises(ValueError, match=r"time_sampling='logit-normal' reweights the loss over t; the 'likelihood'"):
+        TimeSampler(p, "likelihood", time_sampling="logit-normal")
+    for cfg, msg in [(dict(time_sampling="logit-normal", weighting="likelihood"), r"the 'likelihood' weighting keeps"),
+                     (dict(logit_normal=(0.5, 1.0)), r"logit_normal=\(0.5, 1.0\) is the \(mean, std\) of time_sampling="
+                                                     r"'logit-normal'; this run's time_sampling is 'uniform'"),
+                     (dict(time_sampling="beta"), r"unknown time_sampling 'beta'")]:
+        with pytest.raises(ValueError, match=msg):
+            train(TrainConfig(data="moons", steps=2, **cfg), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists(), "refused before any work"
+
+
+def test_cli_logit_normal_is_recorded_and_resumed(tmp_path, capsys):
+    """`unstir train --time-sampling logit-normal --logit-normal M S` records both; an interrupted run resumed
+    from the command line ends with the weights of an uninterrupted one, and a resume asking for another
+    time distribution is refused."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from unstir.cli import main
+    from unstir.training import TrainConfig, train
+
+    opts = dict(data="moons", batch_size=32, steps=20, checkpoint_every=10)
+    plain = ["train", "--data", "moons", "--batch-size", "32", "--steps", "20", "--checkpoint-every", "10", "--quiet"]
+    common = plain + ["--time-sampling", "logit-normal", "--logit-normal", "0.5", "0.8"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    cfg = json.loads((tmp_path / "a" / "run.json").read_text())["config"]
+    assert cfg["time_sampling"] == "logit-normal" and cfg["logit_normal"] == [0.5, 0.8]
+    train(TrainConfig(**opts, time_sampling="logit-normal", logit_normal=(0.5, 0.8)), tmp_path / "b",
+          progress=False, stop_after=15)
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--quiet"]) == 0
+    assert main(plain + ["--out", str(tmp_path / "u")]) == 0
+    a, b, u = (load_file(str(tmp_path / r / "checkpoint-20.safetensors")) for r in "abu")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], u[k]) for k in a), "the time distribution must change the training"
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--quiet", "--logit-normal", "0", "1",
+                 "--steps", "30"]) != 0
+    assert "logit_normal: run has [0.5, 0.8], asked [0.0, 1.0]" in capsys.readouterr().err

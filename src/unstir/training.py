@@ -29,7 +29,7 @@ from . import nets
 from ._checks import check_choice, check_device, check_positive
 from .distributed import init as init_distributed
 from .distributed import rank_world
-from .losses import WEIGHTINGS, TimeSampler, dsm_loss
+from .losses import TIME_SAMPLINGS, WEIGHTINGS, TimeSampler, check_logit_normal, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
 from .runs import (MOMENTS_FILE, load_checkpoint, read_run_info, remove_temporaries, save_checkpoint, write_moments,
@@ -45,6 +45,8 @@ class TrainConfig:
     prediction: str = "eps"
     weighting: str = "auto"  # 'velocity' (flow matching) for a velocity prediction, else 'simple'
     snr_gamma: float = 5.0  # gamma of the 'min-snr' weighting (Hang et al. 2023)
+    time_sampling: str = "uniform"  # or 'logit-normal' (Esser et al. 2024): see losses.TimeSampler
+    logit_normal: tuple = (0.0, 1.0)  # (mean, std) of logit(u) with time_sampling='logit-normal'
     steps: int = 4000
     batch_size: int = 512
     lr: float = 2e-3
@@ -98,6 +100,13 @@ class TrainConfig:
         if self.snr_gamma != DEFAULTS.snr_gamma and self.weighting != "min-snr":
             raise ValueError(f"snr_gamma={self.snr_gamma} is the gamma of the 'min-snr' weighting; this run's weighting "
                              f"is {self.weighting!r}")
+        check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        if check_logit_normal(self.logit_normal) != DEFAULTS.logit_normal and self.time_sampling != "logit-normal":
+            raise ValueError(f"logit_normal={tuple(self.logit_normal)} is the (mean, std) of time_sampling="
+                             f"'logit-normal'; this run's time_sampling is {self.time_sampling!r}")
+        if self.time_sampling != "uniform" and self.weighting == "likelihood":
+            raise ValueError(f"time_sampling={self.time_sampling!r} reweights the loss over t; the 'likelihood' "
+                             "weighting keeps its own density of t (the likelihood bound's): use time_sampling='uniform'")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -325,7 +334,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         tqdm.write(f"resuming {str(run)!r} at step {start}{note}")
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = Denoiser(_compiled(ddp) if cfg.compile else ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
-    times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete, snr_gamma=cfg.snr_gamma)
+    times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete, snr_gamma=cfg.snr_gamma,
+                        time_sampling=cfg.time_sampling, logit_normal=cfg.logit_normal)
     x_all = dataset.x.to(device)
     if rank == 0 and not (run / MOMENTS_FILE).exists():  # for analytical teleportation (sample --nfe)
         write_moments(run, dataset.x)

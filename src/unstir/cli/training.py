@@ -80,6 +80,11 @@ def register(sub) -> None:
                          "--prediction velocity, else simple)")
     tr.add_argument("--snr-gamma", dest="snr_gamma", type=float,
                     help="gamma of --weighting min-snr: the eps error's weight is min(SNR, gamma) / SNR (default: 5)")
+    tr.add_argument("--time-sampling", dest="time_sampling", choices=["uniform", "logit-normal"],
+                    help="how training times are drawn: uniform, or logit-normal (Esser et al. 2024: more of the batch "
+                         "at intermediate noise levels; not with --weighting likelihood) (default: uniform)")
+    tr.add_argument("--logit-normal", dest="logit_normal", type=float, nargs=2, metavar=("MEAN", "STD"),
+                    help="with --time-sampling logit-normal: mean and std of logit(u) (default: 0 1)")
     tr.add_argument("--steps", type=int, help="optimizer steps in total (default: 4000)")
     tr.add_argument("--batch-size", dest="batch_size", type=int,
                     help="global batch size, split across processes (default: 512)")
