@@ -2,7 +2,9 @@
 against the compressor baselines, and training and sampling speed against diffusers.
 
 1. A factor classifier (``unstir.quality``) is trained on fresh shapes32 draws (cached in --work); the floor is
-   what held-out real images (shapes32-test) score against training images at the same sample size.
+   what held-out real images (shapes32-test) score against training images at the same sample size. Below it,
+   the same real images changed in ways that keep every factor (noise, dimming, lighting, a 3x3 blur): how
+   strict the judge is about what a sampler gets slightly wrong.
 2. ``unstir.train`` on shapes32 for --minutes in all, in --segments equal parts, each resumed from the last
    (``--schedule cosine``: one run whose length fills the budget at a probe's rate, decaying to 0 at its end;
    ``constant``: each part lengthens the run, the learning rate stays); after each part the EMA weights sample --n images
@@ -64,6 +66,21 @@ def fmt_scores(name: str, s: dict) -> str:
 
 
 HEADER = f"{'':28s} {'validity':>8s} {'coverage':>8s} {'class TV':>8s} {'FD':>9s} {'precision':>9s} {'recall':>7s}"
+
+
+def judge_check(clf, reference, real: torch.Tensor) -> list[str]:
+    """Held-out real images, changed without changing a factor, scored like samples."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None]) / 16
+    c = real.shape[1]
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(real, (1, 1, 1, 1), mode="replicate"),
+                                      k.to(real).expand(c, 1, 3, 3), groups=c)
+    changed = [("  real + noise, std 0.04", real + 0.04 * torch.randn(real.shape, generator=g).to(real)),
+               ("  real, colours x 0.95", real * 0.95),
+               ("  real, non-black +0.05", real + 0.05 * (real > -1)),
+               ("  real, 3x3 binomial blur", blur)]
+    return [fmt_scores(name, quality.shapes32_quality(x, clf, reference)) for name, x in changed]
 
 
 def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
@@ -337,13 +354,14 @@ def main():
     t_start = time.perf_counter()
     clf = factor_classifier(args.work, args.device)
     reference = data.shapes32(args.n, 0).x.to(args.device)
+    real = data.load("shapes32-test", n=args.n).x.to(args.device)
     lines = [f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; net {args.net}, widths "
              f"{args.diffusers_widths if args.net == 'diffusers' else args.widths}, "
              f"batch {args.batch_size}, lr {args.lr} ({args.schedule}), process {args.process}, {args.prediction} prediction, {args.weighting} weighting, {args.time_sampling} t, EMA {args.ema}; "
              f"{args.minutes:g} min of training; {args.n} samples per row; "
              f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
-             fmt_scores("floor (shapes32-test)", quality.shapes32_quality(
-                 data.load("shapes32-test", n=args.n).x.to(args.device), clf, reference))]
+             fmt_scores("floor (shapes32-test)", quality.shapes32_quality(real, clf, reference)),
+             *judge_check(clf, reference, real)]
     print("\n".join(lines), flush=True)
     curve, run, rate = train_and_score(args, clf, reference)
     lines += curve + ["```", "", "```"]
