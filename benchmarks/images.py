@@ -9,7 +9,9 @@ against the compressor baselines, and training and sampling speed against diffus
    (``--schedule cosine``: one run whose length fills the budget at a probe's rate, decaying to 0 at its end;
    ``constant``: each part lengthens the run, the learning rate stays); after each part the EMA weights sample --n images
    (dpm++2m, 20 NFE, per-sample seeds) and are scored: validity, coverage, class TV, FD, precision and recall.
-   The learning curve says whether a missed goal is the time budget or the method.
+   The learning curve says whether a missed goal is the time budget or the method. The last model is also
+   sampled with ddpm (--ddpm-steps) and with each --screen sampler on other seeds (777..); the best of the
+   screen by validity is then scored on the evaluation seeds, which never chose anything.
 3. Bits/dim of held-out images (log_likelihood, default accuracy) beside the per-pixel categorical and
    lossless PNG / WebP on the same images.
 4. Speed, same network and batch, the two sides alternating: training samples/s of ``unstir.train`` (from
@@ -40,11 +42,13 @@ from unstir.losses import WEIGHTINGS
 from unstir.parametrization import PREDICTIONS
 from unstir.processes import PROCESSES
 from unstir.runs import load_run
+from unstir.samplers import SAMPLERS
 from unstir.training import TrainConfig, train
 
 HERE = Path(__file__).parent
 CLASSIFIER_STEPS = 1500
 EVAL_SEED = 2424  # sampling seeds; never used to choose a setting
+SCREEN_SEED = 777  # sampling seeds on which --screen chooses a sampler
 
 
 def factor_classifier(work: Path, device) -> quality.ShapesClassifier:
@@ -81,6 +85,36 @@ def judge_check(clf, reference, real: torch.Tensor) -> list[str]:
                ("  real, non-black +0.05", real + 0.05 * (real > -1)),
                ("  real, 3x3 binomial blur", blur)]
     return [fmt_scores(name, quality.shapes32_quality(x, clf, reference)) for name, x in changed]
+
+
+def parse_spec(spec: str) -> tuple[str, int, dict]:
+    """'name:steps[:key=value...]', e.g. 'edm:50:churn=40', as (sampler, steps, options)."""
+    name, steps, *kv = spec.split(":")
+    return name, int(steps), {k: float(v) for k, v in (item.split("=") for item in kv)}
+
+
+def screen(args, model, clf, reference) -> list[str]:
+    """Each --screen sampler on seeds SCREEN_SEED; the one with the highest validity there is then scored on the
+    evaluation seeds, which took no part in the choice."""
+    lines, best = [], None
+    for spec in args.screen:
+        name, steps, opts = parse_spec(spec)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x, nfe = sample_sharded(model, args.n, seed=SCREEN_SEED, batch_size=250, device=args.device,
+                                    sampler=name, steps=steps, **opts)
+        s = quality.shapes32_quality(x.to(args.device), clf, reference)
+        lines.append(fmt_scores(f"  {spec} [{SCREEN_SEED}..]", s) + f"   NFE {nfe}, {time.perf_counter() - t0:.0f} s")
+        print(lines[-1], flush=True)
+        best = max(best or (s["validity"], spec), (s["validity"], spec))
+    name, steps, opts = parse_spec(best[1])
+    with torch.no_grad():
+        x, nfe = sample_sharded(model, args.n, seed=EVAL_SEED, batch_size=250, device=args.device,
+                                sampler=name, steps=steps, **opts)
+    lines.append(fmt_scores(f"  chosen: {best[1]}", quality.shapes32_quality(x.to(args.device), clf, reference)) +
+                 f"   NFE {nfe}, seeds {EVAL_SEED}..")
+    print(lines[-1], flush=True)
+    return lines
 
 
 def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
@@ -135,6 +169,8 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
         lines.append(fmt_scores(f"  same, ddpm {args.ddpm_steps} steps", quality.shapes32_quality(xs.to(args.device), clf,
                                                                                        reference)))
         print(lines[-1], flush=True)
+    if args.screen:
+        lines += screen(args, model, clf, reference)
     figures.image_grid(data.from_unit_range(x[:64].clamp(-1, 1)), args.work / "samples.png")
     return lines, run, rate * args.batch_size
 
@@ -313,6 +349,10 @@ def main():
                     help="the network trained: unstir's U-Net (--widths) or diffusers' UNet2DModel (--diffusers-widths)")
     ap.add_argument("--ddpm-steps", type=int, default=100,
                     help="also score the last model with ddpm ancestral sampling at this many steps (0: no)")
+    ap.add_argument("--screen", type=lambda v: [x for x in v.split(",") if x],
+                    default="ddpm:100,ddpm:200,euler_maruyama:200,pc:100,edm:50:churn=40",
+                    help=f"samplers tried on the last model with seeds {SCREEN_SEED}.. as name:steps[:key=value], "
+                         f"comma-separated; the best by validity is then scored on the evaluation seeds ('' for none)")
     ap.add_argument("--widths", default="32,64,64")
     ap.add_argument("--diffusers-widths", default="32,48,56", help="UNet2DModel widths of about the same size")
     ap.add_argument("--compare-steps", type=int, default=300, help="plain-loop steps of each network for the loss")
@@ -342,6 +382,13 @@ def main():
     args.device = torch.device(args.device)
     if args.net == "diffusers" and not (args.no_speed or args.speed_only):
         ap.error("--net diffusers needs --no-speed: the speed part's 'unstir.train' row times unstir's U-Net")
+    for spec in args.screen:  # before any work
+        try:
+            name, steps, _ = parse_spec(spec)
+        except ValueError:
+            ap.error(f"--screen: {spec!r} is not name:steps[:key=value...]")
+        if name not in SAMPLERS or steps < 1:
+            ap.error(f"--screen: {spec!r} needs a sampler of {sorted(SAMPLERS)} and steps >= 1")
     if args.speed_only:
         print("\n".join(speed(args, float("nan"))), flush=True)
         options(args)
