@@ -1,5 +1,6 @@
 """End-to-end runs of the command line on tiny settings."""
 
+import json
 import subprocess
 import sys
 
@@ -44,7 +45,8 @@ def test_image_demo_trains_scores_and_keeps_its_classifier(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "training on 'shapes32'" in text and "held-out real (floor)" in text and "dpm++2m (20 NFE)" in text
-    assert "(rf, velocity prediction," in text  # flow matching by default on images
+    assert "(rf, velocity prediction, logit-normal times," in text  # flow matching by default on images
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["time_sampling"] == "logit-normal"
     assert (tmp_path / "samples.png").exists() and (tmp_path / "factor-classifier-2.safetensors").exists()
     mtime = (tmp_path / "factor-classifier-2.safetensors").stat().st_mtime
     assert main(args + ["--force"]) == 0  # the run is replaced, the classifier reused
