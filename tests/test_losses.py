@@ -131,7 +131,7 @@ def test_bad_weighting_name():
 @pytest.mark.parametrize("name,discrete", [("rf", False), ("vp", False), ("ve", False), ("ddpm", True)])
 @pytest.mark.parametrize("m,s", [(0.0, 1.0), (-0.5, 0.7)])
 def test_logit_normal_times(name, discrete, m, s):
-    """Esser et al. (2024, eq. 19): t = t_min + (T - t_min) u with logit(u) ~ N(m, s^2). Continuous: logit(u) has
+    """Esser et al. (2024, sec. 3.1): t = t_min + (T - t_min) u with logit(u) ~ N(m, s^2). Continuous: logit(u) has
     mean m and std s (4 standard errors). Discrete: integer steps k = floor(N u), whose CDF
     P(k < j) = Phi((logit(j / N) - m) / s) is checked at a few j (4 binomial standard errors). The weights
     are the uniform-t weights."""

@@ -28,11 +28,11 @@ whatever the network predicts to eps):
 
 t is uniform on [t_min, T], or uniform over the integer steps on a discrete DDPM process
 (``discrete=True``). With ``time_sampling="logit-normal"`` it is instead t_min + (T - t_min) u with
-logit(u) ~ N(m, s^2), ``logit_normal=(m, s)``, (0, 1) by default: Esser et al. (2024, sec. 3.1, eq. 19), the
-best of the rectified-flow variants they compared. It spends the training batch on intermediate noise levels,
+logit(u) ~ N(m, s^2), ``logit_normal=(m, s)``, (0, 1) by default: Esser et al. (2024, sec. 3.1), which ranked
+among the best rectified-flow variants they compared. It spends the training batch on intermediate noise levels,
 where the prediction is hardest; in expectation it is the uniform loss with the extra weight pi(t). On a
 discrete process u is floored to an integer step. The paper draws u on (0, 1) with t = u; here u is mapped
-linearly onto [t_min, T], which on ``rf`` (t_min = 1e-3, T = 1 - 1e-3) differs from it by 0.2% at most.
+linearly onto [t_min, T], which on ``rf`` (t_min = 1e-3, T = 1 - 1e-3) differs from it by at most 1e-3 in t.
 It is refused with the ``likelihood`` weighting, which draws t from its own density to estimate the
 likelihood bound.
 """
