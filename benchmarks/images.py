@@ -38,7 +38,7 @@ import torch
 import unstir
 from unstir import data, figures, nets, quality
 from unstir.distributed import sample_sharded
-from unstir.losses import WEIGHTINGS
+from unstir.losses import TIME_SAMPLINGS, WEIGHTINGS
 from unstir.parametrization import PREDICTIONS
 from unstir.processes import PROCESSES
 from unstir.runs import load_run
@@ -365,7 +365,7 @@ def main():
                     help="network output (default velocity)")
     ap.add_argument("--weighting", default="auto", choices=["auto", *WEIGHTINGS],
                     help="loss weighting (default: velocity for --prediction velocity, else simple)")
-    ap.add_argument("--time-sampling", default="logit-normal", choices=["uniform", "logit-normal"],
+    ap.add_argument("--time-sampling", default="logit-normal", choices=list(TIME_SAMPLINGS),
                     help="training times: logit-normal (Esser et al. 2024; default: validity 0.87 against 0.82 "
                          "at equal steps, images_results.md) or uniform (better bits/dim)")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled weights (default 0.999)")

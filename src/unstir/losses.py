@@ -59,12 +59,9 @@ class TimeSampler:
                  importance: bool = True, table_size: int = 4096, snr_gamma: float = 5.0,
                  time_sampling: str = "uniform", logit_normal: tuple[float, float] = (0.0, 1.0)):
         check_choice("weighting", weighting, WEIGHTINGS)
-        check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
         self.snr_gamma = check_positive("snr_gamma", snr_gamma)
-        self.time_sampling, self.logit_normal = time_sampling, check_logit_normal(logit_normal)
-        if time_sampling != "uniform" and weighting == "likelihood":
-            raise ValueError(f"time_sampling={time_sampling!r} reweights the loss over t; the 'likelihood' weighting "
-                             "keeps its own density of t (the likelihood bound's), so it needs time_sampling='uniform'")
+        self.time_sampling, self.logit_normal = time_sampling, check_time_sampling(time_sampling, logit_normal,
+                                                                                   weighting)
         if discrete and not isinstance(process, DDPM):
             raise ValueError(f"discrete=True needs a 'ddpm' process, got {process.name!r}")
         self.process, self.weighting, self.discrete = process, weighting, discrete
@@ -116,6 +113,15 @@ class TimeSampler:
         else:
             w = torch.ones(n, dtype=torch.float64)
         return t, w
+
+
+def check_time_sampling(time_sampling: str, logit_normal, weighting: str) -> tuple[float, float]:
+    """A known time distribution that the weighting allows; returns the checked (m, s)."""
+    check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
+    if time_sampling != "uniform" and weighting == "likelihood":
+        raise ValueError(f"time_sampling={time_sampling!r} reweights the loss over t; the 'likelihood' weighting "
+                         "keeps its own density of t (the likelihood bound's), so it needs time_sampling='uniform'")
+    return check_logit_normal(logit_normal)
 
 
 def check_logit_normal(value) -> tuple[float, float]:

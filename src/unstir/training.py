@@ -29,7 +29,7 @@ from . import nets
 from ._checks import check_choice, check_device, check_positive
 from .distributed import init as init_distributed
 from .distributed import rank_world
-from .losses import TIME_SAMPLINGS, WEIGHTINGS, TimeSampler, check_logit_normal, dsm_loss
+from .losses import WEIGHTINGS, TimeSampler, check_time_sampling, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
 from .runs import (MOMENTS_FILE, load_checkpoint, read_run_info, remove_temporaries, save_checkpoint, write_moments,
@@ -100,13 +100,10 @@ class TrainConfig:
         if self.snr_gamma != DEFAULTS.snr_gamma and self.weighting != "min-snr":
             raise ValueError(f"snr_gamma={self.snr_gamma} is the gamma of the 'min-snr' weighting; this run's weighting "
                              f"is {self.weighting!r}")
-        check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
-        if check_logit_normal(self.logit_normal) != DEFAULTS.logit_normal and self.time_sampling != "logit-normal":
+        if (check_time_sampling(self.time_sampling, self.logit_normal, self.weighting) != DEFAULTS.logit_normal
+                and self.time_sampling != "logit-normal"):
             raise ValueError(f"logit_normal={tuple(self.logit_normal)} is the (mean, std) of time_sampling="
                              f"'logit-normal'; this run's time_sampling is {self.time_sampling!r}")
-        if self.time_sampling != "uniform" and self.weighting == "likelihood":
-            raise ValueError(f"time_sampling={self.time_sampling!r} reweights the loss over t; the 'likelihood' "
-                             "weighting keeps its own density of t (the likelihood bound's): use time_sampling='uniform'")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..losses import WEIGHTINGS
+from ..losses import TIME_SAMPLINGS, WEIGHTINGS
 from ..parametrization import PREDICTIONS
 from ..processes import PROCESSES
 from .common import add_device, add_quiet, add_seed
@@ -80,7 +80,7 @@ def register(sub) -> None:
                          "--prediction velocity, else simple)")
     tr.add_argument("--snr-gamma", dest="snr_gamma", type=float,
                     help="gamma of --weighting min-snr: the eps error's weight is min(SNR, gamma) / SNR (default: 5)")
-    tr.add_argument("--time-sampling", dest="time_sampling", choices=["uniform", "logit-normal"],
+    tr.add_argument("--time-sampling", dest="time_sampling", choices=list(TIME_SAMPLINGS),
                     help="how training times are drawn: uniform, or logit-normal (Esser et al. 2024: more of the batch "
                          "at intermediate noise levels; not with --weighting likelihood) (default: uniform)")
     tr.add_argument("--logit-normal", dest="logit_normal", type=float, nargs=2, metavar=("MEAN", "STD"),
