@@ -9,7 +9,7 @@ API_MODULES := processes parametrization grids samplers tuning pf_ode likelihood
 	training runs oracle data nets metrics quality distributed report adapters.diffusers adapters.karras
 STAMP := $(VENV)/.unstir-installed
 
-.PHONY: demo demo-images test test-slow bench docs install clean
+.PHONY: demo demo-images test test-slow bench gpu-check docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/likelihood.py --out benchmarks/likelihood_results.md
 	$(BIN)/python benchmarks/conditional.py --out benchmarks/conditional_results.md
 	$(BIN)/python benchmarks/inverse.py --out benchmarks/inverse_results.md
+
+# Every verb on a GPU, its numbers against the CPU's, and the speed table against diffusers (under 8 minutes on one
+# GPU; install a CUDA build of torch first: make gpu-check TORCH_SPEC="torch==... --index-url ...").
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --device cuda --out benchmarks/gpu_results.md
 
 docs: $(STAMP)
 	$(BIN)/pip install --quiet "pdoc>=14"

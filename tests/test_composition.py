@@ -45,6 +45,7 @@ def _predicting(kind: str, mixture: GaussianMixture, process, *, detached: bool 
     def net(x, t):
         x_in = x.detach() if detached else x
         return from_eps(kind, mixture.eps(x_in, t, process), x_in, process.coefficients(t).expand_as(x))
+    net.device = mixture.means.device
     return Denoiser(net, process, kind, time_dtype=torch.float64, data_shape=(2,))
 
 
@@ -54,6 +55,7 @@ def _diffusers_model():
         t = (timestep.to(torch.float64) + 1) / DDPM.num_steps
         eps = GM.eps(sample, t, DDPM)
         return from_eps("v", eps, sample, DDPM.coefficients(t).expand_as(sample))
+    unet.device = GM.means.device
     return from_diffusers(unet, DIFFUSERS_CONFIG, data_shape=(2,))
 
 
@@ -172,6 +174,33 @@ def test_every_model_under_every_use(row, use):
         return
     got = USES[use](model, y)
     torch.testing.assert_close(got, _reference(row, use), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("use", list(USES))
+@pytest.mark.parametrize("row", list(ROWS))
+def test_every_model_under_every_use_on_another_device(row, use, monkeypatch):
+    """The same cell with the model's data (the oracle's tensors), x_T and the data on a pretend CUDA device
+    (tests/fake_device.py): a tensor born on the CPU and combined with the model's fails as on a GPU, and the
+    numbers must be the CPU's (the noise is drawn on the CPU generator and moved)."""
+    import tests.test_composition as here
+    from tests.fake_device import other_device
+
+    if (row, use) in REFUSED:
+        return
+    reference = _reference(row, use)
+    x_T, data = here._x_T, here._data
+    with other_device() as device:
+        for name in ("GM", "TARGET", "GAUSS"):
+            monkeypatch.setattr(here, name, getattr(here, name).to(device))
+        monkeypatch.setattr(here, "_x_T", lambda m: x_T(m).to(device))
+        monkeypatch.setattr(here, "_data", lambda: data().to(device))
+        factory, _, y = ROWS[row]
+        got = USES[use](factory(), y)
+        if "grid" not in use:  # grids are CPU float64 by design (unstir.grids); samples follow the model
+            assert got.device == device, f"{row} x {use}: the result is on {got.device}, the model on {device}"
+        got = got.cpu()
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_the_documented_matrix_is_the_tested_one():

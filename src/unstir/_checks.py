@@ -51,8 +51,14 @@ def check_device(name) -> torch.device:
         if torch.version.cuda is None:
             raise ValueError(f"device {name!r}: this torch build has no CUDA support (a CPU build); use --device cpu, "
                              f"or install a CUDA build (make install TORCH_SPEC=\"torch==... --index-url ...\")")
-        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"device {name!r}: this machine has no CUDA device that torch can see (a CUDA build, but "
+                             f"no GPU or driver; check CUDA_VISIBLE_DEVICES and nvidia-smi); use --device cpu")
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s); use "
+                             + ("cuda (cuda:0)" if count == 1 else f"one of cuda:0 .. cuda:{count - 1}")
+                             + " or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+        raise ValueError(f"device {name!r}: MPS (Apple's GPU) is not available on this machine; use --device cpu")
     return device

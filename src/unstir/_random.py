@@ -45,9 +45,14 @@ def draw(fn, shape, generator, device=None) -> Tensor:
 
 
 def randn(shape, generator, dtype=torch.float32, device=None) -> Tensor:
-    if not isinstance(generator, SeedGenerators):  # as before: on the device, from a generator of that device
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
-    return draw(lambda s, g: torch.randn(s, generator=g, dtype=dtype), shape, generator, device)
+    """Standard normal noise on ``device``, drawn where the generator lives: a CPU generator (or a
+    ``SeedGenerators``) draws on the CPU and the draw is moved, so the noise is the CPU's on every device (as
+    diffusers' ``randn_tensor`` and EDM do); a generator of ``device`` draws there; None uses torch's global
+    generator of ``device``."""
+    if isinstance(generator, SeedGenerators):
+        return draw(lambda s, g: torch.randn(s, generator=g, dtype=dtype), shape, generator, device)
+    where = device if generator is None else generator.device
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=where).to(device)
 
 
 SEED_BITS = 20  # torch's CPU generator keeps 32 bits of a seed: 12 for the run seed, 20 for the sample index

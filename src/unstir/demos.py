@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import figures, oracle
+from ._checks import check_device
 from .metrics import mode_weights, sliced_w2, two_sample_floor
 from .processes import make_process
 from .samplers import sample
@@ -32,7 +33,9 @@ def oracle_demo(args) -> int:
     if args.paths > args.n:
         raise ValueError(f"--paths ({args.paths}) cannot exceed -n ({args.n})")
     process = make_process(args.process)
+    device = check_device(args.device)
     mixture = oracle.random_mixture(2, 5, seed=args.seed) if args.data == "random" else oracle.EXAMPLES[args.data]()
+    mixture = mixture.to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = mixture.denoiser(process)
@@ -42,10 +45,10 @@ def oracle_demo(args) -> int:
 
     exact = mixture.sample(n, torch.Generator().manual_seed(args.seed)).float()
     floors = two_sample_floor(lambda i: mixture.sample(n, torch.Generator().manual_seed(args.seed + 10 + i)), exact)
-    x_T = process.prior_sample((n, 2), torch.Generator().manual_seed(args.seed + 2))
+    x_T = process.prior_sample((n, 2), torch.Generator().manual_seed(args.seed + 2), device=device)
     panels = {"exact p_0": exact}
     rows = []
-    for name in tqdm(DEMO_SAMPLERS, desc="sampling", unit="sampler"):
+    for name in tqdm(DEMO_SAMPLERS, desc="sampling", unit="sampler", disable=args.quiet):
         start = time.perf_counter()
         r = sample(model, process, x_T, sampler=name, steps=steps, generator=torch.Generator().manual_seed(args.seed))
         seconds = time.perf_counter() - start

@@ -11,8 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
+def _host(x: torch.Tensor) -> torch.Tensor:
+    """A tensor from any device, on the CPU for drawing."""
+    return x.detach().cpu()
+
+
 def marginals_and_scores(mixture, process, times, path: Path, lim: float = 3.0, res: int = 120) -> None:
     """log p_t as an image with the exact score field as arrows, one panel per t."""
+    mixture = mixture.to("cpu")
     fig, axes = plt.subplots(1, len(times), figsize=(3.2 * len(times), 3.3))
     u = torch.linspace(-lim, lim, res, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(u, u, indexing="xy"), -1).reshape(-1, 2)
@@ -47,6 +53,7 @@ def plot_limits(panels: dict[str, torch.Tensor], share: float = 0.999) -> tuple[
 def scatter_panels(panels: dict[str, torch.Tensor], path: Path, xlim=None, ylim=None, ncol: int | None = None) -> None:
     """One scatter plot per named 2-D sample, all on the same axes limits (from the data unless given),
     ``ncol`` panels per row (default: one row)."""
+    panels = {k: _host(v) for k, v in panels.items()}
     auto_x, auto_y = plot_limits(panels)
     xlim, ylim = xlim or auto_x, ylim or auto_y
     ncol = ncol or len(panels)
@@ -74,7 +81,7 @@ def trajectories(paths: dict[str, tuple[list[float], torch.Tensor]], path: Path)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, (ts, xs)), color in zip(paths.items(), colors):
         for j in range(xs.shape[1]):
-            ax.plot(ts, xs[:, j, 0].numpy(), color=color, lw=1, alpha=0.8, label=label if j == 0 else None)
+            ax.plot(ts, _host(xs)[:, j, 0].numpy(), color=color, lw=1, alpha=0.8, label=label if j == 0 else None)
     ax.invert_xaxis()
     ax.set_xlabel("t (reverse time runs left to right)")
     ax.set_ylabel("x[0]")
@@ -86,6 +93,7 @@ def trajectories(paths: dict[str, tuple[list[float], torch.Tensor]], path: Path)
 
 def interpolation_path(data: torch.Tensor, frames: torch.Tensor, path: Path) -> None:
     """Decoded interpolation frames (2-D) as a path over the data."""
+    data, frames = _host(data), _host(frames)
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     ax.scatter(data[:, 0].numpy(), data[:, 1].numpy(), s=1.5, alpha=0.3, color="gray", label="data")
     ax.plot(frames[:, 0].numpy(), frames[:, 1].numpy(), "-o", color="C3", ms=4, lw=1.2, label="decoded frames")
@@ -110,6 +118,7 @@ def label_counts(ax, counts) -> None:
 
 def conditioned_samples(data: torch.Tensor, samples: torch.Tensor, path: Path, title: str) -> None:
     """Posterior samples of 2-D data (the first two coordinates) over the data, with axes."""
+    data, samples = _host(data), _host(samples)
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.scatter(data[:, 0].numpy(), data[:, 1].numpy(), s=1.5, alpha=0.3, color="gray", label="data")
     ax.scatter(samples[:, 0].numpy(), samples[:, 1].numpy(), s=14 if len(samples) < 100 else 3, color="C3",
@@ -128,6 +137,7 @@ def image_grid(images_uint8: torch.Tensor, path: Path, ncol: int | None = None) 
     """Save (N, C, H, W) uint8 images as one PNG grid (1-pixel gaps)."""
     from PIL import Image
 
+    images_uint8 = _host(images_uint8)
     n, c, h, w = images_uint8.shape
     ncol = ncol or int(n**0.5 + 0.999)
     nrow = (n + ncol - 1) // ncol

@@ -31,9 +31,10 @@ from typing import Callable
 import torch
 
 from .guidance import keeps_graph
-from .parametrization import ModelOutput, in_graph
+from .parametrization import ModelOutput, in_graph, model_device
 from .processes import coefficients
 from .samplers import SampleResult
+from ._random import randn
 from .samplers.base import noise_like
 from .samplers.stochastic import _kernel, ddim_update, ddpm_step
 
@@ -132,7 +133,7 @@ class Measurement:
             if c is None:
                 target = y
             else:
-                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                z = randn(x.shape, generator, x.dtype, x.device)
                 target = c.alpha * y + c.sigma * self.A(z)
             return x + self.pinv(target - self.A(x))
         return project
@@ -179,8 +180,8 @@ class PiGDM(_Guidance):
             v = resid / (r2 * (1.0 if m.mask is not None else m.aat) + m.sigma_y**2)
         elif m.matrix is not None:
             A = m.matrix.to(resid)
-            r2b = torch.as_tensor(r2, dtype=torch.float64).reshape(-1, 1, 1)
-            cov = r2b * (A @ A.T) + m.sigma_y**2 * torch.eye(A.shape[0], dtype=torch.float64)
+            r2b = torch.as_tensor(r2, dtype=torch.float64, device=A.device).reshape(-1, 1, 1)
+            cov = r2b * (A @ A.T) + m.sigma_y**2 * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
             v = torch.linalg.solve(cov, resid[..., None])[..., 0]
         else:
             raise ValueError("pigdm needs A as a mask, a matrix, or a callable with aat= (A A^T = aat I)")
@@ -318,7 +319,7 @@ def renoise(process, x: Tensor, s: float, t: float, generator=None) -> Tensor:
     a_s, s_s = (1.0, 0.0) if s == 0 else coefficients(process, s)[:2]
     a = ct.alpha / a_s
     b = math.sqrt(max(ct.sigma**2 - (a * s_s) ** 2, 0.0))
-    return a * x + b * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return a * x + b * randn(x.shape, generator, x.dtype, x.device)
 
 
 def superres_operator(shape: tuple[int, ...], factor: int = 2) -> dict:
@@ -356,7 +357,7 @@ def colorize_operator(shape: tuple[int, ...]) -> dict:
 def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, particles: int = 16,
                 data_var: float = 1.0, jacobian: str = "gaussian", x_T: Tensor | None = None,
                 y: Tensor | int | None = None, generator: torch.Generator | None = None,
-                dtype: torch.dtype = torch.float32) -> SampleResult:
+                dtype: torch.dtype = torch.float32, device=None) -> SampleResult:
     """Sequential Monte Carlo with twisting (the twisted diffusion sampler, Wu et al. 2023, Alg. 1), twisted by
     PiGDM's Gaussian approximation p~_t(y | x_t) = N(y; A x0_hat(x_t), r_t^2 A A^T + sigma_y^2 I).
 
@@ -369,7 +370,8 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
     falls below half are resampled (multinomially). As ``particles`` grows the output tends to the posterior
     of the model's DDPM chain given y: the only method here that is consistent (benchmarks/
     inverse_results.md). ``nfe`` counts model evaluations per output: particles x steps, each with a backward
-    pass when ``jacobian='vjp'``."""
+    pass when ``jacobian='vjp'``. The prior particles land on ``device`` (default: the model's), drawn on the
+    generator's device; resampling draws its indices on the CPU, where a ``torch.Generator()`` is."""
     from .grids import time_grid
 
     _check_counts(n=n, steps=steps, particles=particles)
@@ -377,7 +379,8 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
     shape = m.data_shape
     total = n * particles
     if x_T is None:
-        x = process.prior_sample((total, *shape), generator, dtype=dtype)
+        x = process.prior_sample((total, *shape), generator, dtype=dtype,
+                                 device=model_device(model) if device is None else device)
     else:
         if not isinstance(x_T, Tensor) or tuple(x_T.shape) != (total, *shape):
             raise ValueError(f"x_T must have shape ({total}, *{shape}) (n * particles initial particles), got "
@@ -397,7 +400,7 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
         r2 = data_var * c.sigma**2 / (c.alpha**2 * data_var + c.sigma**2)
         if m.matrix is not None:
             A = m.matrix.to(resid)
-            cov = r2 * (A @ A.T) + m.sigma_y**2 * torch.eye(A.shape[0], dtype=torch.float64)
+            cov = r2 * (A @ A.T) + m.sigma_y**2 * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
             quad = (resid * torch.linalg.solve(cov, resid.T).T).sum(1)
         else:
             quad = resid.pow(2).sum(1) / (r2 * (1.0 if m.mask is not None else m.aat) + m.sigma_y**2)
@@ -411,16 +414,18 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
                            None), post
 
     def resample(x, out, logtw, grad, logw):
-        """Multinomial resampling of the groups whose effective sample size fell below half."""
+        """Multinomial resampling of the groups whose effective sample size fell below half (the indices drawn
+        on the CPU, where the generator is)."""
         groups = logw.reshape(n, particles)
-        w = torch.softmax(groups, 1)
+        w = torch.softmax(groups, 1).cpu()
         low = 1.0 / (w**2).sum(1) < particles / 2
         if not low.any():
             return x, out, logtw, grad, logw
         pick = torch.multinomial(w[low], particles, replacement=True, generator=generator)
         index = torch.arange(total).reshape(n, particles)
         index[low] = torch.gather(index[low], 1, pick)
-        index = index.flatten()
+        index = index.flatten().to(x.device)
+        low = low.to(x.device)
         out = ModelOutput(out.x[index], out.t, out.c, out.pred[index], out.kind)
         groups = groups.clone()
         groups[low] = 0.0
@@ -442,12 +447,12 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
         eps_u = out.eps
         mean_u, post = mean(eps_u, x, t, s)
         mean_g, _ = mean(eps_u - out.c.sigma * grad.to(eps_u.dtype), x, t, s)
-        x = mean_g + post * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x = mean_g + post * randn(x.shape, generator, x.dtype, x.device)
         out, logtw_s, grad = twist(x, s)
         log_kernel = ((x - mean_g).pow(2) - (x - mean_u).pow(2)).flatten(1).sum(1).to(torch.float64) / (2 * post**2)
         logw = logw + log_kernel + logtw_s - logtw
         logtw = logtw_s
         x, out, logtw, grad, logw = resample(x, out, logtw, grad, logw)
-    chosen = torch.multinomial(torch.softmax(logw.reshape(n, particles), 1), 1, generator=generator)[:, 0]
-    x = x.reshape(n, particles, *shape)[torch.arange(n), chosen]
+    chosen = torch.multinomial(torch.softmax(logw.reshape(n, particles), 1).cpu(), 1, generator=generator)[:, 0]
+    x = x.reshape(n, particles, *shape)[torch.arange(n, device=x.device), chosen.to(x.device)]
     return SampleResult(x, model.nfe * particles, grid)

@@ -161,7 +161,7 @@ def slerp(z_a: Tensor, z_b: Tensor, w: Tensor) -> Tensor:
     concentrate near a sphere, and slerp keeps the intermediate norms there where lerp shrinks them."""
     a, b = z_a.flatten().double(), z_b.flatten().double()
     theta = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
-    w = w.double()[:, None]
+    w = w.to(a)[:, None]
     if theta.item() < 1e-8:
         out = (1 - w) * a + w * b
     else:

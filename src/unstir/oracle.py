@@ -60,6 +60,12 @@ class GaussianMixture:
         self._evals, self._evecs = evals, evecs
         self._chol = torch.linalg.cholesky(cov)
 
+    def to(self, device) -> "GaussianMixture":
+        """The same mixture with its tensors on ``device`` (its scores then follow x there)."""
+        moved = object.__new__(GaussianMixture)
+        moved.__dict__ = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.__dict__.items()}
+        return moved
+
     @property
     def dim(self) -> int:
         return self.means.shape[1]
@@ -73,9 +79,10 @@ class GaussianMixture:
 
     # data ------------------------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False):
-        """n exact samples of p_0 (float64), optionally with their component labels."""
-        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        """n exact samples of p_0 (float64, on the mixture's device), optionally with their component labels;
+        drawn on the CPU generator, so the same on every device."""
+        labels = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator).to(self.means.device)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64).to(self.means.device)
         x = self.means[labels] + torch.einsum("nij,nj->ni", self._chol[labels], z)
         return (x, labels) if return_labels else x
 
@@ -171,6 +178,7 @@ class GaussianMixture:
                     out[m] = part.eps(x[m], t[m], process)
             return out
 
+        net.device = self.means.device
         return Denoiser(net, process, "eps", time_dtype=torch.float64, data_shape=(self.dim,), num_classes=n)
 
     # noised marginals ------------------------------------------------------------------------
@@ -180,9 +188,10 @@ class GaussianMixture:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         if process is None:
-            a, s2 = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+            a = torch.ones((), dtype=torch.float64, device=x.device)
+            s2 = torch.zeros((), dtype=torch.float64, device=x.device)
         else:
-            tt = as_time(t, process.t_min, process.T, x.shape[0])
+            tt = as_time(t, process.t_min, process.T, x.shape[0]).to(x.device)
             a, s2 = process.alpha(tt), process.sigma(tt) ** 2
         a, s2 = a.reshape(-1, 1, 1), s2.reshape(-1, 1, 1)  # (B or 1, 1, 1)
         var = a**2 * self._evals + s2  # (B|1, K, d)
@@ -229,8 +238,11 @@ class GaussianMixture:
 
     def denoiser(self, process: Process) -> Denoiser:
         """The exact model of this data under ``process``, as the same wrapper a network gets."""
-        return Denoiser(lambda x, t: self.eps(x, t, process), process, "eps", time_dtype=torch.float64,
-                        data_shape=(self.dim,))
+        def net(x, t):
+            return self.eps(x, t, process)
+
+        net.device = self.means.device  # where unstir.sample draws a prior given by its shape (model_device)
+        return Denoiser(net, process, "eps", time_dtype=torch.float64, data_shape=(self.dim,))
 
 
 class ExactClassifier:
@@ -243,7 +255,7 @@ class ExactClassifier:
 
     def __call__(self, x: Tensor, t) -> Tensor:
         logr = self.mixture._terms(self.mixture._flat(x), t, self.process, log_resp=True)[1]
-        onehot = torch.nn.functional.one_hot(self.classes, self.num_classes).to(torch.float64)
+        onehot = torch.nn.functional.one_hot(self.classes, self.num_classes).to(logr)
         return torch.logsumexp(logr[:, :, None] + torch.log(onehot)[None], 1).to(x.dtype)
 
 

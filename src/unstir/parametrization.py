@@ -125,6 +125,28 @@ def in_graph(out: ModelOutput, use: str) -> ModelOutput:
     return out
 
 
+def model_device(model) -> torch.device:
+    """Where a model computes: the device of the first parameter or buffer of a network found from it through
+    ``.net`` (a ``Denoiser``'s), ``.model`` (what a wrapper wraps) and ``.__wrapped__`` (what an adapter's
+    function calls), or a ``device`` attribute met on the way (a plain function can carry one, as the oracle's
+    do); the CPU where there is none."""
+    todo, seen = [model], set()
+    while todo:
+        part = todo.pop(0)
+        if part is None or id(part) in seen:
+            continue
+        seen.add(id(part))
+        if isinstance(getattr(part, "device", None), torch.device):
+            return part.device
+        if isinstance(part, torch.nn.Module):
+            for tensor in part.parameters():
+                return tensor.device
+            for tensor in part.buffers():
+                return tensor.device
+        todo += [getattr(part, name, None) for name in ("net", "model", "__wrapped__")]
+    return torch.device("cpu")
+
+
 @runtime_checkable
 class Model(Protocol):
     """What every sampler, loss, likelihood and guidance wrapper needs of a model.

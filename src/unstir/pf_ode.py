@@ -83,10 +83,11 @@ def _vjps(out: Tensor, x: Tensor, vs: Tensor) -> Tensor:
 
 def draw_probes(kind: str, k: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
     """k probe vectors per sample, shape (k, *x.shape): 'rademacher' (+-1) or 'gaussian' (N(0, I)). They are
-    drawn sample by sample, so a sample's probes do not depend on the size of the batch after it."""
+    drawn sample by sample, so a sample's probes do not depend on the size of the batch after it, on the
+    generator's device, and land on x's."""
     shape = (x.shape[0], k, *x.shape[1:])
     if kind == "rademacher":
-        v = draw(lambda s, g: torch.randint(0, 2, s, generator=g), shape, generator).to(x.dtype).mul_(2).sub_(1)
+        v = draw(lambda s, g: torch.randint(0, 2, s, generator=g), shape, generator, x.device).to(x.dtype).mul_(2).sub_(1)
     else:
-        v = draw(lambda s, g: torch.randn(s, generator=g, dtype=x.dtype), shape, generator)
+        v = draw(lambda s, g: torch.randn(s, generator=g, dtype=x.dtype), shape, generator, x.device)
     return v.transpose(0, 1)

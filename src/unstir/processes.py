@@ -106,26 +106,34 @@ class DiscreteSchedule:
         self.knots_t = torch.arange(1, self.n + 1, dtype=torch.float64) / self.n
         self.knots_lambda = 0.5 * (torch.log(self.alpha_bar) - torch.log1p(-self.alpha_bar))
         self._slopes = torch.diff(self.knots_lambda) * self.n
+        self._on = {torch.device("cpu"): (self.knots_t, self.knots_lambda, self._slopes)}
+
+    def _tables(self, device) -> tuple[Tensor, Tensor, Tensor]:
+        """(knot times, knot log-SNRs, slopes) on ``device`` (t's: copied there once, then kept)."""
+        if device not in self._on:
+            self._on[device] = tuple(v.to(device) for v in self._on[torch.device("cpu")])
+        return self._on[device]
 
     def _segment(self, t: Tensor) -> Tensor:
         return torch.clamp(torch.floor(t * self.n).long() - 1, 0, self.n - 2)
 
     def log_snr(self, t: Tensor) -> Tensor:
         i = self._segment(t)
-        return self.knots_lambda[i] + (t - self.knots_t[i]) * self._slopes[i]
+        knots_t, knots_lambda, slopes = self._tables(t.device)
+        return knots_lambda[i] + (t - knots_t[i]) * slopes[i]
 
     def log_alpha(self, t: Tensor) -> Tensor:
         return -0.5 * _softplus(-2 * self.log_snr(t))
 
     def dlog_alpha(self, t: Tensor) -> Tensor:
         sigma2 = torch.sigmoid(-2 * self.log_snr(t))
-        return sigma2 * self._slopes[self._segment(t)]
+        return sigma2 * self._tables(t.device)[2][self._segment(t)]
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         # lambda is decreasing in t: search the negated knots, which increase.
-        neg = -self.knots_lambda
-        i = torch.clamp(torch.searchsorted(neg, -lam.contiguous()) - 1, 0, self.n - 2)
-        return self.knots_t[i] + (lam - self.knots_lambda[i]) / self._slopes[i]
+        knots_t, knots_lambda, slopes = self._tables(lam.device)
+        i = torch.clamp(torch.searchsorted(-knots_lambda, -lam.contiguous()) - 1, 0, self.n - 2)
+        return knots_t[i] + (lam - knots_lambda[i]) / slopes[i]
 
     def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
         return self.t_from_log_snr(log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha)))

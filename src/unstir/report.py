@@ -81,14 +81,16 @@ class _Page:
                 + "".join(self.parts) + "</body></html>\n")
 
 
-def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool = True) -> Path:
-    """Write ``run/report.html`` (or ``out``) for the run folder ``run``; returns its path."""
+def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool = True, device="cpu") -> Path:
+    """Write ``run/report.html`` (or ``out``) for the run folder ``run``, computing on ``device``; returns its
+    path."""
     run = Path(run)
-    model = load_run(run)
+    model = load_run(run, device=device)
     info = model.run_info
     cfg = info["config"]
     is_image = len(model.data_shape) == 3
     held, levels = _held_out(cfg, model, n, seed)
+    held = held.to(device)
     g = lambda k: torch.Generator().manual_seed(seed + k)  # noqa: E731
     # A run made by `unstir demo` lives in OUT/run: name it by its parent too.
     name = f"{run.resolve().parent.name}/{run.name}" if run.name == "run" else run.name
@@ -103,7 +105,7 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
 
     # 1. samples ------------------------------------------------------------------------------
     shape = (min(n, 64) if is_image else n, *model.data_shape)
-    x_T = model.process.prior_sample(shape, g(1))
+    x_T = model.process.prior_sample(shape, g(1), device=device)
     results = {}
     with torch.no_grad():
         for name, steps in SAMPLERS_SHOWN.items():
@@ -228,7 +230,7 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
 
     # 9. inpainting --------------------------------------------------------------------------
     if is_image:
-        mask = torch.zeros(model.data_shape, dtype=torch.long)
+        mask = torch.zeros(model.data_shape, dtype=torch.long, device=held.device)
         mask[:, : model.data_shape[1] // 2] = 1
         rows = [held[:6]]
         outs = []

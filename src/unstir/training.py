@@ -274,6 +274,28 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
         torch.set_num_threads(threads)
 
 
+SETTLE_EVERY = 25  # steps whose finite checks a GPU run reads back together
+
+
+def _settle(pending: list, params, run: Path) -> None:
+    """Read the finite checks ``(step, [loss finite, gradient finite])`` of ``pending`` at once (and empty it);
+    raise naming the first step whose loss or gradient was not finite. ``params`` (None where later steps have
+    moved them already) tells whether the parameters themselves were not finite at that step."""
+    flags = torch.stack([f for _, f in pending]).cpu()
+    steps = [s for s, _ in pending]
+    pending.clear()
+    bad = (~flags.all(1)).nonzero()
+    if not len(bad):
+        return
+    i = int(bad[0, 0])
+    part = "loss" if not bool(flags[i, 0]) else "gradient"
+    if params is not None and not all(bool(torch.isfinite(q).all()) for q in params):
+        part += " (the parameters are not finite: a previous step made them so)"
+    raise FloatingPointError(
+        f"non-finite {part} at step {steps[i] + 1} of {str(run)!r}; nothing after the last checkpoint was saved, so "
+        f"the run resumes from it. `--nonfinite skip` skips such batches instead")
+
+
 def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: int | None) -> TrainResult:
     run = Path(out)
     if resume:
@@ -351,6 +373,10 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         interrupted = True
 
     restore_sigint = _handle_sigint(on_sigint)
+    # On a GPU, reading the finite check back at every step stalls the queue of kernels: with --nonfinite stop
+    # the checks of up to SETTLE_EVERY steps are read together, before any log line or checkpoint, so a bad step
+    # still stops the run before it is saved, and is named. --nonfinite skip decides per step, so it reads each.
+    deferred, pending = device.type != "cpu" and cfg.nonfinite == "stop", []
     for step in range(start, cfg.steps):
         if stop_after is not None and done >= stop_after:
             break
@@ -364,8 +390,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         if labels_all is not None:
             y = labels_all[idx]
             if cfg.label_dropout > 0:  # classifier-free guidance's null label (Ho & Salimans 2022)
-                y = torch.where(torch.rand(cfg.batch_size, generator=generator) < cfg.label_dropout,
-                                dataset.num_classes, y)
+                drop = torch.rand(cfg.batch_size, generator=generator) < cfg.label_dropout  # drawn on the CPU
+                y = torch.where(drop.to(y.device), dataset.num_classes, y)
             y = y[mine]
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
@@ -382,23 +408,24 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
             loss = loss + part_loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()]))
-        if not bool(finite.all()):
-            part = "loss" if not bool(finite[0]) else "gradient"
-            if not all(bool(torch.isfinite(q).all()) for q in params):
-                part = "parameter (made non-finite by the previous step)"
+        if deferred:  # read with the next ones (``_settle``), always before anything is written
+            pending.append((step, finite))
+        elif not bool(finite.all()):
             if cfg.nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite {part} at step {step + 1} of {str(run)!r}; nothing after the last checkpoint was "
-                    f"saved, so the run resumes from it. `--nonfinite skip` skips such batches instead")
+                _settle([(step, finite)], params, run)
             skipped += 1  # the batch is dropped: no optimizer or EMA update
             opt.zero_grad(set_to_none=True)
-        else:
+        if deferred or bool(finite.all()):
             opt.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
         done += 1
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        save_now = rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or interrupted)
+        if pending and (len(pending) >= SETTLE_EVERY or log_now or save_now or interrupted):
+            _settle(pending, None, run)
+        if log_now:
             elapsed = time.perf_counter() - tic
             rate = done / elapsed
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -407,7 +434,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                                       "lr": _lr(cfg, step), "steps_per_s": rate, "elapsed_s": elapsed,
                                       "skipped_nonfinite": skipped}) + "\n")
                 log.flush()
-        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or interrupted):
+        if save_now:
             save_checkpoint(run, step + 1, net, ema, opt, generator)
         if interrupted:
             bar.close()

@@ -31,6 +31,7 @@ import torch
 
 from ._checks import check_choice
 from .grids import GRIDS, check_grid, time_grid
+from .parametrization import model_device
 from .processes import coefficients
 from .samplers import SAMPLERS, check_labels, run_sampler
 
@@ -91,7 +92,7 @@ class TunedGrid:
 
 
 def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, max_evals: int = 300,
-              rtol: float = 1e-7, seed: int = 0, y=None, dtype=torch.float32, progress: bool = False,
+              rtol: float = 1e-7, seed: int = 0, y=None, dtype=torch.float32, device=None, progress: bool = False,
               **options) -> TunedGrid:
     """Fit the points of an ``nfe``-evaluation grid for ``sampler`` to ``model`` (see the module docstring).
 
@@ -118,8 +119,9 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
     if shape is None:
         raise ValueError("the model must declare its data_shape to be tuned on prior samples")
     t0 = time.perf_counter()
-    x_T = process.prior_sample((n, *shape), torch.Generator().manual_seed(seed), dtype=dtype)
-    labels = check_labels(model, y, n)
+    x_T = process.prior_sample((n, *shape), torch.Generator().manual_seed(seed), dtype=dtype,
+                               device=model_device(model) if device is None else device)
+    labels = check_labels(model, y, n, x_T.device)
     with torch.no_grad():
         ref = run_sampler(model, x_T, torch.tensor([process.T, process.t_min, 0.0], dtype=torch.float64),
                           "ode_rk45", y=labels, rtol=rtol, atol=rtol)
@@ -177,7 +179,7 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
 def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine: int = 100,
                gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs: bool = False, seed: int = 0, y=None,
-               dtype=torch.float32, device: str | torch.device = "cpu", teleport=None, **options) -> TunedGrid:
+               dtype=torch.float32, device: str | torch.device | None = None, teleport=None, **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
     2024, Alg. 1), at a cost of about ``fine`` + 11 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 16
     ``nfe`` with ``teleport``).
@@ -231,7 +233,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     if shape is None:
         raise ValueError("the model must declare its data_shape for a pilot run on prior samples")
     t0 = time.perf_counter()
-    x_T = process.prior_sample((n, *shape), torch.Generator().manual_seed(seed), dtype=dtype).to(device)
+    x_T = process.prior_sample((n, *shape), torch.Generator().manual_seed(seed), dtype=dtype,
+                               device=model_device(model) if device is None else device)
     labels = check_labels(model, y, n, x_T.device)
     teacher_grid = time_grid(process, fine, "edm")
     xbar, eps = [], []

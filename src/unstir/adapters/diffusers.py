@@ -104,6 +104,7 @@ def from_diffusers(unet, scheduler, *, data_shape: tuple[int, ...] | None = None
         out = unet(x, t, class_labels=y) if y is not None else unet(x, t)
         return out.sample if hasattr(out, "sample") else out
 
+    net.__wrapped__ = unet  # so unstir.parametrization.model_device finds the UNet's device
     return Denoiser(net, process, prediction, discrete_labels=True, data_shape=data_shape, num_classes=num_classes)
 
 

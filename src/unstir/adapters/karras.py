@@ -50,4 +50,5 @@ def from_karras(denoiser: Callable[..., Tensor], sigma_min: float, sigma_max: fl
         sigma = process.sigma(t).to(x.dtype)
         return denoiser(x, sigma) if y is None else denoiser(x, sigma, y)
 
+    net.__wrapped__ = denoiser  # so unstir.parametrization.model_device finds the denoiser's device
     return Denoiser(net, process, "x0", time_dtype=torch.float64, data_shape=data_shape, num_classes=num_classes)

@@ -125,8 +125,8 @@ def warn_out_of_range(x, bound: float, what: str) -> None:
 HELD_OUT_CHUNK = 20000  # 2-D held-out data come in fixed chunks, so the first k points never depend on -n
 
 
-def held_out(model, spec: str | None, n: int, seed: int):
-    """Data the run was not trained on: a fresh draw of a 2-D set (chunks of 20000 from seeds seed + 1000,
+def held_out(model, spec: str | None, n: int, seed: int, device="cpu"):
+    """Data the run was not trained on, on ``device``: a fresh draw of a 2-D set (chunks of 20000 from seeds seed + 1000,
     seed + 1001, ...: a fixed sequence, so point i is the same for any n), the held-out set of digits, shapes32 or patches32, or the first n
     items of a folder / .npy file. Returns (x, levels)."""
     from .. import data as data_mod
@@ -141,7 +141,7 @@ def held_out(model, spec: str | None, n: int, seed: int):
         ds = data_mod.load(spec, n=n, size=cfg.get("size"), mode=cfg.get("mode", "L"), seed=seed + 1000)
     if tuple(ds.shape) != tuple(model.data_shape):
         raise ValueError(f"data {spec!r} has per-sample shape {ds.shape}; the run's model expects {model.data_shape}")
-    return ds.x[:n], ds.levels
+    return ds.x[:n].to(device), ds.levels
 
 
 def data_bound(model, seed: int) -> float:

@@ -75,7 +75,7 @@ def inpaint_cmd(args) -> int:
         raise ValueError(f"--method {args.method} pastes known entries and needs a mask; use dps, pigdm or smc for "
                          f"--task {args.task}")
     y = args.label
-    x_T = model.process.prior_sample((args.n, *shape), g)
+    x_T = model.process.prior_sample((args.n, *shape), g).to(args.device)  # drawn on the CPU, as every draw
     with torch.no_grad():
         if args.method == "repaint":
             r = repaint(model, m, x_T, args.steps, y=y, generator=g)

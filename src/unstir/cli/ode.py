@@ -73,7 +73,7 @@ def encode_cmd(args) -> int:
     if out.suffix == ".npy" and companion.exists() and not args.force:
         raise ValueError(f"{str(companion)!r} exists; pass --force to replace it or choose another --out")
     model = load_run(args.run, device=args.device)
-    x, _ = held_out(model, args.data, args.n, args.seed)
+    x, _ = held_out(model, args.data, args.n, args.seed, args.device)
     with torch.no_grad():
         enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact, y=args.label,
                      **({"progress": not args.quiet} if args.sampler == "ode_rk45" else {}))
@@ -133,7 +133,7 @@ def interpolate_cmd(args) -> int:
     if min(i, j) < 0 or i == j:
         raise ValueError(f"--pair needs two different indices >= 0 into the held-out data, got {i} {j}")
     model = load_run(args.run, device=args.device)
-    x, _ = held_out(model, args.data, max(args.pair) + 1, args.seed)
+    x, _ = held_out(model, args.data, max(args.pair) + 1, args.seed, args.device)
     if max(i, j) >= x.shape[0]:
         raise ValueError(f"--pair {i} {j}: the held-out data have {x.shape[0]} points (indices 0-{x.shape[0] - 1})")
     with torch.no_grad():

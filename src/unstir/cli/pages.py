@@ -11,7 +11,7 @@ from ..losses import WEIGHTINGS
 from ..parametrization import PREDICTIONS
 from ..processes import PROCESSES
 from ..samplers import SAMPLERS
-from .common import add_count, add_quiet, add_run, add_seed, output_path
+from .common import add_count, add_device, add_quiet, add_run, add_seed, output_path
 from .conditional import INVERSE_METHODS
 
 def report_cmd(args) -> int:
@@ -20,7 +20,8 @@ def report_cmd(args) -> int:
     from ..report import write_report
 
     args.out = args.out or str(Path(args.run) / "report.html")
-    path = write_report(args.run, output_path(args, (".html",)), n=args.n, seed=args.seed, progress=not args.quiet)
+    path = write_report(args.run, output_path(args, (".html",)), n=args.n, seed=args.seed, progress=not args.quiet,
+                        device=args.device)
     print(f"report -> {path}")
     return 0
 
@@ -78,6 +79,8 @@ def register(sub) -> None:
     add_count(d, 2000, "samples per sampler")
     d.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
     add_seed(d, "the samples and the noise")
+    add_device(d)
+    add_quiet(d)
     d.set_defaults(func=oracle_demo)
 
     rp = sub.add_parser("report", help="write RUN/report.html, a page that shows what the model does",
@@ -87,6 +90,7 @@ def register(sub) -> None:
     rp.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_count(rp, 1000, "samples per sampler for vector data")
     add_seed(rp)
+    add_device(rp)
     add_quiet(rp)
     rp.set_defaults(func=report_cmd)
 

@@ -54,7 +54,8 @@ def sample_cmd(args) -> int:
     rank, world = rank_world()
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     options = sampler_options(args)
-    model, y = guidance_model(load_run(args.run, ema=not args.no_ema, device=args.device), args)
+    base = load_run(args.run, ema=not args.no_ema, device=args.device)
+    model, y = guidance_model(base, args)
     init(torch.device(args.device))
     speak = rank == 0  # under torchrun one process writes and reports
     from ..runs import load_moments
@@ -113,7 +114,7 @@ def sample_cmd(args) -> int:
     if not speak:
         return 0
     if args.guidance is not None:
-        warn_out_of_range(x, data_bound(model, args.seed), f"--guidance {args.guidance:g}")
+        warn_out_of_range(x, data_bound(base, args.seed), f"--guidance {args.guidance:g}")  # the run's data
     if out.suffix == ".npy":
         save(out, npy(x.numpy()))
     elif out.suffix == "":

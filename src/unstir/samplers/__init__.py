@@ -14,7 +14,7 @@ import torch
 
 from .._checks import check_choice
 from ..grids import GRIDS, check_grid, time_grid
-from ..parametrization import Denoiser, Model, ModelOutput
+from ..parametrization import Denoiser, Model, ModelOutput, model_device
 from ..processes import VE, Process, coefficients
 from .ode import deis, dpmpp, ipndm, ode_euler, ode_heun, ode_rk45, unipc
 from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, reverse_diffusion
@@ -104,7 +104,8 @@ def analytic_first_step(process: Process, x: Tensor) -> ModelOutput:
 def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | None = None, *,
            sampler: str = "dpm++2m", steps: int = 20, grid: str | Tensor | None = None, denoise: bool = True,
            y: Tensor | int | None = None, generator: torch.Generator | None = None, callback=None,
-           project=None, dtype=torch.float32, afs: bool = False, teleport=None, **options) -> SampleResult:
+           project=None, dtype=torch.float32, device=None, afs: bool = False, teleport=None,
+           **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``x_T`` (a tensor) or from the prior (a shape).
 
     ``model`` is a ``unstir.Model`` (a ``Denoiser``, a guidance wrapper, an adapter), or any callable
@@ -114,7 +115,9 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     explicit descending tensor of times. ``project(model, x, s)``, if given, constrains the state after every
     step (e.g. ``Measurement.replacement()`` for inpainting; not with the adaptive ode_rk45). ``options`` go
     to the sampler (``eta``, ``order``, ``snr``, ...). ``afs=True`` replaces the first model evaluation at T by
-    its analytic limit (``analytic_first_step``): one evaluation fewer for the same grid. ``teleport`` (a
+    its analytic limit (``analytic_first_step``): one evaluation fewer for the same grid. A prior drawn from a
+    shape lands on ``device`` (default: the model's, ``model_device``), drawn on the generator's device (the CPU
+    for a ``torch.Generator()``) and moved, so a seed gives the same noise on every device. ``teleport`` (a
     ``unstir.teleport.Moments`` of the data being sampled) with a grid that starts below T carries x_T from T to
     the grid's first point by the exact PF-ODE flow of the Gaussian with those moments (analytical
     teleportation, Wang & Vastola 2024), at no evaluation; ``pilot_grid(..., teleport=)`` places that point.
@@ -146,7 +149,7 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
                          f"sampler {sampler!r} on a grid starting at {float(times[0]):.6g} has none")
     if teleport is not None and not hasattr(teleport, "flow"):
         raise TypeError(f"teleport must be a unstir.teleport.Moments, got {type(teleport).__name__}")
-    x = _initial(model, process, x_T, generator, dtype)
+    x = _initial(model, process, x_T, generator, dtype, model_device(model) if device is None else device)
     if teleport is not None and times[0] < process.T:
         x = teleport.flow(process, x, process.T, float(times[0]))
     return run_sampler(model, x, times, sampler, y=check_labels(model, y, x.shape[0], x.device),
@@ -185,7 +188,7 @@ def check_labels(model, y, batch: int, device=None) -> Tensor | None:
     return y
 
 
-def _initial(model, process: Process, x_T, generator, dtype) -> Tensor:
+def _initial(model, process: Process, x_T, generator, dtype, device) -> Tensor:
     data_shape = getattr(model, "data_shape", None)
     if x_T is None:
         raise ValueError("give x_T (a tensor) or a shape (batch, *data_shape)")
@@ -193,7 +196,7 @@ def _initial(model, process: Process, x_T, generator, dtype) -> Tensor:
         shape = tuple(int(s) for s in x_T)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shape must be (batch, *data_shape) with positive sizes, got {shape}")
-        x = process.prior_sample(shape, generator, dtype=dtype)
+        x = process.prior_sample(shape, generator, dtype=dtype, device=device)
     elif isinstance(x_T, Tensor):
         x = x_T
         if x.ndim < 2:

@@ -31,6 +31,7 @@ def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tens
     """
     times = grid.tolist()
     project = getattr(model, "project", None)  # a constraint applied after every step (inpainting)
+    watch = FiniteWatch(x)
     for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
         if s == 0.0:
             out = model(x, t)
@@ -41,9 +42,42 @@ def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tens
             x_next = project(model, x_next, s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": out.x0})
-        check_finite(x_next, f"step {i} (t = {t:.6g} -> {s:.6g})")
+        watch.see(x_next, f"step {i} (t = {t:.6g} -> {s:.6g})")
         x = x_next
+    watch.close()
     return x
+
+
+class FiniteWatch:
+    """``check_finite`` over a loop without waiting on the device at every step.
+
+    On the CPU each state is checked as it is made (the loop stops at the first bad step). On a GPU reading a
+    number back stalls the queue of kernels, so each step's sum stays on the device and the sums are read
+    together every ``every`` steps and at ``close()``: the error still names the first step whose state was not
+    finite, and counts the bad samples in the latest state (NaN carries forward)."""
+
+    def __init__(self, x: Tensor, every: int = 25):
+        self.on_host = x.device.type == "cpu"
+        self.every, self.sums, self.where, self.last = every, [], [], None
+
+    def see(self, x: Tensor, where: str) -> None:
+        if self.on_host:
+            check_finite(x, where)
+            return
+        self.sums.append(x.sum())
+        self.where.append(where)
+        self.last = x
+        if len(self.sums) >= self.every:
+            self.close()
+
+    def close(self) -> None:
+        if not self.sums:
+            return
+        finite = torch.isfinite(torch.stack(self.sums)).tolist()  # one read for the whole stretch
+        where, last = self.where, self.last
+        self.sums, self.where, self.last = [], [], None
+        if not all(finite):  # NaN carries to the last state; a sum that merely overflowed passes there
+            check_finite(last, where[finite.index(False)])
 
 
 def check_finite(x: Tensor, where: str) -> None:
@@ -83,9 +117,9 @@ def langevin(model, x: Tensor, t: float, *, snr: float, generator) -> Tensor:
     """
     score = model(x, t).score
     z = noise_like(x, generator)
-    step = 2 * (snr * _mean_norm(z) / max(_mean_norm(score), 1e-30)) ** 2
-    return x + step * score + math.sqrt(2 * step) * z
+    step = 2 * (snr * _mean_norm(z) / _mean_norm(score).clamp_min(1e-30)) ** 2  # on the device: no host read
+    return x + step * score + (2 * step).sqrt() * z
 
 
-def _mean_norm(v: Tensor) -> float:
-    return v.flatten(1).norm(dim=1).mean().item()
+def _mean_norm(v: Tensor) -> Tensor:
+    return v.flatten(1).norm(dim=1).mean().double()
