@@ -82,17 +82,22 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, refere
         assert inside_write >= 1
 
 
-def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path, reference):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                       pytest.param(signal.SIGUSR1, 138, marks=pytest.mark.slow)])
+def test_a_stop_signal_writes_a_checkpoint_that_resumes_bit_identically(sig, code, tmp_path, reference):
+    """Ctrl-C, and the SIGTERM (or SIGUSR1) that Slurm and Kubernetes send before a kill: the step finishes, a
+    checkpoint is written, one line says how to resume, the exit status is the shell's 128 + signal, and the
+    resumed run ends bit-identical to an uninterrupted one."""
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run), env=_env(0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _started(run, proc, None)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    line = [s for s in (out + err).splitlines() if "interrupted at step" in s]
+    assert proc.returncode == code, err
+    line = [s for s in (out + err).splitlines() if f"stopped by {sig.name} at step" in s]
     assert len(line) == 1 and f"unstir train --out {run} --resume" in line[0]
-    step = int(line[0].split("interrupted at step ")[1].split(";")[0])
+    step = int(line[0].split(" at step ")[1].split(";")[0])
     assert _final(run)[0]["step"] == step
     assert subprocess.run(_cmd(run, "--resume"), env=_env(0), capture_output=True).returncode == 0
     meta, tensors = _final(run)

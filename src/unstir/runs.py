@@ -12,9 +12,12 @@ Sampling needs only this module (``load_run``), never the trainer.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -34,6 +37,72 @@ FORMAT = 1  # run.json's format version
 RUN_KEYS = {"format": int, "kind": str, "config": dict, "net": dict, "process": dict, "data_shape": list,
             "num_classes": int, "levels": (int, type(None)), "accuracy": dict}
 _WEIGHTS_NAME = re.compile(r"checkpoint-\d+\.safetensors")
+
+
+LOCK_FILE = ".lock"
+# The names unstir writes in a run folder; everything it deletes there matches one of them.
+RUN_FILES = re.compile(r"run\.json|checkpoint\.json|checkpoint-\d+\.safetensors|log\.jsonl|moments\.safetensors|"
+                       r"grids\.json|report\.html|classifier\.safetensors|\.lock")
+_TEMPORARY = re.compile(r"\.(run|checkpoint|checkpoint-\d+|moments|grids|report|classifier)\.tmp\d+"
+                        r"\.(json|safetensors|html)")
+
+
+class RunLocked(ValueError):
+    """Another process writes this run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(run, holder: str, wait: float = 0.0):
+    """One writer per run folder: an advisory lock (``fcntl.flock``) on ``run/.lock``, held for the block.
+
+    ``holder`` names the writer (``train``, ``tune-grid``, ...); with the process id and host it is written into
+    the lock file, so that a second writer, refused after ``wait`` seconds, is told who holds it. The kernel
+    releases the lock when its process dies, however it dies, so a lock left by a dead process is simply free:
+    nothing stale can block a run (SQLite's and LMDB's rule on a local disk). Readers never take it. The lock
+    file stays (removing it would let two writers lock two different files)."""
+    run = Path(run)
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline or _holder(run).get("holder") == "train":  # it holds for hours
+                    raise RunLocked(f"run folder {str(run)!r} is being written by {lock_holder(run)}; wait for it to "
+                                    f"finish (or stop it), then run this again") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _holder(run) -> dict:
+    try:
+        info = json.loads((Path(run) / LOCK_FILE).read_text()[:1000])
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def lock_holder(run) -> str:
+    """Who holds the run's lock, in words (from the lock file)."""
+    info = _holder(run)
+    try:
+        return f"`unstir {info['holder']}` (PID {info['pid']} on {info['host']}, since {info['since']})"
+    except KeyError:
+        return "another process"
+
+
+def check_not_locked(run, holder: str) -> None:
+    """Refuse, before any work, a writer whose run another process writes now (the lock is not kept)."""
+    if Path(run).is_dir():
+        with run_lock(run, holder):
+            pass
 
 
 def atomic_write(path: Path, write) -> None:
@@ -56,17 +125,19 @@ def atomic_write(path: Path, write) -> None:
 
 
 def remove_temporaries(run: Path) -> int:
-    """Delete what interrupted writes left in a run folder: temporary files, and weights files that no
-    checkpoint pointer names (written, but killed before the pointer moved). Returns how many."""
+    """Delete what interrupted writes left in a run folder: unstir's temporary files, and weights files that no
+    checkpoint pointer names (written, but killed before the pointer moved). Returns how many. Only names
+    unstir writes are touched; call it holding the run's lock (another writer's temporaries are not stale)."""
     run = Path(run)
-    stale = [p for p in run.glob(".*.tmp*") if p.is_file()]
+    stale = [p for p in run.glob(".*.tmp*") if p.is_file() and _TEMPORARY.fullmatch(p.name)]
     pointer = run / "checkpoint.json"
     try:
         current = json.loads(pointer.read_text()).get("weights") if pointer.exists() else None
     except (OSError, ValueError, AttributeError):
         current = None  # a damaged pointer: leave the weights alone, loading will say what is wrong
     else:
-        stale += [p for p in run.glob("checkpoint-*.safetensors") if p.name != current]
+        stale += [p for p in run.glob("checkpoint-*.safetensors") if p.name != current
+                  and _WEIGHTS_NAME.fullmatch(p.name)]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)

@@ -32,8 +32,8 @@ from .distributed import rank_world
 from .losses import WEIGHTINGS, TimeSampler, check_time_sampling, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
-from .runs import (MOMENTS_FILE, load_checkpoint, read_run_info, remove_temporaries, save_checkpoint, write_moments,
-                   write_run_info)
+from .runs import (LOCK_FILE, MOMENTS_FILE, load_checkpoint, read_run_info, remove_temporaries, run_lock,
+                   save_checkpoint, write_moments, write_run_info)
 
 Tensor = torch.Tensor
 
@@ -143,15 +143,21 @@ def _set_threads(cfg: TrainConfig, dataset) -> None:
         torch.set_num_threads(1)
 
 
-def _handle_sigint(handler):
-    """Install ``handler`` for SIGINT in the main thread; returns a function that restores the old one."""
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C, and what Slurm and Kubernetes send before a kill
+SIGNAL_EVERY = 10  # under torchrun, the ranks agree on a stop request every this many steps
+
+
+def _handle_stop_signals(handler):
+    """Install ``handler`` for the stop signals in the main thread; returns a function that restores the old
+    handlers."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    old = signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, old)
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    old = {n: signal.signal(n, handler) for n in numbers}
+    return lambda: [signal.signal(n, h) for n, h in old.items()]
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -259,7 +265,7 @@ class TrainResult:
     net: nn.Module
     ema: nn.Module
     step: int
-    interrupted: bool = False
+    interrupted: int = 0  # the stop signal that ended the run early (signal.SIGINT, SIGTERM, ...), or 0
 
 
 def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
@@ -268,10 +274,37 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     steps, as a crash would (no checkpoint beyond the last periodic one): for interruption tests. The
     thread count chosen for training (``_set_threads``) is restored on return."""
     threads = torch.get_num_threads()
+    run = Path(out)
+    if rank_world()[0] != 0:  # under torchrun rank 0 writes, and holds the run's lock
+        try:
+            return _train(cfg, run, resume=resume, progress=progress, stop_after=stop_after)
+        finally:
+            torch.set_num_threads(threads)
+    _check_out(run, resume)
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
     try:
-        return _train(cfg, out, resume=resume, progress=progress, stop_after=stop_after)
+        with run_lock(run, "train"):  # one writer per run, for the whole training
+            return _train(cfg, run, resume=resume, progress=progress, stop_after=stop_after)
+    except BaseException:
+        if created and [p.name for p in run.iterdir()] == [LOCK_FILE]:  # refused before writing: leave nothing
+            (run / LOCK_FILE).unlink()
+            run.rmdir()
+        raise
     finally:
         torch.set_num_threads(threads)
+
+
+def _check_out(run: Path, resume: bool) -> None:
+    """--out names a new folder, an empty one, or a run; unstir never trains into (and then cleans up) a folder
+    of other files."""
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {str(run)!r} is a file, not a folder")
+    if not resume and run.is_dir() and not (run / "run.json").exists():
+        others = sorted(p.name for p in run.iterdir() if p.name != LOCK_FILE)
+        if others:
+            raise ValueError(f"--out {str(run)!r} holds files and no unstir run ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); train into a new or empty folder")
 
 
 SETTLE_EVERY = 25  # steps whose finite checks a GPU run reads back together
@@ -366,13 +399,14 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     params, ema_params = list(net.parameters()), list(ema.parameters())
     tic, done, skipped = time.perf_counter(), 0, 0
-    interrupted = False
+    requested = 0  # the number of a stop signal received (0: none)
 
-    def on_sigint(signum, frame):  # Ctrl-C: finish the step, write a checkpoint, stop (see the loop's end)
-        nonlocal interrupted
-        interrupted = True
+    def on_signal(signum, frame):  # Ctrl-C, SIGTERM, SIGUSR1: finish the step, write a checkpoint, stop
+        nonlocal requested
+        requested = requested or signum
 
-    restore_sigint = _handle_sigint(on_sigint)
+    restore_signals = _handle_stop_signals(on_signal)
+    interrupted = 0
     # On a GPU, reading the finite check back at every step stalls the queue of kernels: with --nonfinite stop
     # the checks of up to SETTLE_EVERY steps are read together, before any log line or checkpoint, so a bad step
     # still stops the run before it is saved, and is named. --nonfinite skip decides per step, so it reads each.
@@ -421,6 +455,12 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                 torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
         done += 1
         bar.update(1)
+        if world == 1:
+            interrupted = requested
+        elif (step + 1) % SIGNAL_EVERY == 0:  # every rank stops after the same step, so none waits for the others
+            flag = torch.tensor([requested], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            interrupted = int(flag.item())
         log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
         save_now = rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or interrupted)
         if pending and (len(pending) >= SETTLE_EVERY or log_now or save_now or interrupted):
@@ -438,10 +478,13 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
             save_checkpoint(run, step + 1, net, ema, opt, generator)
         if interrupted:
             bar.close()
-            tqdm.write(f"interrupted at step {step + 1}; checkpoint written. Resume with: "
-                       f"unstir train --out {run} --resume")
+            if rank == 0:
+                import signal
+
+                tqdm.write(f"stopped by {signal.Signals(interrupted).name} at step {step + 1}; checkpoint written. "
+                           f"Resume with: unstir train --out {run} --resume")
             break
-    restore_sigint()
+    restore_signals()
     bar.close()
     if log:
         log.close()

@@ -321,15 +321,21 @@ def _key(sampler: str, nfe: int, afs: bool = False, teleport: bool = False) -> s
     return f"{sampler}@{nfe}" + ("+afs" if afs else "") + ("+tele" if teleport else "")
 
 
+GRID_LOCK_WAIT = 30.0  # seconds a grid writer waits for another one
+
+
 def save_tuned(run, tuned: TunedGrid, teleport: bool = False) -> Path:
     """Add (or replace) ``tuned`` in ``run/grids.json``, written atomically; ``teleport``: it was placed with
     teleportation allowed (its key says so, whether or not the winner starts below T)."""
-    from .runs import atomic_write
+    from .runs import atomic_write, run_lock
 
     path = Path(run) / GRIDS_FILE
-    stored = _read_grids(path) if path.exists() else {}
-    stored[_key(tuned.sampler, tuned.nfe, tuned.afs, teleport or tuned.teleport)] = asdict(tuned)
-    atomic_write(path, lambda p: p.write_text(json.dumps(stored, indent=1)))
+    # Read, modify and write under the run's lock, so that concurrent writers (several `sample --nfe`, a
+    # `tune-grid`) each keep their grid; a short holder is waited for, a training run is not.
+    with run_lock(run, "sample or tune-grid (storing a grid)", wait=GRID_LOCK_WAIT):
+        stored = _read_grids(path) if path.exists() else {}
+        stored[_key(tuned.sampler, tuned.nfe, tuned.afs, teleport or tuned.teleport)] = asdict(tuned)
+        atomic_write(path, lambda p: p.write_text(json.dumps(stored, indent=1)))
     return path
 
 

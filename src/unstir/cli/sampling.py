@@ -58,7 +58,7 @@ def sample_cmd(args) -> int:
     model, y = guidance_model(base, args)
     init(torch.device(args.device))
     speak = rank == 0  # under torchrun one process writes and reports
-    from ..runs import load_moments
+    from ..runs import RunLocked, load_moments
     from ..tuning import load_tuned, nfe_for_steps, pilot_grid, save_tuned, steps_for_nfe, tunable
 
     if args.nfe is not None:
@@ -83,12 +83,15 @@ def sample_cmd(args) -> int:
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=args.afs, device=args.device,
                                teleport=moments, **options)
             stored = tuned.n == PILOT_N  # every rank places the same grid (a fixed pilot seed); rank 0 stores it
+            why = f"fewer than {PILOT_N} samples; `unstir tune-grid --method pilot` stores one"
             if stored and speak:
-                save_tuned(args.run, tuned, teleport=moments is not None)
+                try:
+                    save_tuned(args.run, tuned, teleport=moments is not None)
+                except RunLocked as err:  # sampling a run that trains: use the grid, keep nothing of a moving model
+                    stored, why = False, str(err).split(";")[0].replace("run folder", "the run")
             speak and print(f"placed the grid for {args.sampler} at {nfe} NFE{' with --afs' if args.afs else ''} by a pilot run "
                   f"({tuned.evaluations} evaluations of {tuned.n} samples, {tuned.seconds:.1f} s; "
-                  + (f"stored in {args.run}/grids.json)" if stored else f"not stored: fewer than {PILOT_N} samples; "
-                     f"`unstir tune-grid --method pilot` stores one)"), file=sys.stderr)
+                  + (f"stored in {args.run}/grids.json)" if stored else f"not stored: {why})"), file=sys.stderr)
         if tuned is not None:
             clash = {k: (v, tuned.options[k]) for k, v in options.items() if k in tuned.options and tuned.options[k] != v}
             if clash:
@@ -197,7 +200,7 @@ def sampler_options(args) -> dict:
 def tune_grid_cmd(args) -> int:
     """Fit the time points of an NFE-evaluation grid to the run's model and store them in RUN/grids.json;
     `unstir sample` with the same sampler and --steps then uses them (and says so)."""
-    from ..runs import load_moments, load_run
+    from ..runs import check_not_locked, load_moments, load_run
     from ..tuning import GRIDS_FILE, _key, _read_grids, pilot_grid, save_tuned, tune_grid
 
     args.sampler = args.sampler or default_sampler(args.nfe)
@@ -213,6 +216,7 @@ def tune_grid_cmd(args) -> int:
         raise ValueError(f"{str(stored)!r} already holds a grid for {args.sampler} at {args.nfe} NFE; pass --force to "
                          f"replace it (the new one is stored only if it beats the best named grid)")
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
+    check_not_locked(args.run, "tune-grid")  # a training run changes the model the grid would be fitted to
     if args.method == "pilot":
         tuned = pilot_grid(model, args.sampler, args.nfe, n=args.n, afs=args.afs, seed=args.seed, device=args.device,
                            teleport=moments, **options)

@@ -42,7 +42,7 @@ def train_cmd(args) -> int:
     result = train(cfg, args.out, resume=resume, progress=not getattr(args, "quiet", False))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run folder: {result.run} (step {result.step})")
-    return 130 if result.interrupted else 0
+    return 128 + result.interrupted if result.interrupted else 0  # the shell's code for the signal: 130, 143, ...
 
 
 def train_classifier_cmd(args) -> int:
