@@ -191,6 +191,20 @@ HELD_OUT = {"digits": "digits-test", "shapes32": "shapes32-test", "patches32": "
 IMAGE_SETS = ("digits", "digits-test", "shapes32", "shapes32-test", "patches32", "patches32-test")
 
 
+def is_builtin(name: str) -> bool:
+    return name in TOY_2D or name in IMAGE_SETS
+
+
+def held_out_name(recorded: str) -> str:
+    """The held-out set of a run's recorded data: a built-in set (a fresh draw, or its test split), never a path.
+    A path in run.json could point anywhere (a run folder from elsewhere), so it is not followed: the user
+    passes held-out data with --data."""
+    if is_builtin(recorded):
+        return HELD_OUT.get(recorded, recorded)
+    raise ValueError(f"the run was trained on {recorded!r}, a path recorded in its run.json, which unstir does not "
+                     f"follow; pass the held-out data with --data (a folder or .npy file)")
+
+
 def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
     """Every PNG/JPEG under ``path`` as (N, C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped
     to ``size`` if given, else all images must share one size. ``mode``: 'L' (grayscale) or 'RGB'."""

@@ -413,11 +413,14 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
         return ddim_update(ModelOutput(x, t, coefficients(process, t), eps, "eps"), cs.alpha, cs.sigma, post, 0.0,
                            None), post
 
-    def resample(x, out, logtw, grad, logw):
+    def resample(x, out, logtw, grad, logw, t):
         """Multinomial resampling of the groups whose effective sample size fell below half (the indices drawn
         on the CPU, where the generator is)."""
         groups = logw.reshape(n, particles)
         w = torch.softmax(groups, 1).cpu()
+        if not torch.isfinite(w).all():
+            raise FloatingPointError(f"the particles' weights are NaN or inf at t = {t:.6g}: the model's output or "
+                                     f"the measurement is not finite there (garbled weights? values of 1e30?)")
         low = 1.0 / (w**2).sum(1) < particles / 2
         if not low.any():
             return x, out, logtw, grad, logw
@@ -435,7 +438,7 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
     times = grid.tolist()
     out, logtw, grad = twist(x, times[0])
     logw = logtw.clone()  # Alg. 1: the initial particles are weighted by the twist p~_T(y | x_T)
-    x, out, logtw, grad, logw = resample(x, out, logtw, grad, logw)
+    x, out, logtw, grad, logw = resample(x, out, logtw, grad, logw, times[0])
     for t, s in zip(times[:-1], times[1:]):
         if s == 0.0:
             x = out.x0
@@ -452,7 +455,11 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
         log_kernel = ((x - mean_g).pow(2) - (x - mean_u).pow(2)).flatten(1).sum(1).to(torch.float64) / (2 * post**2)
         logw = logw + log_kernel + logtw_s - logtw
         logtw = logtw_s
-        x, out, logtw, grad, logw = resample(x, out, logtw, grad, logw)
-    chosen = torch.multinomial(torch.softmax(logw.reshape(n, particles), 1).cpu(), 1, generator=generator)[:, 0]
+        x, out, logtw, grad, logw = resample(x, out, logtw, grad, logw, s)
+    final = torch.softmax(logw.reshape(n, particles), 1).cpu()
+    if not torch.isfinite(final).all():
+        raise FloatingPointError("the particles' weights are NaN or inf at the end (t = 0): the measurement or the "
+                                 "model's output is not finite there")
+    chosen = torch.multinomial(final, 1, generator=generator)[:, 0]
     x = x.reshape(n, particles, *shape)[torch.arange(n, device=x.device), chosen.to(x.device)]
     return SampleResult(x, model.nfe * particles, grid)

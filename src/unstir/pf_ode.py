@@ -43,7 +43,11 @@ class LogSNRField:
             if done > self.bar.n:
                 self.bar.set_postfix(nfe=self.nfe, refresh=False)
                 self.bar.update(done - self.bar.n)
-        return -c.sigma_bar * self.model((c.alpha * xbar).to(self.dtype), t, self.y).eps.to(torch.float64)
+        eps = self.model((c.alpha * xbar).to(self.dtype), t, self.y).eps.to(torch.float64)
+        if not torch.isfinite(eps).all():  # an adaptive solver reads its error norm back anyway: no extra stall
+            raise FloatingPointError(f"the model's output is NaN or inf at t = {t:.6g} in the adaptive solve "
+                                     f"(garbled weights?)")
+        return -c.sigma_bar * eps
 
 
 def divergence(fn, x: Tensor, probes: Tensor | None = None) -> tuple[Tensor, Tensor]:

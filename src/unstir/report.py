@@ -280,7 +280,7 @@ def _tuned_rows(run: Path) -> list[list]:
 
 
 def _held_out(cfg: dict, model, n: int, seed: int):
-    spec = "digits-test" if cfg["data"] == "digits" else cfg["data"]
+    spec = data_mod.held_out_name(cfg["data"])
     ds = data_mod.load(spec, n=n, size=cfg.get("size"), mode=cfg.get("mode", "L"), seed=seed + 1000)
     if tuple(ds.shape) != tuple(model.data_shape):
         raise ValueError(f"held-out data {spec!r} has shape {ds.shape}, the model {model.data_shape}")

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def remove_temporaries(run: Path) -> int:
     stale = [p for p in run.glob(".*.tmp*") if p.is_file() and _TEMPORARY.fullmatch(p.name)]
     pointer = run / "checkpoint.json"
     try:
-        current = json.loads(pointer.read_text()).get("weights") if pointer.exists() else None
+        current = _read_json(pointer).get("weights") if pointer.exists() else None
     except (OSError, ValueError, AttributeError):
         current = None  # a damaged pointer: leave the weights alone, loading will say what is wrong
     else:
@@ -152,8 +153,9 @@ def _set_generator_state(g: torch.Generator, state: str) -> None:
 
 
 def load_tensors(path) -> dict[str, Tensor]:
-    """Read a safetensors file; refuse anything else (pickles can run code when loaded)."""
-    path = Path(path)
+    """Read a safetensors file; refuse anything else (pickles can run code when loaded), and links, FIFOs and
+    devices (``regular_file``)."""
+    path = regular_file(Path(path))
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix != ".safetensors" or head[:1] == b"\x80" or head[:2] == b"PK":
@@ -161,8 +163,8 @@ def load_tensors(path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors' SafetensorError and friends: a damaged file
-        raise ValueError(f"checkpoint {str(path)!r} is damaged and cannot be read ({err}); restore it from a backup "
-                         f"or retrain") from None
+        raise ValueError(f"{str(path)!r} is damaged and cannot be read ({err}); restore it from a backup or "
+                         f"retrain") from None
 
 
 MOMENTS_FILE = "moments.safetensors"
@@ -212,15 +214,31 @@ def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: t
 
 
 def load_checkpoint(run: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer | None,
-                    generator: torch.Generator | None) -> int:
-    meta = _read_json(run / "checkpoint.json")
+                    generator: torch.Generator | None, *, reset_optimizer: bool = False) -> int:
+    """Load the run's checkpoint into ``net``, ``ema`` and (to resume) ``opt`` and ``generator``; returns its step.
+
+    Everything is checked before anything is used: a step >= 0; weights of the dtypes and shapes of the network
+    (an int8 or fp16 file is refused, not cast); for a resume, optimizer moments of the parameters' shapes, and
+    an optimizer state at all (a checkpoint without one would restart Adam's moments silently: ``reset_optimizer``
+    accepts that); an RNG state torch can take."""
+    pointer = run / "checkpoint.json"
+    meta = _read_json(pointer)
     if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("weights"), str)
             and _WEIGHTS_NAME.fullmatch(meta["weights"]) and isinstance(meta.get("generator"), str)
             and isinstance(meta.get("param_groups"), list)):
-        raise ValueError(f"{str(run / 'checkpoint.json')!r} is not a valid checkpoint pointer (it needs an integer "
+        raise ValueError(f"{str(pointer)!r} is not a valid checkpoint pointer (it needs an integer "
                          f"step, a weights file named checkpoint-<step>.safetensors in the run folder, the RNG "
                          f"state and the optimizer's parameter groups)")
+    if meta["step"] < 0:
+        raise ValueError(f"{str(pointer)!r} records step {meta['step']}; a step is >= 0 (the file is damaged)")
     tensors = load_tensors(run / meta["weights"])
+    for prefix, module in (("model.", net), ("ema.", ema)):
+        for name, expected in module.state_dict().items():
+            got = tensors.get(prefix + name)
+            if got is not None and got.dtype != expected.dtype:
+                raise ValueError(f"checkpoint {meta['weights']!r}: {prefix + name} is {got.dtype}, the network's is "
+                                 f"{expected.dtype}; unstir writes weights in the network's dtype (the file is not "
+                                 f"unstir's)")
     try:
         net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -233,12 +251,23 @@ def load_checkpoint(run: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.
             if k.startswith("optim."):
                 _, idx, name = k.split(".", 2)
                 state.setdefault(int(idx), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for idx, moments in state.items():
+            for name, v in moments.items():
+                if name != "step" and (idx >= len(params) or v.shape != params[idx].shape):
+                    raise ValueError(f"checkpoint {meta['weights']!r}: optimizer tensor optim.{idx}.{name} has shape "
+                                     f"{tuple(v.shape)}, not its parameter's; the file is damaged")
+        if not state and not reset_optimizer:
+            raise ValueError(f"checkpoint {meta['weights']!r} carries no optimizer state: resuming would restart "
+                             f"AdamW's moments; pass --reset-optimizer to resume so, or start a new run")
+        if state:
+            opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     if generator is not None:
-        _set_generator_state(generator, meta["generator"])
+        try:
+            _set_generator_state(generator, meta["generator"])
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise ValueError(f"{str(pointer)!r}: the RNG state is damaged ({str(err).splitlines()[0][:80]})") from None
     return meta["step"]
-
-
 
 
 def write_run_info(run: Path, info: dict) -> None:
@@ -247,13 +276,33 @@ def write_run_info(run: Path, info: dict) -> None:
     atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
 
 
+JSON_MAX_BYTES = 16 << 20  # run.json, checkpoint.json, grids.json: kilobytes when unstir writes them
+
+
+def regular_file(path: Path, max_bytes: int | None = None) -> Path:
+    """``path`` if it is a regular file of the run folder, not a symbolic link (to another run's weights, to a
+    file elsewhere), a FIFO (which would hang the reader) or a device (``/dev/zero``), of at most ``max_bytes``;
+    else a ValueError that says what it is. A missing file raises FileNotFoundError, as ``open`` does."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"{str(path)!r} is a symbolic link; unstir reads a run's own files only, never through a "
+                         f"link (copy the file in its place)")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{str(path)!r} is not a regular file (a FIFO, socket or device); unstir did not write it")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ValueError(f"{str(path)!r} holds {st.st_size:,} bytes, more than the {max_bytes:,} such a file can have; "
+                         f"unstir did not write it")
+    return path
+
+
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(regular_file(path, JSON_MAX_BYTES).read_text())
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is damaged: not readable JSON ({err})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{str(path)!r} is damaged: not readable JSON ({type(err).__name__}: "
+                         f"{str(err)[:100]})") from None
 
 
 def read_run_info(run) -> dict:

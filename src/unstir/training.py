@@ -32,8 +32,8 @@ from .distributed import rank_world
 from .losses import WEIGHTINGS, TimeSampler, check_time_sampling, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
-from .runs import (LOCK_FILE, MOMENTS_FILE, load_checkpoint, read_run_info, remove_temporaries, run_lock,
-                   save_checkpoint, write_moments, write_run_info)
+from .runs import (LOCK_FILE, MOMENTS_FILE, _read_json, load_checkpoint, read_run_info, regular_file,
+                   remove_temporaries, run_lock, save_checkpoint, write_moments, write_run_info)
 
 Tensor = torch.Tensor
 
@@ -269,15 +269,17 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
-    """Train, checkpoint and log into the run folder ``out``. ``stop_after`` ends the call after that many
+          stop_after: int | None = None, reset_optimizer: bool = False) -> TrainResult:
+    """Train, checkpoint and log into the run folder ``out``. ``reset_optimizer`` resumes from a checkpoint that
+    carries no optimizer state (AdamW's moments start again). ``stop_after`` ends the call after that many
     steps, as a crash would (no checkpoint beyond the last periodic one): for interruption tests. The
     thread count chosen for training (``_set_threads``) is restored on return."""
     threads = torch.get_num_threads()
     run = Path(out)
     if rank_world()[0] != 0:  # under torchrun rank 0 writes, and holds the run's lock
         try:
-            return _train(cfg, run, resume=resume, progress=progress, stop_after=stop_after)
+            return _train(cfg, run, resume=resume, progress=progress, stop_after=stop_after,
+                          reset_optimizer=reset_optimizer)
         finally:
             torch.set_num_threads(threads)
     _check_out(run, resume)
@@ -285,7 +287,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True,
     run.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock(run, "train"):  # one writer per run, for the whole training
-            return _train(cfg, run, resume=resume, progress=progress, stop_after=stop_after)
+            return _train(cfg, run, resume=resume, progress=progress, stop_after=stop_after,
+                          reset_optimizer=reset_optimizer)
     except BaseException:
         if created and [p.name for p in run.iterdir()] == [LOCK_FILE]:  # refused before writing: leave nothing
             (run / LOCK_FILE).unlink()
@@ -329,13 +332,14 @@ def _settle(pending: list, params, run: Path) -> None:
         f"the run resumes from it. `--nonfinite skip` skips such batches instead")
 
 
-def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: int | None) -> TrainResult:
+def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: int | None,
+           reset_optimizer: bool = False) -> TrainResult:
     run = Path(out)
     if resume:
         if not (run / "run.json").exists():
             raise ValueError(f"nothing to resume: {str(run)!r} holds no run (no run.json); drop --resume to start one, "
                              f"or pass --resume auto to start one when there is none")
-        done_steps = json.loads((run / "checkpoint.json").read_text())["step"] if (run / "checkpoint.json").exists() else 0
+        done_steps = _read_json(run / "checkpoint.json")["step"] if (run / "checkpoint.json").exists() else 0
         # Before validating: a --steps shorter than the run's position is the error to name, not what it implies.
         cfg = _resume_config(cfg, read_run_info(run)["config"], done_steps)
     elif (run / "run.json").exists():
@@ -372,7 +376,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     if rank == 0 and run.exists():
         remove_temporaries(run)  # left by a process killed inside a write
     if resume and (run / "checkpoint.json").exists():
-        start = load_checkpoint(run, net, ema, opt, generator)
+        start = load_checkpoint(run, net, ema, opt, generator, reset_optimizer=reset_optimizer)
     if rank == 0:
         write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
                              "data_shape": list(dataset.shape), "num_classes": dataset.num_classes,
@@ -395,6 +399,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     local = cfg.batch_size // world
     mine = slice(rank * local, (rank + 1) * local)
     micro = local // cfg.accumulate
+    if rank == 0 and os.path.lexists(run / "log.jsonl"):
+        regular_file(run / "log.jsonl")  # appended to: never through a link to a file elsewhere
     log = open(run / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     params, ema_params = list(net.parameters()), list(ema.parameters())

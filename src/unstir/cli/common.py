@@ -4,6 +4,7 @@ them differently), and the checks and writers behind them."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def held_out(model, spec: str | None, n: int, seed: int, device="cpu"):
     from .. import data as data_mod
 
     cfg = model.run_info["config"]
-    spec = spec or data_mod.HELD_OUT.get(cfg["data"], cfg["data"])
+    spec = spec or data_mod.held_out_name(cfg["data"])
     if spec in data_mod.TOY_2D:
         chunks = [data_mod.load(spec, n=HELD_OUT_CHUNK, seed=seed + 1000 + k) for k in range(-(-n // HELD_OUT_CHUNK))]
         ds = chunks[0]
@@ -146,8 +147,12 @@ def held_out(model, spec: str | None, n: int, seed: int, device="cpu"):
 
 def data_bound(model, seed: int) -> float:
     """The largest |x| of the run's data: 1 for images (scaled to [-1, 1]), else of a held-out draw."""
+    from .. import data as data_mod
+
     if len(model.data_shape) == 3:
         return 1.0
+    if not data_mod.is_builtin(model.run_info["config"]["data"]):
+        return math.inf  # trained on a file: its range is not looked up (paths in run.json are not followed)
     return held_out(model, None, 1000, seed)[0].abs().max().item()
 
 

@@ -97,7 +97,10 @@ def inpaint_cmd(args) -> int:
         grid = from_unit_range(torch.cat([truth.to(x.dtype), shown, x]).clamp(-1, 1))
         save(out, lambda p: figures.image_grid(grid, p, ncol=args.n + 2))
     else:
-        background, _ = held_out(model, None, 2000, args.seed)
+        from ..data import is_builtin
+
+        background = held_out(model, None, 2000, args.seed)[0] if is_builtin(model.run_info["config"]["data"]) \
+            else x[:0]  # trained on a file: no background (paths in run.json are not followed)
         known = ", ".join(f"x[{i}] = {v:g}" for i, v in zip(args.known, args.values))
         save(out, lambda p: figures.conditioned_samples(background.cpu(), x.cpu(), p,
                                                          title=f"{args.method} ({nfe} NFE), given {known}"))

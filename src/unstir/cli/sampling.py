@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,6 +58,8 @@ def sample_cmd(args) -> int:
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     options = sampler_options(args)
     base = load_run(args.run, ema=not args.no_ema, device=args.device)
+    if not out.suffix:
+        check_sample_folder(out, args.n, len(base.data_shape) == 3)
     model, y = guidance_model(base, args)
     init(torch.device(args.device))
     speak = rank == 0  # under torchrun one process writes and reports
@@ -140,32 +145,86 @@ def sample_output(args) -> Path:
         return output_path(args)
     if not out.parent.is_dir():
         raise ValueError(f"the folder that holds --out, {str(out.parent)!r}, does not exist; create it first")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; a name without a suffix is a folder of samples")
+    if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"{str(out)!r} exists and is not an empty folder; pass --force to replace its samples or "
                          f"choose another --out")
     return out
 
 
+SAMPLE_MANIFEST = "samples.npz"
+
+
+def _png_name(i: int) -> str:
+    return f"{i:06d}.png"
+
+
+def previous_samples(out: Path) -> set:
+    """The files a previous `unstir sample` wrote in the folder ``out``: its manifest, ``samples.npz``, lists
+    them (its ``files``; older ones, one PNG per row of ``x`` for images). Nothing else there is unstir's."""
+    manifest = out / SAMPLE_MANIFEST
+    if not manifest.is_file():
+        return set()
+    try:
+        with np.load(manifest, allow_pickle=False) as z:
+            files = [str(f) for f in z["files"]] if "files" in z else \
+                [_png_name(i) for i in range(len(z["x"]))] if z["x"].ndim == 4 else []
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{str(manifest)!r} is damaged ({err}); remove the folder's samples yourself") from None
+    return {SAMPLE_MANIFEST, *(f for f in files if re.fullmatch(r"\d{6}\.png", f))}
+
+
+def check_sample_folder(out: Path, n: int, images: bool) -> None:
+    """Before sampling: refuse to overwrite a file in --out that unstir did not write."""
+    if not out.is_dir():
+        return
+    mine = previous_samples(out)
+    clash = sorted(name for name in [SAMPLE_MANIFEST] + ([_png_name(i) for i in range(n)] if images else [])
+                   if (out / name).exists() and name not in mine)
+    if clash:
+        raise ValueError(f"--out {str(out)!r} holds {', '.join(clash[:3])}{' ...' if len(clash) > 3 else ''}, which "
+                         f"`unstir sample` did not write; choose another folder (--force replaces only unstir's "
+                         f"samples)")
+
+
 def write_sample_folder(out: Path, x, seeds) -> None:
-    """``samples.npz`` (``x``: the samples in the model's coordinates, float32; ``seeds``: each one's seed) and,
-    for images, one PNG per sample named by its index (EDM's layout)."""
+    """``samples.npz`` (``x``: the samples in the model's coordinates, float32; ``seeds``: each one's seed;
+    ``files``: the PNGs) and, for images, one PNG per sample named by its index (EDM's layout).
+
+    Whole or marked: everything is written into a hidden temporary folder beside ``out``. A new ``out`` is that
+    folder renamed (atomic). An existing one loses its manifest first (an unstir folder without
+    ``samples.npz`` is incomplete), then the files the previous manifest lists, receives the new files, and gets
+    its new manifest last. Files unstir did not write are never touched."""
     from ..data import from_unit_range
 
-    out.mkdir(exist_ok=True)
-    for old in out.glob("[0-9]*.png"):
-        old.unlink()
-    arrays = {"x": x.numpy().astype(np.float32), "seeds": np.asarray(seeds, dtype=np.uint64)}
-    def write(path):
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+    x = x.cpu()
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        files = []
+        if x.ndim == 4:
+            from PIL import Image
 
-    save(out / "samples.npz", write)
-    if x.ndim == 4:
-        from PIL import Image
-
-        images = from_unit_range(x).permute(0, 2, 3, 1).numpy()
-        for i, image in enumerate(images):
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out / f"{i:06d}.png")
+            images = from_unit_range(x).permute(0, 2, 3, 1).numpy()
+            for i, image in enumerate(images):
+                files.append(_png_name(i))
+                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / files[-1])
+        np.savez(tmp / SAMPLE_MANIFEST, x=x.numpy().astype(np.float32), seeds=np.asarray(seeds, dtype=np.uint64),
+                 files=np.asarray(files, dtype=str))
+        if not out.exists():
+            os.rename(tmp, out)
+            return
+        old = previous_samples(out)
+        (out / SAMPLE_MANIFEST).unlink(missing_ok=True)  # incomplete from here until the new manifest lands
+        for name in sorted(old - {SAMPLE_MANIFEST}):
+            (out / name).unlink(missing_ok=True)
+        for name in files:
+            os.replace(tmp / name, out / name)
+        os.replace(tmp / SAMPLE_MANIFEST, out / SAMPLE_MANIFEST)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here (benchmarks/few_steps.py)

@@ -39,7 +39,10 @@ def train_cmd(args) -> int:
         cfg = TrainConfig(**{**read_run_info(args.out)["config"], **given})
     else:
         cfg = TrainConfig(**given)
-    result = train(cfg, args.out, resume=resume, progress=not getattr(args, "quiet", False))
+    if getattr(args, "reset_optimizer", False) and not getattr(args, "resume", None):
+        raise ValueError("--reset-optimizer applies to --resume (a checkpoint without optimizer state)")
+    result = train(cfg, args.out, resume=resume, progress=not getattr(args, "quiet", False),
+                   reset_optimizer=getattr(args, "reset_optimizer", False))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run folder: {result.run} (step {result.step})")
     return 128 + result.interrupted if result.interrupted else 0  # the shell's code for the signal: 130, 143, ...
@@ -128,6 +131,8 @@ def register(sub) -> None:
                          "--steps, --checkpoint-every and --device may change. A longer --steps stretches the "
                          "cosine decay from the current learning rate to the new end (a finished run restarts it "
                          "from --lr: a warm restart); the change is recorded in run.json")
+    tr.add_argument("--reset-optimizer", dest="reset_optimizer", action="store_true",
+                    help="with --resume: accept a checkpoint that carries no optimizer state (AdamW restarts)")
     tr.add_argument("--threads", type=int, help="intra-op CPU threads (default: 1 for vector data, where one "
                     "thread is 18%% slower alone but 3x faster beside another job; torch's default for images)")
     tr.add_argument("--nonfinite", choices=["stop", "skip"],

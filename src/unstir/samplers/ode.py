@@ -45,6 +45,15 @@ def ode_heun(model, x, grid, *, generator=None, callback=None):
     return integrate(model, x, grid, step, callback)
 
 
+def check_tolerances(rtol, atol) -> None:
+    """An adaptive solver's tolerances: finite numbers >= 0, not both 0 (no step could then be accepted)."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if rtol == 0 and atol == 0:
+        raise ValueError("rtol and atol cannot both be 0: no step could meet them; use e.g. rtol = atol = 1e-5")
+
+
 def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
              progress: bool = False, generator=None, callback=None):
     """Adaptive Runge-Kutta (Dormand-Prince 5(4) by default, through torchdiffeq) on the PF ODE in
@@ -56,6 +65,7 @@ def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: 
     """
     from torchdiffeq import odeint
 
+    check_tolerances(rtol, atol)
     times = grid[grid > 0].tolist()
     if grid[-1] == 0 and times[-1] != model.process.t_min:
         times.append(model.process.t_min)  # [T, 0] (steps=1): still solve down to t_min before denoising
@@ -71,7 +81,11 @@ def ode_rk45(model, x, grid, *, rtol: float = 1e-5, atol: float = 1e-5, method: 
         # step_t lands the solver on the last time instead of stepping past the end of the process, and
         # first_step skips the initial-step probe, which could also leave it.
         options = {"step_t": lams[-1:], "first_step": 0.02 * abs((lams[-1] - lams[0]).item())}
-        xbars = odeint(field, xbar, lams, rtol=rtol, atol=atol, method=method, options=options)
+        try:
+            xbars = odeint(field, xbar, lams, rtol=rtol, atol=atol, method=method, options=options)
+        except AssertionError as err:  # torchdiffeq's step-size underflow
+            raise ValueError(f"the adaptive solver's step size underflowed (rtol {rtol:g}, atol {atol:g}): the "
+                             f"tolerances cannot be met in float64 arithmetic; use rtol or atol >= 1e-12 ({err})") from None
     else:
         xbars = xbar[None]
     bar.close()
