@@ -1,6 +1,7 @@
 """Sampling and scoring sharded across processes: per-sample seeds (EDM's scheme), so the samples do not depend
 on the number of processes or the batch size."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,35 @@ def test_torchrun_with_fewer_samples_than_processes_fails_before_work(tmp_path):
                        timeout=300)
     assert p.returncode != 0 and "-n 1 is smaller than the number of processes (2)" in p.stderr
     assert not (tmp_path / "s.npy").exists()
+
+
+def test_nproc_stops_every_process_on_ctrl_c_with_unstir_lines(tmp_path):
+    """`unstir train --nproc 2` started by unstir through torchrun's launcher: Ctrl-C (SIGINT to the process group,
+    as a terminal sends it) stops both ranks at the same step with a checkpoint, and ends with unstir's lines and
+    exit 130, where plain torchrun ends in its own SignalException traceback. A failing worker ends in its one
+    line and unstir's, exit 2."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "unstir.cli", "train", "--nproc", "2", "--steps", "1000000",
+                          "--checkpoint-every", "50", "--batch-size", "64", "--quiet", "--out", str(run)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    start = time.time()
+    while not (run / "checkpoint.json").exists():
+        assert p.poll() is None and time.time() - start < 120, p.communicate()
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "unstir train: stopped by SIGINT; every process stopped" in err, err
+    assert (out + err).count("stopped by SIGINT at step") == 1 and "W1" not in err  # rank 0 speaks for both
+    step = int((out + err).split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == step
+    failed = subprocess.run([sys.executable, "-m", "unstir.cli", "sample", "--nproc", "2", "--run", str(run), "-n",
+                             "1", "--out", str(tmp_path / "s.npy")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert "-n 1 is smaller than the number of processes (2)" in failed.stderr
+    assert "unstir sample: 2 of 2 processes failed (exit status 2); their errors are above" in failed.stderr

@@ -336,3 +336,160 @@ def test_tolerances_that_no_step_can_meet_are_refused(small_run, tmp_path, capsy
         argv = ["sample", "--run", str(small_run), "-n", "4", "--sampler", "ode_rk45", f"--rtol={rtol}", f"--atol={atol}"]
         assert main(argv + out) == 2
         _one_line(capsys, says)
+
+
+def test_a_damaged_run_json_or_moments_file_is_one_line_before_any_allocation(small_run, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A width of 30000 used to allocate gigabytes before failing; negative sizes, a config without its keys, a
+    data_shape the network does not map to itself and moments without their covariance ended in tracebacks."""
+    from safetensors.torch import save_file
+
+    from unstir import nets
+
+    built = []
+    monkeypatch.setattr(nets.MLP, "__init__", lambda self, *a, __init=nets.MLP.__init__, **k: (
+        built.append(torch.empty(0).device), __init(self, *a, **k))[1])
+    info = json.loads((small_run / "run.json").read_text())
+    sample = ["sample", "--run", str(small_run), "-n", "2", "--steps", "2", "--out", str(tmp_path / "x.npy"), "--force"]
+    for change, says in ((lambda i: i["net"].update(width=30000), "more than its checkpoint 'checkpoint-4.safetensors'"
+                                                                  " holds"),
+                         (lambda i: i["net"].update(width=-5), "describes an invalid network for data of shape (2,) "
+                                                               "(Trying to create tensor with negative dimension"),
+                         (lambda i: i.update(config={}), "its config lacks 'prediction' (a str)"),
+                         (lambda i: i.update(data_shape=[3]), "describes an invalid network for data of shape (3,)"),
+                         (lambda i: i.update(data_shape=[0]), "data_shape must be a list of 1 or 3 positive integers")):
+        bad = json.loads(json.dumps(info))
+        change(bad)
+        (small_run / "run.json").write_text(json.dumps(bad))
+        built.clear()
+        assert main(sample) == 2
+        _one_line(capsys, says)
+        assert all(device == torch.device("meta") for device in built), built  # nothing built in memory
+    (small_run / "run.json").write_text(json.dumps(info))
+    save_file({"mean": torch.zeros(2)}, str(small_run / "moments.safetensors"))
+    few = ["sample", "--run", str(small_run), "-n", "2", "--nfe", "4", "--out", str(tmp_path / "x.npy"), "--force"]
+    assert main(few) == 2
+    _one_line(capsys, "must hold the tensors 'mean' and 'cov'", "got ['mean']")
+    save_file({"mean": torch.zeros(2), "cov": -torch.eye(2)}, str(small_run / "moments.safetensors"))
+    assert main(few) == 2
+    _one_line(capsys, "the covariance is not positive semi-definite", "delete it to sample without teleportation")
+
+
+def test_npy_headers_are_bounded_and_checked_before_reading(tmp_path):
+    """A 200 MB header, injected text, a shape the file does not hold, complex and boolean arrays: each one line
+    that says which (they used to be "holds Python objects", a read until memory ran out, or accepted)."""
+    import struct
+
+    from unstir.data import load
+
+    def npy(name, header, body=b"\0" * 64, version=1):
+        text = header.encode("latin1")
+        text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+        size = struct.pack("<H", len(text)) if version == 1 else struct.pack("<I", len(text))
+        (tmp_path / name).write_bytes(b"\x93NUMPY" + bytes([version, 0]) + size + text + body)
+        return str(tmp_path / name)
+
+    (tmp_path / "huge.npy").write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", 200_000_000) + b"{" * 100)
+    cases = [(str(tmp_path / "huge.npy"), "has a 200,000,000-byte header, above the 10,000 bytes numpy.save writes"),
+             (npy("inject.npy", "{'descr': '<f4', 'fortran_order': __import__('os').system('true'), 'shape': (8, 2)}"),
+              "has a damaged or foreign header"),
+             (npy("claim.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 1000), }"),
+              "claims shape (1000000000, 1000) of float32 (4,000,000,000,000 bytes), but the file holds 64 bytes"),
+             (npy("v2.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (8, 3), }", version=2),
+              "claims shape (8, 3) of float32 (96 bytes), but the file holds 64 bytes")]
+    np.save(tmp_path / "complex.npy", np.ones((8, 2), complex))
+    np.save(tmp_path / "bool.npy", np.ones((8, 2), bool))
+    cases += [(str(tmp_path / "complex.npy"), "has dtype complex128; unstir reads real numbers"),
+              (str(tmp_path / "bool.npy"), "has dtype bool; unstir reads real numbers")]
+    for path, says in cases:
+        with pytest.raises(ValueError, match=None) as info:
+            load(path)
+        assert says in str(info.value), (path, str(info.value))
+    good = npy("good.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (8, 2), }")
+    assert load(good).x.shape == (8, 2)  # the hand-written header itself is right
+
+
+def test_sixteen_bit_images_are_read_at_sixteen_bits_and_bombs_refused(tmp_path, monkeypatch):
+    """16-bit grey PNGs used to be clipped to two values (98.4% at +1): now their 65536 levels are kept, to
+    float32 rounding; a folder mixing 8 and 16 bits, and an image above the pixel limit (read from its header,
+    not decoded), are one line each."""
+    from PIL import Image
+
+    from unstir import data
+
+    rng = np.random.default_rng(3)
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    levels = rng.integers(0, 65536, (4, 8, 8)).astype(np.uint16)
+    for i, a in enumerate(levels):
+        Image.fromarray(a).save(deep / f"{i}.png")
+    d = data.load(str(deep))
+    assert d.levels == 65536 and d.x.shape == (4, 1, 8, 8)
+    np.testing.assert_allclose(d.x[:, 0].double().numpy(), levels / 32767.5 - 1.0, atol=1e-7)
+    assert len(np.unique(d.x.numpy())) > 200  # not two values
+    assert data.load(str(deep), mode="RGB").x.shape == (4, 3, 8, 8)
+    Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).save(deep / "eight.png")
+    with pytest.raises(ValueError, match=r"mix bit depths: 8-bit \(e.g. eight.png\) and 16-bit"):
+        data.load(str(deep))
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.new("L", (64, 64)).save(big / "bomb.png")
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 32 * 32)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image above the limit"))
+    with pytest.raises(ValueError, match=r"is 64 x 64 = 4,096 pixels, above unstir's limit of 1,024"):
+        data.load(str(big))
+
+
+def test_memory_is_checked_before_work(small_run, tmp_path, capsys):
+    """-n and --batch-size far beyond this machine's memory: one line with the estimate and a batch size that
+    fits, before any sampling, data drawing or folder; the suggested batch size then passes the check."""
+    import re
+
+    out = str(tmp_path / "x.npy")
+    huge = str(10 ** 11)
+    cases = [(["sample", "--run", str(small_run), "-n", huge, "--batch-size", huge, "--out", out], "sampling"),
+             (["likelihood", "--run", str(small_run), "-n", huge, "--batch-size", huge], "the likelihood of"),
+             (["train", "--batch-size", huge, "--out", str(tmp_path / "new"), "--quiet"], "training with --batch-size")]
+    for argv, what in cases:
+        tic = time.perf_counter()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err and "more than the" in err and "free" in err, err
+        assert time.perf_counter() - tic < 30
+    assert not (tmp_path / "new").exists()
+    fits = re.search(r"use --batch-size (\d+) or less", err).group(1)
+    from unstir.resources import check_memory, training_bytes
+    from unstir.runs import load_run
+
+    model = load_run(small_run)
+    per_item = training_bytes(model, model.data_shape, "cpu") + 3 * 4 * 2  # as train estimates it
+    check_memory("x", device="cpu", batch=int(fits), per_item=per_item)  # the suggestion passes the estimate
+    with pytest.raises(ValueError, match=f"use --batch-size {fits} or less"):
+        check_memory("x", device="cpu", batch=4 * int(fits), per_item=per_item)
+
+
+def test_a_stored_grid_clears_temporaries_left_by_a_killed_writer(small_run):
+    stale = small_run / ".grids.tmp99999.json"
+    stale.write_text("{half")
+    theirs = small_run / ".grids.tmp-notes.json"  # not a name unstir writes
+    theirs.write_text("mine")
+    save_tuned(small_run, TunedGrid(sampler="dpm++2m", nfe=5, times=[1.0, 0.5, 1e-3], start="quadratic",
+                                    error_start=0.2, error=0.1, evaluations=10, seconds=0.1, n=4, seed=0, options={},
+                                    method="pilot"))
+    assert not stale.exists() and theirs.read_text() == "mine"
+
+
+def test_ctrl_c_outside_training_is_one_line(small_run, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during sample or likelihood used to print a KeyboardInterrupt traceback: now one line, exit 130."""
+    from unstir import distributed
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "sample_sharded", interrupted)
+    monkeypatch.setattr(distributed, "likelihood_sharded", interrupted)
+    for argv in (["sample", "--run", str(small_run), "-n", "4", "--out", str(tmp_path / "x.npy")],
+                 ["likelihood", "--run", str(small_run), "-n", "4"]):
+        assert main(argv) == 130
+        _one_line(capsys, f"unstir {argv[0]}: interrupted (Ctrl-C); nothing was written")
+    assert not (tmp_path / "x.npy").exists()

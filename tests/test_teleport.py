@@ -179,3 +179,29 @@ def test_a_run_stores_its_moments_and_sample_teleports_by_default(tmp_path, caps
     (run / "grids.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match="'ipndm@4' starts at t = 0.5, below T = 1, without teleport"):
         load_tuned(run, process, "ipndm", 4)
+
+
+def test_moments_of_fewer_images_than_pixels_are_accepted_and_never_block_training(tmp_path):
+    """A covariance of n < d samples is singular; formed in float32 its zero eigenvalues came out as -8.5e-08 and
+    the old check (-1e-8 x the largest) refused 20 8x8 or 40 16x16 RGB images, and with them training. A truly
+    indefinite matrix is still refused."""
+    from PIL import Image
+
+    from unstir.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    for n, shape in ((20, (1, 8, 8)), (40, (3, 16, 16)), (1000, (3, 32, 32))):
+        x = torch.rand((n, *shape), generator=g) * 2 - 1
+        m = Moments.of(x)  # float32 product, as in training
+        evals, _ = m.eig()
+        assert evals.min() >= 0 and (evals > 1e-3).sum() <= n - 1  # the rank of a covariance of n samples
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        Moments(torch.zeros(2), torch.tensor([[1.0, 0.0], [0.0, -1e-3]]))
+    rng = np.random.default_rng(0)
+    (tmp_path / "png").mkdir()
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8)).save(tmp_path / "png" / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "png"), "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", "--run", str(run), "--nfe", "4", "-n", "2", "--out", str(tmp_path / "s.npy")]) == 0
+    assert (run / "moments.safetensors").exists()

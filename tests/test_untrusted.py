@@ -82,9 +82,31 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
     cfg = dict(data=str(tmp_path / "d.npy"), steps=20, checkpoint_every=5, batch_size=16, lr=1e30)
     with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient|parameter).* at step \d+ of .* resumes from it"):
         train(TrainConfig(**cfg), tmp_path / "a", progress=False)
-    result = train(TrainConfig(nonfinite="skip", **cfg), tmp_path / "b", progress=False)
-    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert result.step == 20 and logged[-1]["skipped_nonfinite"] > 0
+    # lr 1e30 ruins the parameters: every later step is skipped, and skipping stops once above its limit
+    with pytest.raises(FloatingPointError, match=r"--nonfinite skip skipped (19|20) of the 20 steps run so far .*more "
+                                                 r"than 5%.*resume"):
+        train(TrainConfig(nonfinite="skip", **cfg), tmp_path / "b", progress=False)
+
+
+def test_nonfinite_skip_skips_a_bad_batch_and_says_how_many(tmp_path, monkeypatch, capsys):
+    """One batch in 40 with a NaN loss: --nonfinite skip drops it (no update), finishes, and says so on stderr
+    and in log.jsonl."""
+    from unstir import training
+    from unstir.training import TrainConfig, train
+
+    calls, loss = [0], training.dsm_loss
+
+    def sometimes_nan(*args, **kwargs):
+        calls[0] += 1
+        value = loss(*args, **kwargs)
+        return value * float("nan") if calls[0] == 7 else value
+
+    monkeypatch.setattr(training, "dsm_loss", sometimes_nan)
+    result = train(TrainConfig(data="moons", steps=40, batch_size=16, nonfinite="skip", log_every=40),
+                   tmp_path / "r", progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert result.step == 40 and logged[-1]["skipped_nonfinite"] == 1
+    assert "skipped 1 of 40 steps whose loss or gradient was not finite" in capsys.readouterr().err
 
 
 def test_outputs_are_never_clobbered_and_failed_writes_leave_nothing(good_run, tmp_path, capsys, monkeypatch):

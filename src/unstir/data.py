@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import math
+import os
+
 import numpy as np
 import torch
 
@@ -205,9 +208,19 @@ def held_out_name(recorded: str) -> str:
                      f"follow; pass the held-out data with --data (a folder or .npy file)")
 
 
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from its header before it is decoded (a decompression bomb)
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit integer) grey images
+
+
 def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
     """Every PNG/JPEG under ``path`` as (N, C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped
-    to ``size`` if given, else all images must share one size. ``mode``: 'L' (grayscale) or 'RGB'."""
+    to ``size`` if given, else all images must share one size. ``mode``: 'L' (grayscale) or 'RGB'.
+
+    8-bit images are read as 256 levels. 16-bit grey PNGs are read at 16 bits (65536 levels; an RGB run repeats
+    the grey channel), and a folder may not mix the two depths. PIL reads 16-bit colour PNGs as 8-bit RGB.
+    An image above ``MAX_IMAGE_PIXELS`` is refused from its header, before it is decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if mode not in ("L", "RGB"):
@@ -218,29 +231,49 @@ def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder {str(root)!r} has no PNG or JPEG files")
-    arrays, modes = [], {}
+    arrays, modes, depths = [], {}, {}
     for f in files:
         try:
-            with Image.open(f) as im:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+                im = Image.open(f)
+            with im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"image {str(f)!r} is {im.width} x {im.height} = {im.width * im.height:,} pixels, "
+                                     f"above unstir's limit of {MAX_IMAGE_PIXELS:,} (4096 x 4096); downscale it first")
                 modes.setdefault(_colour(im), f.name)
-                im = im.convert(mode)
+                deep = im.mode in SIXTEEN_BIT
+                depths.setdefault(16 if deep else 8, f.name)
+                im = im.convert("F") if deep else im.convert(mode)  # 'F': 32-bit floats hold 16-bit levels exactly
                 if size is not None:
                     scale = size / min(im.size)
                     im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
                                    Image.BICUBIC)
                     left, top = (im.width - size) // 2, (im.height - size) // 2
                     im = im.crop((left, top, left + size, top + size))
-                arrays.append(np.asarray(im, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError) as err:
+                a = np.asarray(im, dtype=np.float32 if deep else np.uint8)
+                if deep:
+                    if a.min() < 0 or a.max() > 65535:
+                        raise ValueError(f"image {str(f)!r} holds values in [{a.min():g}, {a.max():g}], beyond "
+                                         f"16 bits; unstir reads 8-bit and 16-bit images")
+                    a = np.stack([a] * 3, -1) if mode == "RGB" else a
+                arrays.append(a)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot read image {str(f)!r}: {err}") from err
     if len(modes) > 1:
         raise ValueError(f"images in {str(root)!r} mix colour modes: " + ", ".join(f"{m} (e.g. {f})" for m, f in
                          sorted(modes.items())) + "; convert them to one mode (all grayscale or all colour) first")
+    if len(depths) > 1:
+        raise ValueError(f"images in {str(root)!r} mix bit depths: 8-bit (e.g. {depths[8]}) and 16-bit (e.g. "
+                         f"{depths[16]}); convert them to one depth first")
     sizes = sorted({a.shape[:2] for a in arrays})
     if len(sizes) > 1:
         raise ValueError(f"images in {str(root)!r} have mixed sizes {sizes[:4]}; pass --size to resize them")
     x = np.stack(arrays)
     x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
+    if 16 in depths:  # levels 0..65535 to [-1, 1], as .npy uint16 images are read
+        x16 = torch.as_tensor(np.clip(np.round(x), 0, 65535) / 32767.5 - 1.0, dtype=torch.float32)
+        return Dataset(root.name, x16, levels=65536)
     return Dataset(root.name, to_unit_range(x), levels=256)
 
 
@@ -251,26 +284,60 @@ def _colour(im) -> str:
     return "grayscale" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "colour"
 
 
+MAX_NPY_HEADER = 10000  # bytes; numpy.save writes headers of a few hundred, and numpy.load refuses above this too
+
+
 def read_npy(path) -> np.ndarray:
-    """A numeric array from a .npy file; anything else (text, pickled objects) is refused with a plain
-    message: unstir never unpickles."""
+    """A real-valued (integer or floating) array from a .npy file. Everything else is refused in one line before
+    any data is read: text, pickled objects (unstir never unpickles), complex and boolean arrays, headers above
+    ``MAX_NPY_HEADER`` bytes or that are not NumPy's dictionary, and a header whose shape claims more (or fewer)
+    bytes than the file holds."""
+    from numpy.lib import format as npy_format
+
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            magic = f.read(6)
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError(f"{str(path)!r} is not a NumPy .npy file (it has no NumPy header); save arrays "
+                                 f"with numpy.save")
+            major = f.read(2)[:1]
+            length = int.from_bytes(f.read(2 if major == b"\x01" else 4), "little")
+            if major not in (b"\x01", b"\x02", b"\x03"):
+                raise ValueError(f"{str(path)!r} has NumPy format version {major!r}, which unstir does not read "
+                                 f"(1, 2 or 3)")
+            if length > MAX_NPY_HEADER:
+                raise ValueError(f"{str(path)!r} has a {length:,}-byte header, above the {MAX_NPY_HEADER:,} bytes "
+                                 f"numpy.save writes; it is not an array unstir reads")
+            f.seek(8)  # after the magic string and the version
+            reader = npy_format.read_array_header_1_0 if major == b"\x01" else npy_format.read_array_header_2_0
+            try:
+                shape, fortran, dtype = reader(f, max_header_size=MAX_NPY_HEADER)
+            except (ValueError, SyntaxError, TypeError):
+                raise ValueError(f"{str(path)!r} has a damaged or foreign header (not the dictionary of dtype, order "
+                                 f"and shape that numpy.save writes)") from None
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
     except OSError as err:
-        raise ValueError(f"cannot read array {str(path)!r}: {err.strerror}") from err
-    if magic != b"\x93NUMPY":
-        raise ValueError(f"{str(path)!r} is not a NumPy .npy file (it has no NumPy header); save arrays with numpy.save")
+        raise ValueError(f"cannot read array {str(path)!r}: {err.strerror or err}") from err
+    if dtype.hasobject:
+        raise ValueError(f"{str(path)!r} holds Python objects, not numbers; unstir reads numeric arrays only")
+    if dtype.kind not in "iuf":
+        raise ValueError(f"array {str(path)!r} has dtype {dtype}; unstir reads real numbers (integers or floats): "
+                         f"convert it first, e.g. a.astype(numpy.float32)"
+                         + (" (and decide what the imaginary part means)" if dtype.kind == "c" else ""))
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed != data_bytes:
+        raise ValueError(f"the header of {str(path)!r} claims shape {shape} of {dtype} ({claimed:,} bytes), but the file "
+                         f"holds {data_bytes:,} bytes after it; the file is damaged or truncated")
+    from .resources import available_memory, gib
+
+    free = available_memory("cpu")
+    if free is not None and 2 * claimed > free:  # the array and its float32 copy
+        raise ValueError(f"array {str(path)!r} is {gib(claimed)} ({shape} of {dtype}); with its float32 copy that is "
+                         f"more than the {gib(free)} of memory free here")
     try:
-        a = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        if "pickle" in str(err).lower() or "object" in str(err).lower():
-            raise ValueError(f"{str(path)!r} holds Python objects, not numbers; unstir reads numeric arrays only") from None
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
         raise ValueError(f"cannot read array {str(path)!r}: {err}") from None
-    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-        raise ValueError(f"array {str(path)!r} must be numeric, got dtype {a.dtype}")
-    return a
 
 
 def npy_array(path) -> Dataset:
@@ -284,7 +351,7 @@ def npy_array(path) -> Dataset:
     if a.ndim not in (2, 3, 4) or a.shape[0] < 1:
         raise ValueError(f"array {str(path)!r} must have shape (N, d), (N, H, W) or (N, C, H, W); got {a.shape}")
     levels = None
-    if a.ndim > 2 and (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+    if a.ndim > 2 and np.issubdtype(a.dtype, np.integer):
         lo, hi = int(a.min()), int(a.max())
         if a.dtype == np.uint16 and hi > 255:
             x, levels = torch.as_tensor(a.astype(np.float64) / 32767.5 - 1.0, dtype=torch.float32), 65536
@@ -294,7 +361,7 @@ def npy_array(path) -> Dataset:
             raise ValueError(f"integer images in {str(path)!r} hold values in [{lo}, {hi}] ({a.dtype}); unstir reads "
                              f"integer images as 8-bit levels 0..255 (or uint16); scale them to floats in [-1, 1]")
     else:
-        x = torch.as_tensor(a.astype(np.float64) if a.dtype == np.bool_ else a, dtype=torch.float32)
+        x = torch.as_tensor(a, dtype=torch.float32)
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
         raise ValueError(f"array {str(path)!r} contains NaN or inf (first in row {bad})")

@@ -9,11 +9,13 @@ DDP scheme (``unstir.training``)."""
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import torch
 
 from ._random import SeedGenerators, sample_seeds
+from .resources import check_memory, sampling_bytes
 
 Tensor = torch.Tensor
 
@@ -43,8 +45,12 @@ def shard(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[range]
         raise ValueError(f"-n {n} is smaller than the number of processes ({world}): every process needs at least "
                          f"one sample; ask for at least {world} or start fewer processes")
     batches = -(-n // (batch_size * world)) * world
-    edges = torch.arange(n).tensor_split(batches)
-    return [range(int(e[0]), int(e[-1]) + 1) for e in edges[rank::world] if len(e)]
+    size, extra = divmod(n, batches)  # torch.tensor_split's cut: the first ``extra`` batches hold one more
+
+    def start(i):
+        return i * size + min(i, extra)
+
+    return [range(start(i), start(i + 1)) for i in range(rank, batches, world) if start(i + 1) > start(i)]
 
 
 def gather(local: list) -> list:
@@ -71,8 +77,11 @@ def sample_sharded(model, n: int, *, seed: int = 0, batch_size: int = 256, devic
     from .samplers import sample
 
     rank, world = rank_world()
-    seeds = sample_seeds(seed, n)
     mine = shard(n, batch_size, rank, world)
+    shape = tuple(model.data_shape)
+    check_memory(f"sampling {n:,} samples in batches of {batch_size:,}", device=device, batch=min(batch_size, n),
+                 per_item=sampling_bytes(model, shape, device), fixed=2 * 4 * n * math.prod(shape))
+    seeds = sample_seeds(seed, n)
     local, nfe, bar = [], 0, None
     for rows in mine:
         part = slice(rows.start, rows.stop)

@@ -10,6 +10,7 @@ the training loss; bits/dim of held-out data; an interpolation; an encode/decode
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -24,7 +25,8 @@ from . import figures
 from .figures import plt
 from .inverse import Measurement, pigdm
 from .metrics import sliced_w2, two_sample_floor
-from .runs import atomic_write, load_run
+from .runs import atomic_write, check_not_locked, load_run, run_lock
+from .tuning import GRID_LOCK_WAIT
 from .samplers import sample
 
 SAMPLERS_SHOWN = {"ddpm": 50, "ddim": 20, "euler_maruyama": 50, "pc": 25, "dpm++2m": 20, "unipc": 20}
@@ -86,6 +88,8 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
     path."""
     run = Path(run)
     model = load_run(run, device=device)
+    if out is None or Path(out).resolve().parent == run.resolve():
+        check_not_locked(run, "report")  # a run that trains now: refused before the work, not after it
     info = model.run_info
     cfg = info["config"]
     is_image = len(model.data_shape) == 3
@@ -262,7 +266,9 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
     bar.close()
     page.section("About this page", f"Written by `unstir report --run {run}` in {time.perf_counter() - tic:.0f} s.")
     path = Path(out) if out is not None else run / "report.html"
-    atomic_write(path, lambda p: p.write_text(page.render()))
+    inside = path.resolve().parent == run.resolve()
+    with run_lock(run, "report", wait=GRID_LOCK_WAIT) if inside else contextlib.nullcontext():  # one writer per run
+        atomic_write(path, lambda p: p.write_text(page.render()))
     return path
 
 

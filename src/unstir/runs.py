@@ -178,7 +178,10 @@ def write_moments(run: Path, x: Tensor) -> None:
 
     if x[0].numel() > MOMENTS_MAX_DIM or len(x) < 2:
         return
-    m = Moments.of(x)
+    try:
+        m = Moments.of(x)
+    except ValueError:  # an optional feature never blocks training: such a run samples without teleportation
+        return
     atomic_write(run / MOMENTS_FILE, lambda p: save_file({"mean": m.mean.float(), "cov": m.cov.float()}, str(p)))
 
 
@@ -190,7 +193,13 @@ def load_moments(run):
     if not path.exists():
         return None
     t = load_tensors(path)
-    return Moments(t["mean"], t["cov"])
+    if set(t) != {"mean", "cov"}:
+        raise ValueError(f"{str(path)!r} must hold the tensors 'mean' and 'cov' (the training data's moments), got "
+                         f"{sorted(t)}; delete it to sample without teleportation")
+    try:
+        return Moments(t["mean"], t["cov"])
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}; delete it to sample without teleportation") from None
 
 
 def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
@@ -342,6 +351,38 @@ def load_classifier(run, *, device: str = "cpu"):
                            tuple(info["data_shape"]))
 
 
+def _check_network(run: Path, info: dict) -> None:
+    """Before any weights are allocated, build run.json's network on the meta device (no memory) and refuse in
+    one line a network that cannot be built (negative sizes, unknown options), that does not map ``data_shape``
+    to itself, or whose parameters need more bytes than the checkpoint file holds (a run.json edited to a width of
+    30000 would otherwise allocate gigabytes before failing)."""
+    path = str(run / "run.json")
+    shape = info.get("data_shape")
+    if not (isinstance(shape, list) and len(shape) in (1, 3) and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise ValueError(f"{path!r}: data_shape must be a list of 1 or 3 positive integers, got {shape!r}")
+    try:
+        with torch.device("meta"):
+            probe = nets.build(info["net"])
+            out = probe(torch.zeros((1, *shape)), torch.full((1,), 0.5))
+    except (TypeError, ValueError, KeyError, RuntimeError, IndexError) as err:
+        first = str(err).strip().split("\n")[0]
+        raise ValueError(f"{path!r} describes an invalid network for data of shape {tuple(shape)} "
+                         f"({first})") from None
+    if tuple(out.shape[1:]) != tuple(shape):
+        raise ValueError(f"{path!r}: its network maps data of shape {tuple(shape)} (data_shape) to "
+                         f"{tuple(out.shape[1:])}; run.json's network and data_shape disagree")
+    need = 2 * sum(p.numel() * p.element_size() for p in probe.parameters())  # the weights and their EMA
+    try:
+        weights = run / _read_json(run / "checkpoint.json")["weights"]
+        held = weights.stat().st_size if _WEIGHTS_NAME.fullmatch(weights.name) else None
+    except (ValueError, OSError, KeyError, TypeError):
+        held = None  # load_checkpoint names what is wrong with the pointer
+    if held is not None and need > held:
+        raise ValueError(f"{path!r} describes a network of {need // 2:,} bytes of parameters, twice of which (weights "
+                         f"and EMA) is more than its checkpoint {weights.name!r} holds ({held:,} bytes); run.json and "
+                         f"the checkpoint disagree")
+
+
 def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
     """The trained model of a run folder, as a ``Denoiser`` (EMA weights by default)."""
     run = Path(run)
@@ -355,6 +396,11 @@ def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
         raise ValueError(f"{str(run)!r} is not a run folder (no checkpoint.json)")
     info = read_run_info(run)
     device = check_device(device)
+    for key, kind in (("prediction", str), ("discrete", bool)):
+        if not isinstance(info["config"].get(key), kind):
+            raise ValueError(f"{str(run / 'run.json')!r}: its config lacks {key!r} (a {kind.__name__}); the file is "
+                             f"damaged or not unstir's")
+    _check_network(run, info)
     try:
         net, shadow = nets.build(info["net"]), nets.build(info["net"])
         process = process_from_config(info["process"])

@@ -59,7 +59,9 @@ class Moments:
         that is not positive semi-definite. (A 3072 x 3072 covariance takes seconds on a CPU.)"""
         if self._eig is None:
             evals, evecs = torch.linalg.eigh(self.cov)
-            if evals.min() < -1e-8 * max(1.0, evals.max().item()):
+            # A covariance of fewer samples than dimensions is singular; formed (or stored) in float32 its zero
+            # eigenvalues come out as +-(d x float32's epsilon) x the largest. Only more negative ones are refused.
+            if evals.min() < -max(1e-8, self.dim * 2.0 ** -23) * max(1.0, evals.max().item()):
                 raise ValueError(f"the covariance is not positive semi-definite: smallest eigenvalue "
                                  f"{evals.min().item():.3g}")
             object.__setattr__(self, "_eig", (evals.clamp_min(0.0), evecs))

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .distributed import rank_world
 from .losses import WEIGHTINGS, TimeSampler, check_time_sampling, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser
 from .processes import PROCESSES, make_process
+from .resources import check_memory, training_bytes
 from .runs import (LOCK_FILE, MOMENTS_FILE, _read_json, load_checkpoint, read_run_info, regular_file,
                    remove_temporaries, run_lock, save_checkpoint, write_moments, write_run_info)
 
@@ -311,6 +313,8 @@ def _check_out(run: Path, resume: bool) -> None:
 
 
 SETTLE_EVERY = 25  # steps whose finite checks a GPU run reads back together
+SKIP_LIMIT = 0.05  # --nonfinite skip: stop once more than this share of the steps run were skipped ...
+SKIP_GRACE = 20  # ... counted from this many steps on
 
 
 def _settle(pending: list, params, run: Path) -> None:
@@ -366,6 +370,14 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     process = make_process(cfg.process)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = build_net(cfg, dataset, process).to(device, memory_format=layout)
+    micro = cfg.batch_size // world // cfg.accumulate
+    check_memory(f"training with --batch-size {cfg.batch_size}" + (f" in {cfg.accumulate} micro-batches"
+                 if cfg.accumulate > 1 else ""), device=device, batch=micro,
+                 # the micro-batch's activations, and its share of the step's noise and data (drawn whole)
+                 per_item=training_bytes(net, dataset.shape, device)
+                 + 3 * 4 * world * cfg.accumulate * math.prod(dataset.shape),
+                 advice=lambda b: f"use --batch-size {b * world * cfg.accumulate} or less, or keep it and split "
+                 f"it into micro-batches with --accumulate {-(-cfg.batch_size // (b * world))}")
     ema = build_net(cfg, dataset, process).to(device, memory_format=layout)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
@@ -398,7 +410,6 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     labels_all = dataset.labels.to(device) if (dataset.labels is not None and cfg.class_conditional) else None
     local = cfg.batch_size // world
     mine = slice(rank * local, (rank + 1) * local)
-    micro = local // cfg.accumulate
     if rank == 0 and os.path.lexists(run / "log.jsonl"):
         regular_file(run / "log.jsonl")  # appended to: never through a link to a file elsewhere
     log = open(run / "log.jsonl", "a") if rank == 0 else None
@@ -455,6 +466,12 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                 _settle([(step, finite)], params, run)
             skipped += 1  # the batch is dropped: no optimizer or EMA update
             opt.zero_grad(set_to_none=True)
+            if done + 1 >= SKIP_GRACE and skipped > SKIP_LIMIT * (done + 1):
+                raise FloatingPointError(
+                    f"--nonfinite skip skipped {skipped} of the {done + 1} steps run so far (the last at step "
+                    f"{step + 1}), more than {SKIP_LIMIT:.0%}: the training diverges rather than meeting a bad batch. "
+                    f"Nothing after the last checkpoint of {str(run)!r} was saved; lower --lr or --grad-clip and "
+                    f"resume")
         if deferred or bool(finite.all()):
             opt.step()
             with torch.no_grad():
@@ -494,6 +511,9 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     bar.close()
     if log:
         log.close()
+    if skipped and rank == 0:
+        print(f"skipped {skipped} of {done} steps whose loss or gradient was not finite (--nonfinite skip; the run "
+              f"stops above {SKIP_LIMIT:.0%}); each is counted in log.jsonl's skipped_nonfinite", file=sys.stderr)
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(run, net, ema, start + done, interrupted)

@@ -327,12 +327,14 @@ GRID_LOCK_WAIT = 30.0  # seconds a grid writer waits for another one
 def save_tuned(run, tuned: TunedGrid, teleport: bool = False) -> Path:
     """Add (or replace) ``tuned`` in ``run/grids.json``, written atomically; ``teleport``: it was placed with
     teleportation allowed (its key says so, whether or not the winner starts below T)."""
-    from .runs import atomic_write, run_lock
+    from .runs import atomic_write, remove_temporaries, run_lock
 
     path = Path(run) / GRIDS_FILE
     # Read, modify and write under the run's lock, so that concurrent writers (several `sample --nfe`, a
-    # `tune-grid`) each keep their grid; a short holder is waited for, a training run is not.
+    # `tune-grid`) each keep their grid; a short holder is waited for, a training run is not. Holding it, any
+    # temporary file left in the run (a writer killed inside its write) is stale: it is removed.
     with run_lock(run, "sample or tune-grid (storing a grid)", wait=GRID_LOCK_WAIT):
+        remove_temporaries(Path(run))
         stored = _read_grids(path) if path.exists() else {}
         stored[_key(tuned.sampler, tuned.nfe, tuned.afs, teleport or tuned.teleport)] = asdict(tuned)
         atomic_write(path, lambda p: p.write_text(json.dumps(stored, indent=1)))

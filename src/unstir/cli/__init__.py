@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import conditional, ode, pages, sampling, training
@@ -45,14 +46,62 @@ USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "debug", False):
-        return args.func(args)
+        return _dispatch(args, argv)
     try:
-        return args.func(args)
+        return _dispatch(args, argv)
     except USER_ERRORS as err:
         print(f"unstir {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where no handler stops the work cleanly (training writes a checkpoint)
+        print(f"unstir {args.command}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
 
 
-__all__ = ["build_parser", "main"]
+def _dispatch(args, argv) -> int:
+    nproc = getattr(args, "nproc", 1)
+    if isinstance(nproc, int) and nproc != 1 and "LOCAL_RANK" not in os.environ:
+        return launch(args.command, argv, nproc)
+    return args.func(args)
+
+
+def launch(command: str, argv: list, nproc: int) -> int:
+    """Run ``unstir <argv>`` in ``nproc`` processes on this machine through torchrun's launcher (its
+    ``--standalone`` rendezvous), in this process, so that a stop ends with unstir's line: Ctrl-C, SIGTERM or
+    SIGUSR1 reach every worker (each stops as it would alone: training writes a checkpoint) and the launcher
+    returns 128 + the signal, where plain torchrun ends in its own traceback."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be a positive integer, got {nproc}")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    import logging
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner
+    for name in list(logging.root.manager.loggerDict):  # its notices of the stop that unstir reports itself
+        if name.startswith("torch.distributed.elastic") or name == "torch.distributed.run":
+            logging.getLogger(name).setLevel(logging.ERROR)
+    rest = [a for i, a in enumerate(argv) if not (a == "--nproc" or a.startswith("--nproc=")
+                                                  or (i and argv[i - 1] == "--nproc"))]
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "unstir.cli",
+                                             "--", *rest])
+    try:
+        run(launcher)
+    except SignalException as err:
+        import signal
+
+        print(f"unstir {command}: stopped by {signal.Signals(err.sigval).name}; every process stopped (their lines "
+              f"are above)", file=sys.stderr)
+        return 128 + int(err.sigval)
+    except ChildFailedError as err:
+        codes = sorted({f.exitcode for f in err.failures.values()})
+        print(f"unstir {command}: {len(err.failures)} of {nproc} processes failed (exit status "
+              f"{', '.join(map(str, codes))}); their errors are above", file=sys.stderr)
+        return 2 if 2 in codes else (codes[-1] if codes and codes[-1] > 0 else 1)
+    return 0
+
+
+__all__ = ["build_parser", "launch", "main"]

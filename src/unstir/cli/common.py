@@ -37,6 +37,12 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
 
 
+def add_processes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine, started by unstir through "
+                   "torchrun's launcher (one per GPU; default: 1). Ctrl-C or SIGTERM then stops every process with "
+                   "unstir's line; `torchrun --nproc-per-node N -m unstir.cli -- ...` does the same work")
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (notices and warnings still show)")
 

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import figures
 from ..samplers import SAMPLERS
-from .common import (add_class, add_count, add_held_out, add_out, add_quiet, add_device, add_run, add_steps, held_out, npy,
-                     output_path, positive, save)
+from .common import (add_class, add_count, add_device, add_held_out, add_out, add_processes, add_quiet, add_run,
+                     add_steps, held_out, npy, output_path, positive, save)
 
 def likelihood_cmd(args) -> int:
     """Log-likelihood of held-out data under a trained run, by the probability-flow ODE: mean nats and
     bits/dim with their standard error, and the model evaluations. Quantised data (images, digits) are
     dequantised and their bits/dim include the offset of their number of levels (see unstir.likelihood)."""
     from ..distributed import init, likelihood_sharded, rank_world, shard
+    from ..resources import check_memory, training_bytes
     from ..runs import load_moments, load_run
 
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
     rank, world = rank_world()
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     model = load_run(args.run, device=args.device)
+    check_memory(f"the likelihood of {args.n:,} samples in batches of {args.batch_size:,}", device=args.device,
+                 batch=min(args.n, args.batch_size), per_item=training_bytes(model, model.data_shape, args.device),
+                 fixed=3 * 8 * args.n * math.prod(model.data_shape))  # the held-out draw (float64) and its copies
     x, levels = held_out(model, args.data, args.n, args.seed)
     init(torch.device(args.device))
     r = likelihood_sharded(model, x, seed=args.seed, batch_size=args.batch_size, device=args.device,
@@ -162,6 +168,7 @@ def register(sub) -> None:
     lk.add_argument("--rtol", type=float, help="solver relative tolerance on the whitened state (default: 0)")
     lk.add_argument("--atol", type=float, help="solver absolute tolerance on the whitened state (default: accuracy / 80)")
     lk.add_argument("--batch-size", dest="batch_size", type=int, default=100, help="samples per solve (default: 100)")
+    add_processes(lk)
     add_quiet(lk)
     lk.set_defaults(func=likelihood_cmd)
 

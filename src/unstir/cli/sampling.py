@@ -15,7 +15,8 @@ from .. import figures
 from ..grids import GRIDS
 from ..samplers import SAMPLERS
 from .._random import sample_seeds
-from .common import (add_class, add_count, add_device, add_guidance, add_no_teleport, add_out, add_quiet, add_run,
+from .common import (add_class, add_count, add_device, add_guidance, add_no_teleport, add_out, add_processes,
+                     add_quiet, add_run,
                      add_seed, add_steps,
                      check_strength, data_bound, npy, output_path, positive, save, warn_out_of_range)
 
@@ -79,6 +80,7 @@ def sample_cmd(args) -> int:
         moments = None if (args.afs or args.no_teleport or args.guidance is not None or y is not None) \
             else load_moments(args.run)
         tuned = load_tuned(args.run, model.process, args.sampler, nfe, args.afs, moments is not None)
+        where = f"in {args.run}/grids.json"
         deterministic = not (args.sampler == "edm" and options.get("churn") != 0
                              or args.sampler == "ddim" and options.get("eta", 0) != 0)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
@@ -88,12 +90,14 @@ def sample_cmd(args) -> int:
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=args.afs, device=args.device,
                                teleport=moments, **options)
             stored = tuned.n == PILOT_N  # every rank places the same grid (a fixed pilot seed); rank 0 stores it
+            where = f"in {args.run}/grids.json" if stored else "for this call only"
             why = f"fewer than {PILOT_N} samples; `unstir tune-grid --method pilot` stores one"
             if stored and speak:
                 try:
                     save_tuned(args.run, tuned, teleport=moments is not None)
                 except RunLocked as err:  # sampling a run that trains: use the grid, keep nothing of a moving model
                     stored, why = False, str(err).split(";")[0].replace("run folder", "the run")
+                    where = "for this call only"
             speak and print(f"placed the grid for {args.sampler} at {nfe} NFE{' with --afs' if args.afs else ''} by a pilot run "
                   f"({tuned.evaluations} evaluations of {tuned.n} samples, {tuned.seconds:.1f} s; "
                   + (f"stored in {args.run}/grids.json)" if stored else f"not stored: {why})"), file=sys.stderr)
@@ -109,7 +113,7 @@ def sample_cmd(args) -> int:
             how = "placed by a pilot run" if tuned.method == "pilot" else "tuned"
             if teleport is not None:
                 how += f", teleported from T to {float(grid[0]):.4g} (the training data's Gaussian)"
-            speak and print(f"using the grid {how} for {args.sampler} at {nfe} NFE{given} in {args.run}/grids.json (its "
+            speak and print(f"using the grid {how} for {args.sampler} at {nfe} NFE{given} {where} (its "
                   f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid, on "
                   f"{tuned.n} prior samples); --grid overrides it", file=sys.stderr)
     if args.sampler == "pc" and args.n > args.batch_size * world and speak:
@@ -338,6 +342,7 @@ def register(sub) -> None:
     sa.add_argument("--xlim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot x range (default: from the samples)")
     sa.add_argument("--ylim", type=float, nargs=2, metavar=("LO", "HI"), help="scatter plot y range (default: from the samples)")
     add_device(sa)
+    add_processes(sa)
     sa.set_defaults(func=sample_cmd)
 
     tg = sub.add_parser("tune-grid", help="fit a sampler's time grid to the run's model (stored in the run)",

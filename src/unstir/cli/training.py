@@ -9,7 +9,7 @@ from pathlib import Path
 from ..losses import TIME_SAMPLINGS, WEIGHTINGS
 from ..parametrization import PREDICTIONS
 from ..processes import PROCESSES
-from .common import add_device, add_quiet, add_seed
+from .common import add_device, add_processes, add_quiet, add_seed
 
 def int_list(text: str) -> list:
     """'64,128,128' -> [64, 128, 128]."""
@@ -109,6 +109,7 @@ def register(sub) -> None:
     tr.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                     help="steps between checkpoints (default: 1000; one is always written at the end)")
     tr.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    add_processes(tr)
     tr.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU and CUDA)")
     tr.add_argument("--net", choices=["unstir", "diffusers"], help="image network: unstir's U-Net (unstir.nets.UNet) "
                     "or diffusers' UNet2DModel trained directly (needs diffusers), the same options below (default: "
