@@ -134,4 +134,4 @@ def test_nproc_stops_every_process_on_ctrl_c_with_unstir_lines(tmp_path):
                             timeout=300)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
     assert "-n 1 is smaller than the number of processes (2)" in failed.stderr
-    assert "unstir sample: 2 of 2 processes failed (exit status 2); their errors are above" in failed.stderr
+    assert "processes failed (exit status 2; torchrun stopped the rest); the errors are above" in failed.stderr

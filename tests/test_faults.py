@@ -149,3 +149,49 @@ def test_torchrun_job_that_loses_a_rank_stops_and_resumes(tmp_path):
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 400
+
+
+@pytest.mark.slow
+def test_kills_inside_grid_writes_and_sample_folders_leave_nothing_half_done(tmp_path):
+    """SIGKILL at random moments (i) of `tune-grid` storing its grid under the run's lock, with its write slowed
+    so that kills land between the temporary file and the rename, and (ii) of `sample --out FOLDER` writing a
+    folder. After every kill: the lock is free, grids.json is the old or the new one (never torn), the next
+    writer removes the stale temporary file, and a sample folder is absent, whole (every file its samples.npz
+    lists exists and opens) or marked incomplete (no samples.npz)."""
+    import numpy as np
+    from PIL import Image
+
+    from unstir.runs import run_lock
+
+    rng = random.Random(7)
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "unstir.cli", "train", "--data", "digits", "--steps", "2", "--batch-size",
+                    "8", "--widths", "8,8", "--quiet", "--out", str(run)], env=_env(0), check=True, capture_output=True)
+    grid = [sys.executable, "-m", "unstir.cli", "tune-grid", "--run", str(run), "--nfe", "5", "-n", "4",
+            "--max-evals", "3"]
+    for kill in range(4):
+        proc = subprocess.Popen(grid, env=_env(0.5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 6.0))
+        proc.kill()
+        proc.wait()
+        with run_lock(run, "test"):  # free: the kernel released the dead holder's lock
+            pass
+        if (run / "grids.json").exists():
+            json.loads((run / "grids.json").read_text())  # whole
+    subprocess.run(grid, env=_env(0), check=True, capture_output=True)
+    assert not list(run.glob(".grids.tmp*")), "the last writer removed what the killed ones left"
+    out = tmp_path / "samples"
+    argv = [sys.executable, "-m", "unstir.cli", "sample", "--run", str(run), "-n", "400", "--steps", "2", "--quiet",
+            "--out", str(out), "--force"]
+    for kill in range(6):
+        proc = subprocess.Popen(argv, env=_env(0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 8.0))
+        proc.kill()
+        proc.wait()
+        if out.exists() and (out / "samples.npz").exists():
+            listed = list(np.load(out / "samples.npz")["files"])
+            assert len(listed) == 400
+            for name in listed:
+                Image.open(out / name).load()
+    subprocess.run(argv, env=_env(0), check=True, capture_output=True)
+    assert len(list(np.load(out / "samples.npz")["files"])) == 400

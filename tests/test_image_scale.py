@@ -176,4 +176,4 @@ def test_diffusers_unet_trains_resumes_and_samples_through_unstir(tmp_path, caps
         one = (torch.autograd.grad(out, z, probes[1])[0] * probes[1]).flatten(1).sum(1)
     torch.testing.assert_close(div[:, 1], one, rtol=1e-5, atol=1e-4)
     assert main(["train", "--data", "moons", "--net", "diffusers", "--out", str(tmp_path / "v")]) == 2
-    assert "--net configure the image U-Net; 'moons' is vector data" in capsys.readouterr().err
+    assert "--net configures the image U-Net; 'moons' is vector data" in capsys.readouterr().err

@@ -25,6 +25,10 @@ def _flag(name: str) -> str:
     return "-n" if name == "n" else "--" + name.replace("_", "-")
 
 
+ORACLE_FIGURES = ("marginals.png", "samples.png", "trajectories.png")
+DEMO_FIGURES = ("samples.png", "trajectories.png")
+
+
 def oracle_demo(args) -> int:
     """The core on the exact score of a Gaussian mixture: marginals, score field, samplers, trajectories."""
     for name in ("n", "steps", "paths"):
@@ -36,8 +40,7 @@ def oracle_demo(args) -> int:
     device = check_device(args.device)
     mixture = oracle.random_mixture(2, 5, seed=args.seed) if args.data == "random" else oracle.EXAMPLES[args.data]()
     mixture = mixture.to(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = figure_folder(args, ORACLE_FIGURES)
     model = mixture.denoiser(process)
     n, steps = args.n, args.steps
     t_show = [process.t_min, 0.1 * process.T, 0.3 * process.T, 0.6 * process.T, process.T]
@@ -89,6 +92,26 @@ def _floor_text(floors: list[float]) -> str:
     return f"{sum(floors) / len(floors):.4f}, range {min(floors):.4f}-{max(floors):.4f} over {len(floors)} fresh samples"
 
 
+DEFAULT_PARENT = "runs"  # the defaults (runs/demo, runs/oracle) may create it; any other --out's parent must exist
+
+
+def figure_folder(args, names) -> Path:
+    """--out of demo and oracle, checked before any work: its parent exists (as for every other --out; only the
+    default's ``runs/`` is created), and the figures ``names`` it would write are not there already unless
+    --force. Returns the folder, created."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder for the figures")
+    if not out.parent.is_dir() and str(out.parent) != DEFAULT_PARENT:
+        raise ValueError(f"the folder of --out, {str(out.parent)!r}, does not exist; create it first")
+    there = [name for name in names if (out / name).exists()]
+    if there and not getattr(args, "force", False):
+        raise ValueError(f"{str(out)!r} already holds {', '.join(there)}; pass --force to replace them or choose "
+                         f"another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _fresh_run(args) -> Path:
     """OUT/run, emptied when it holds an earlier run and --force is given."""
     run = Path(args.out) / "run"
@@ -124,7 +147,7 @@ def demo(args) -> int:
             raise ValueError(f"--images trains on shapes32; --data {args.data} names a 2-D set (leave it out)")
         return image_demo(args)
     args.data = args.data or "moons"
-    out = Path(args.out)
+    out = figure_folder(args, DEMO_FIGURES)
     run = _fresh_run(args)
     cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed)
     print(f"training on '{args.data}' ({args.process}, {args.train_steps} steps, batch {cfg.batch_size})")
@@ -167,7 +190,7 @@ def image_demo(args) -> int:
     from .runs import load_run
     from .training import TrainConfig, train
 
-    out = Path(args.out)
+    out = figure_folder(args, ("samples.png",))
     run = _fresh_run(args)
     cfg = TrainConfig(data="shapes32", process=args.process, steps=args.train_steps, seed=args.seed,
                       prediction="velocity" if args.process == "rf" else "eps",

@@ -106,7 +106,7 @@ class TrainConfig:
                 and self.time_sampling != "logit-normal"):
             raise ValueError(f"logit_normal={tuple(self.logit_normal)} is the (mean, std) of time_sampling="
                              f"'logit-normal'; this run's time_sampling is {self.time_sampling!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "width", "depth"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.warmup, int) and self.warmup >= 0):
@@ -123,6 +123,9 @@ class TrainConfig:
             raise ValueError(f"warmup ({self.warmup} steps) must be shorter than the run (steps = {self.steps})")
         if not (isinstance(self.label_dropout, (int, float)) and 0 <= self.label_dropout < 1):
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
+        if self.label_dropout != DEFAULTS.label_dropout and not self.class_conditional:
+            raise ValueError(f"label_dropout={self.label_dropout} is the share of null labels of a class-conditional "
+                             f"run (--class-conditional); this run is unconditional")
         if isinstance(self.accumulate, bool) or not (isinstance(self.accumulate, int) and self.accumulate >= 1):
             raise ValueError(f"accumulate must be an integer >= 1, got {self.accumulate!r}")
         if self.discrete and self.process != "ddpm":
@@ -197,9 +200,13 @@ def check_net_options(cfg: TrainConfig, dataset: data_mod.Dataset) -> None:
                   if json.dumps(getattr(cfg, k)) != json.dumps(getattr(DEFAULTS, k))]
     if not dataset.is_image:
         if unet_given:
-            raise ValueError(f"{', '.join(unet_given)} configure the image U-Net; {cfg.data!r} is vector data of shape "
-                             f"{dataset.shape} (the MLP takes --width and --depth)")
+            raise ValueError(f"{', '.join(unet_given)} {'configures' if len(unet_given) == 1 else 'configure'} the image U-Net; {cfg.data!r} is vector data of shape "
+                             f"{dataset.shape} (its MLP takes --width and --depth)")
         return
+    mlp_given = [f"--{k}" for k in ("width", "depth") if getattr(cfg, k) != getattr(DEFAULTS, k)]
+    if mlp_given:
+        raise ValueError(f"{', '.join(mlp_given)} {'configures' if len(mlp_given) == 1 else 'configure'} the MLP of vector data; {cfg.data!r} holds images of shape "
+                         f"{dataset.shape} (the U-Net takes --widths, --res-blocks, --attention, --dropout)")
     c, h, w = dataset.shape
     if h != w:
         raise ValueError(f"the U-Net needs square images; {cfg.data!r} has {w}x{h}: pass --size to crop them")

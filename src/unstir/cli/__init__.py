@@ -14,12 +14,13 @@ FAMILIES = (pages, training, sampling, ode, conditional)
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="unstir", description="Score-based diffusion: one learned score, every "
-                                 "correct way to use it.")
+                                 "correct way to use it.", allow_abbrev=False)
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.register(sub)
     for name, parser in sub.choices.items():
+        parser.allow_abbrev = False  # `--width 64` is not `--widths 64`: only whole option names
         parser.epilog = "example:\n  " + EXAMPLES[name]
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return ap
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         print(f"unstir {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no handler stops the work cleanly (training writes a checkpoint)
-        print(f"unstir {args.command}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        print(f"unstir {args.command}: interrupted (Ctrl-C) before its output was complete", file=sys.stderr)
         return 130
 
 
@@ -97,10 +98,11 @@ def launch(command: str, argv: list, nproc: int) -> int:
               f"are above)", file=sys.stderr)
         return 128 + int(err.sigval)
     except ChildFailedError as err:
-        codes = sorted({f.exitcode for f in err.failures.values()})
-        print(f"unstir {command}: {len(err.failures)} of {nproc} processes failed (exit status "
-              f"{', '.join(map(str, codes))}); their errors are above", file=sys.stderr)
-        return 2 if 2 in codes else (codes[-1] if codes and codes[-1] > 0 else 1)
+        codes = sorted(f.exitcode for f in err.failures.values() if f.exitcode > 0)  # < 0: stopped by torchrun
+        print(f"unstir {command}: {len(codes) or len(err.failures)} of {nproc} processes failed (exit status "
+              f"{', '.join(map(str, sorted(set(codes)))) or 'by a signal'}; torchrun stopped the rest); the errors "
+              f"are above", file=sys.stderr)
+        return 2 if 2 in codes else (codes[-1] if codes else 1)
     return 0
 
 

@@ -29,8 +29,23 @@ def add_count(p: argparse.ArgumentParser, default: int, what: str) -> None:
     p.add_argument("-n", type=int, default=default, help=f"{what} (default: {default})")
 
 
-def add_seed(p: argparse.ArgumentParser, what: str = "the noise and any held-out draw") -> None:
-    p.add_argument("--seed", type=int, default=0, help=f"seed for {what} (default: 0)")
+def seed_value(text: str) -> int:
+    """--seed of every verb: an integer in [0, 4096) (sample i of a run seed s is drawn from seed s * 2^20 + i,
+    and torch's CPU generator keeps 32 bits of a seed: ``unstir._random.sample_seeds``)."""
+    from .._random import SEED_BITS
+
+    limit = 2 ** (32 - SEED_BITS)
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed < limit:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {limit}), got {text!r}")
+    return seed
+
+
+def add_seed(p: argparse.ArgumentParser, what: str = "the noise and any held-out draw", default=0) -> None:
+    p.add_argument("--seed", type=seed_value, default=default, help=f"seed for {what}, in [0, 4096) (default: 0)")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -166,9 +181,14 @@ def read_png(path, shape, mask: bool = False):
     """A PNG as a uint8 tensor of ``shape`` (C, H, W); a mask as 0/1 (white = 1), refusing other values."""
     from PIL import Image
 
+    from ..data import _colour
+
     c, h, w = shape
     try:
         with Image.open(path) as im:
+            if not mask and c == 1 and _colour(im) == "colour":
+                raise ValueError(f"{str(path)!r} is a colour image; the run's images are grayscale (1 channel): "
+                                 f"convert it first (e.g. PIL's Image.convert('L'))")
             arr = np.asarray(im.convert("L" if (mask or c == 1) else "RGB"), dtype=np.uint8)
     except OSError as err:
         raise ValueError(f"cannot read image {str(path)!r}: {err}") from None

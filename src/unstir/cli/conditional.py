@@ -116,8 +116,10 @@ def register(sub) -> None:
     ip.add_argument("--mask", help="inpainting mask PNG: white = known, black = unknown")
     ip.add_argument("--task", default="inpaint", choices=["inpaint", "colorize", "superres"],
                     help="inpaint (--mask), colorize (RGB runs) or superres (2x) (default: inpaint)")
-    ip.add_argument("--known", type=int, nargs="+", help="vector data: indices of the known coordinates")
-    ip.add_argument("--values", type=float, nargs="+", help="vector data: their values")
+    ip.add_argument("--known", type=int, nargs="+", action="extend",
+                    help="vector data: indices of the known coordinates (repeat the flag or list several)")
+    ip.add_argument("--values", type=float, nargs="+", action="extend", help="vector data: their values, in the "
+                    "order of --known")
     ip.add_argument("--method", default="repaint", choices=list(INVERSE_METHODS),
                     help="replacement, repaint (masks only), dps, pigdm or smc (twisted SMC) (default: repaint)")
     ip.add_argument("--sigma-y", dest="sigma_y", type=float, default=0.0, help="measurement noise std (default: 0)")

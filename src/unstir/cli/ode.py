@@ -11,6 +11,21 @@ from ..samplers import SAMPLERS
 from .common import (add_class, add_count, add_device, add_held_out, add_out, add_processes, add_quiet, add_run,
                      add_steps, held_out, npy, output_path, positive, save)
 
+LATENT_BOUND = 100  # decode refuses latents beyond this many prior standard deviations
+
+
+def fixed_steps(args) -> int:
+    """--steps of encode and decode: the grid of a fixed-step sampler (default 20); refused with the adaptive
+    ode_rk45, which chooses its own steps."""
+    if args.sampler == "ode_rk45":
+        if args.steps is not None:
+            raise ValueError(f"--steps {args.steps} sets the grid of a fixed-step sampler; ode_rk45 (the default) is "
+                             f"adaptive and chooses its own steps: drop --steps, or pass --sampler ddim (or another)")
+        return 20  # unused by the adaptive solve
+    positive(**{"--steps": 20 if args.steps is None else args.steps})
+    return 20 if args.steps is None else args.steps
+
+
 def likelihood_cmd(args) -> int:
     """Log-likelihood of held-out data under a trained run, by the probability-flow ODE: mean nats and
     bits/dim with their standard error, and the model evaluations. Quantised data (images, digits) are
@@ -23,6 +38,13 @@ def likelihood_cmd(args) -> int:
     rank, world = rank_world()
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     model = load_run(args.run, device=args.device)
+    d = math.prod(model.data_shape)
+    divergence = ("exact" if d <= 64 else "hutchinson") if args.divergence == "auto" else args.divergence
+    if args.probes is not None and divergence == "exact":
+        raise ValueError(f"--probes {args.probes} sets the Hutchinson estimator's probes; this run's divergence is exact "
+                         f"({'--divergence exact' if args.divergence == 'exact' else f'auto for d = {d} <= 64'}): "
+                         f"drop --probes, or pass --divergence hutchinson")
+    args.probes = 8 if args.probes is None else args.probes
     check_memory(f"the likelihood of {args.n:,} samples in batches of {args.batch_size:,}", device=args.device,
                  batch=min(args.n, args.batch_size), per_item=training_bytes(model, model.data_shape, args.device),
                  fixed=3 * 8 * args.n * math.prod(model.data_shape))  # the held-out draw (float64) and its copies
@@ -34,7 +56,6 @@ def likelihood_cmd(args) -> int:
                            moments=load_moments(args.run))
     if rank != 0:
         return 0
-    d = x[0].numel()
     bpd, se = r.mean()
     nats_se = (r.nats.std() / r.nats.numel() ** 0.5).item() if r.nats.numel() > 1 else float("nan")
     kind = f"dequantised, {levels} levels" if levels else "continuous"
@@ -42,8 +63,9 @@ def likelihood_cmd(args) -> int:
     spread = f", {world} processes" if world > 1 else ""
     print(f"{x.shape[0]} samples ({kind}), d = {d}, {div} divergence, {r.sample_nfe.float().mean().item():.0f} "
           f"evaluations of the augmented ODE per sample (the slowest {r.nfe}; batches of {args.batch_size}{spread})")
-    print(f"log-likelihood: {r.nats.mean().item():.4f} +- {nats_se:.4f} nats per sample")
-    print(f"bits/dim:       {bpd:.4f} +- {se:.4f}")
+    plus_minus = lambda v: f" +- {v:.4f}" if x.shape[0] > 1 else " (one sample: no standard error)"  # noqa: E731
+    print(f"log-likelihood: {r.nats.mean().item():.4f}{plus_minus(nats_se)} nats per sample")
+    print(f"bits/dim:       {bpd:.4f}{plus_minus(se)}")
     if x.ndim == 4 and levels == 256:
         print(f"baselines:      {image_baselines(model, x)} bits/dim on the same images")
     return 0
@@ -73,7 +95,8 @@ def encode_cmd(args) -> int:
     from ..inversion import encode
     from ..runs import load_run
 
-    positive(**{"-n": args.n, "--steps": args.steps})
+    positive(**{"-n": args.n})
+    args.steps = fixed_steps(args)
     out = output_path(args)
     companion = out.with_suffix(".input.npy")
     if out.suffix == ".npy" and companion.exists() and not args.force:
@@ -105,7 +128,7 @@ def decode_cmd(args) -> int:
     from ..inversion import decode
     from ..runs import load_run
 
-    positive(**{"--steps": args.steps})
+    args.steps = fixed_steps(args)
     out = output_path(args)
     model = load_run(args.run, device=args.device)
     z = torch.as_tensor(read_npy(args.latents))
@@ -114,6 +137,13 @@ def decode_cmd(args) -> int:
                          f"{', '.join(map(str, model.data_shape))}) with n >= 1")
     if tuple(z.shape[1:]) != tuple(model.data_shape):
         raise ValueError(f"latents of shape {tuple(z.shape)} do not fit the run's data shape {model.data_shape}")
+    if not torch.isfinite(z).all():
+        raise ValueError(f"{args.latents!r} holds NaN or inf")
+    sigma_T, top = float(model.process.sigma(model.process.T)), z.abs().max().item()
+    if top > LATENT_BOUND * sigma_T:
+        raise ValueError(f"{args.latents!r} holds latents up to {top:.3g}, {top / sigma_T:.3g} times the prior's "
+                         f"standard deviation (sigma_T = {sigma_T:.3g}); latents from `unstir encode` or the prior lie "
+                         f"within a few sigma_T, and the ODE from far outside it does not reach the data")
     with torch.no_grad():
         r = decode(model, z.float(), sampler=args.sampler, steps=args.steps, y=args.label,
                    **({"progress": not args.quiet} if args.sampler == "ode_rk45" else {}))
@@ -162,7 +192,8 @@ def register(sub) -> None:
     add_count(lk, 500, "number of held-out samples")
     lk.add_argument("--divergence", default="auto", choices=["auto", "exact", "hutchinson"],
                     help="exact (torch.func, default for d <= 64) or Hutchinson-Skilling probes (default: auto)")
-    lk.add_argument("--probes", type=int, default=8, help="Hutchinson probes per sample (default: 8)")
+    lk.add_argument("--probes", type=int, help="Hutchinson probes per sample (default: 8; only with the Hutchinson "
+                    "divergence)")
     lk.add_argument("--accuracy", type=float, default=0.01, help="target error in nats per dimension that sets the "
                     "solver's error control (default: 0.01)")
     lk.add_argument("--rtol", type=float, help="solver relative tolerance on the whitened state (default: 0)")
@@ -179,7 +210,7 @@ def register(sub) -> None:
             "drawn)")
     en.add_argument("--sampler", default="ode_rk45", choices=deterministic,
                     help="ode_rk45 (adaptive, default) or a deterministic sampler run upward (ddim: DDIM inversion)")
-    add_steps(en, 20, "grid intervals for a fixed-step sampler")
+    add_steps(en, None, "grid intervals for a fixed-step sampler (default: 20; ode_rk45 chooses its own)")
     en.add_argument("--exact", action="store_true", help="exact DDIM inversion (with --sampler ddim)")
     add_quiet(en)
     en.set_defaults(func=encode_cmd)
@@ -189,7 +220,7 @@ def register(sub) -> None:
     de.add_argument("--latents", required=True, help="latents .npy (from `unstir encode`)")
     add_out(de, "decoded.png (grid or scatter) or decoded.npy")
     de.add_argument("--sampler", default="ode_rk45", choices=deterministic, help="as for encode (default: ode_rk45)")
-    add_steps(de, 20, "grid intervals for a fixed-step sampler")
+    add_steps(de, None, "grid intervals for a fixed-step sampler (default: 20; ode_rk45 chooses its own)")
     add_class(de)
     add_device(de)
     add_quiet(de)

@@ -51,7 +51,8 @@ def register(sub) -> None:
     m = sub.add_parser("demo", help="the main job: train on 2-D data, sample with five samplers, figures",
                        description=demo.__doc__)
     m.add_argument("--out", default="runs/demo", help="folder for the run and figures (default: runs/demo)")
-    m.add_argument("--force", action="store_true", help="replace OUT/run if it holds an earlier demo run")
+    m.add_argument("--force", action="store_true", help="replace OUT/run and the figures if they hold an earlier "
+                   "demo's")
     m.add_argument("--data", default=None, choices=["moons", "swiss_roll", "circles", "checkerboard", "ring",
                                                     "unequal_2d"], help="2-D data set (default: moons)")
     m.add_argument("--process", default=None, choices=sorted(PROCESSES),
@@ -72,6 +73,7 @@ def register(sub) -> None:
     d = sub.add_parser("oracle", help="samplers on the exact score of a Gaussian mixture, with figures",
                        description=oracle_demo.__doc__)
     d.add_argument("--out", default="runs/oracle", help="folder for the figures (default: runs/oracle)")
+    d.add_argument("--force", action="store_true", help="replace the figures of an earlier oracle run in --out")
     d.add_argument("--process", default="vp", choices=sorted(PROCESSES), help="forward process (default: vp)")
     d.add_argument("--data", default="unequal_2d", choices=list(oracle.EXAMPLES),
                    help="a 2-D Gaussian mixture ('random': 5 random components, from --seed; default: unequal_2d)")

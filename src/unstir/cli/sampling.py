@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -59,6 +60,14 @@ def sample_cmd(args) -> int:
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     options = sampler_options(args)
     base = load_run(args.run, ema=not args.no_ema, device=args.device)
+    for flag, lim in (("--xlim", args.xlim), ("--ylim", args.ylim)):
+        if lim is None:
+            continue
+        if len(base.data_shape) != 1 or out.suffix != ".png":
+            raise ValueError(f"{flag} sets an axis of the scatter plot that a .png --out of vector data gets; this "
+                             f"run's {'images are' if len(base.data_shape) == 3 else 'output is'} not one: drop it")
+        if not (math.isfinite(lim[0]) and math.isfinite(lim[1]) and lim[0] < lim[1]):
+            raise ValueError(f"{flag} {lim[0]:g} {lim[1]:g}: give LO HI with LO < HI, both finite")
     if not out.suffix:
         check_sample_folder(out, args.n, len(base.data_shape) == 3)
     model, y = guidance_model(base, args)
@@ -70,6 +79,9 @@ def sample_cmd(args) -> int:
     if args.nfe is not None:
         if args.steps is not None:
             raise ValueError("give --steps or --nfe, not both")
+        if args.sampler == "ode_rk45":
+            raise ValueError("--nfe sets the model evaluations of a fixed-grid sampler; ode_rk45 is adaptive (its "
+                             "evaluations follow --rtol and --atol): drop --nfe, or choose another --sampler")
         args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0))  # AFS: a step for free
     args.steps = 20 if args.steps is None else args.steps
     grid, teleport = args.grid, None

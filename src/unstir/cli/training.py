@@ -97,7 +97,7 @@ def register(sub) -> None:
     tr.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient-norm clipping (default: 1.0)")
     tr.add_argument("--ema-decay", dest="ema_decay", type=float,
                     help="EMA of the weights, used for sampling (default: 0.999)")
-    tr.add_argument("--seed", type=int, help="seed for data, initialisation and noise (default: 0)")
+    add_seed(tr, "data, initialisation and noise", default=argparse.SUPPRESS)
     tr.add_argument("--size", type=int, help="resize/crop images to this size (image data only)")
     tr.add_argument("--mode", choices=["L", "RGB"], help="image colour mode (default: L)")
     tr.add_argument("--class-conditional", dest="class_conditional", action="store_true",
@@ -114,6 +114,8 @@ def register(sub) -> None:
     tr.add_argument("--net", choices=["unstir", "diffusers"], help="image network: unstir's U-Net (unstir.nets.UNet) "
                     "or diffusers' UNet2DModel trained directly (needs diffusers), the same options below (default: "
                     "unstir; benchmarks/images_results.md compares them)")
+    tr.add_argument("--width", type=int, help="vector data's MLP: hidden width (default: 128)")
+    tr.add_argument("--depth", type=int, help="vector data's MLP: residual blocks (default: 3)")
     tr.add_argument("--widths", type=int_list, help="image U-Net: channels per level, a base width times the "
                     "channel multipliers, e.g. 64,128,128 (default: 32,64 below 32 px, else 64,128,128)")
     tr.add_argument("--res-blocks", dest="res_blocks", type=int, help="image U-Net: residual blocks per level "
