@@ -168,7 +168,7 @@ def test_kills_inside_grid_writes_and_sample_folders_leave_nothing_half_done(tmp
     subprocess.run([sys.executable, "-m", "unstir.cli", "train", "--data", "digits", "--steps", "2", "--batch-size",
                     "8", "--widths", "8,8", "--quiet", "--out", str(run)], env=_env(0), check=True, capture_output=True)
     grid = [sys.executable, "-m", "unstir.cli", "tune-grid", "--run", str(run), "--nfe", "5", "-n", "4",
-            "--max-evals", "3"]
+            "--max-evals", "3", "--force"]
     for kill in range(4):
         proc = subprocess.Popen(grid, env=_env(0.5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(1.0, 6.0))

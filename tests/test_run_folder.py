@@ -196,9 +196,21 @@ def test_a_killed_sample_folder_is_not_taken_for_whole(image_run, tmp_path, monk
     assert main(argv + ["--out", str(tmp_path / "old")]) == 0
     import unstir.cli.sampling as sampling
 
-    monkeypatch.setattr(sampling.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert main(argv + ["--out", str(tmp_path / "old"), "--force"]) == 130
-    assert not (tmp_path / "old" / "samples.npz").exists()
+    real_replace, calls = sampling.os.replace, []
+
+    def dies_on_the_third(*args):  # the marker lands, one new PNG lands, then the kill
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_replace(*args)
+
+    monkeypatch.setattr(sampling.os, "replace", dies_on_the_third)
+    assert main(argv[:-3] + ["-n", "5", "--quiet", "--out", str(tmp_path / "old"), "--force"]) == 130
+    old = tmp_path / "old"
+    assert not (old / "samples.npz").exists() and (old / sampling.INCOMPLETE).exists()  # marked incomplete
+    monkeypatch.setattr(sampling.os, "replace", real_replace)
+    assert main(argv[:-3] + ["-n", "5", "--quiet", "--out", str(old), "--force"]) == 0  # knows its own files
+    assert sorted(p.name for p in old.iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["samples.npz"]
 
 
 @pytest.fixture

@@ -176,19 +176,26 @@ def _png_name(i: int) -> str:
     return f"{i:06d}.png"
 
 
+INCOMPLETE = ".samples-incomplete.npz"  # while a folder is rewritten: every file unstir may have left in it
+
+
 def previous_samples(out: Path) -> set:
     """The files a previous `unstir sample` wrote in the folder ``out``: its manifest, ``samples.npz``, lists
-    them (its ``files``; older ones, one PNG per row of ``x`` for images). Nothing else there is unstir's."""
-    manifest = out / SAMPLE_MANIFEST
-    if not manifest.is_file():
-        return set()
-    try:
-        with np.load(manifest, allow_pickle=False) as z:
-            files = [str(f) for f in z["files"]] if "files" in z else \
-                [_png_name(i) for i in range(len(z["x"]))] if z["x"].ndim == 4 else []
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{str(manifest)!r} is damaged ({err}); remove the folder's samples yourself") from None
-    return {SAMPLE_MANIFEST, *(f for f in files if re.fullmatch(r"\d{6}\.png", f))}
+    them (its ``files``; older ones, one PNG per row of ``x`` for images), and so does the marker of a rewrite
+    that was interrupted (``INCOMPLETE``). Nothing else there is unstir's."""
+    found = set()
+    for name in (SAMPLE_MANIFEST, INCOMPLETE):
+        manifest = out / name
+        if not manifest.is_file():
+            continue
+        try:
+            with np.load(manifest, allow_pickle=False) as z:
+                files = [str(f) for f in z["files"]] if "files" in z else \
+                    [_png_name(i) for i in range(len(z["x"]))] if z["x"].ndim == 4 else []
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{str(manifest)!r} is damaged ({err}); remove the folder's samples yourself") from None
+        found |= {name, *(f for f in files if re.fullmatch(r"\d{6}\.png", f))}
+    return found
 
 
 def check_sample_folder(out: Path, n: int, images: bool) -> None:
@@ -209,9 +216,11 @@ def write_sample_folder(out: Path, x, seeds) -> None:
     ``files``: the PNGs) and, for images, one PNG per sample named by its index (EDM's layout).
 
     Whole or marked: everything is written into a hidden temporary folder beside ``out``. A new ``out`` is that
-    folder renamed (atomic). An existing one loses its manifest first (an unstir folder without
-    ``samples.npz`` is incomplete), then the files the previous manifest lists, receives the new files, and gets
-    its new manifest last. Files unstir did not write are never touched."""
+    folder renamed (atomic). An existing one first gets the marker ``INCOMPLETE``, listing the old and the new
+    files, then loses its manifest (an unstir folder without ``samples.npz`` is incomplete), then the files the
+    previous manifest lists, receives the new files, gets its new manifest, and loses the marker last. A rewrite
+    killed half-way leaves the marker, so the next `sample --force` knows every file there that is unstir's.
+    Files unstir did not write are never touched."""
     from ..data import from_unit_range
 
     x = x.cpu()
@@ -233,12 +242,16 @@ def write_sample_folder(out: Path, x, seeds) -> None:
             os.rename(tmp, out)
             return
         old = previous_samples(out)
+        listed = sorted((old | set(files)) - {SAMPLE_MANIFEST, INCOMPLETE})
+        np.savez(tmp / "marker.npz", x=np.zeros((0,), np.float32), files=np.asarray(listed, dtype=str))
+        os.replace(tmp / "marker.npz", out / INCOMPLETE)
         (out / SAMPLE_MANIFEST).unlink(missing_ok=True)  # incomplete from here until the new manifest lands
-        for name in sorted(old - {SAMPLE_MANIFEST}):
+        for name in sorted(old - {SAMPLE_MANIFEST, INCOMPLETE}):
             (out / name).unlink(missing_ok=True)
         for name in files:
             os.replace(tmp / name, out / name)
         os.replace(tmp / SAMPLE_MANIFEST, out / SAMPLE_MANIFEST)
+        (out / INCOMPLETE).unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
