@@ -177,3 +177,25 @@ def test_diffusers_unet_trains_resumes_and_samples_through_unstir(tmp_path, caps
     torch.testing.assert_close(div[:, 1], one, rtol=1e-5, atol=1e-4)
     assert main(["train", "--data", "moons", "--net", "diffusers", "--out", str(tmp_path / "v")]) == 2
     assert "--net configures the image U-Net; 'moons' is vector data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_unet_attention_attends_over_pixels(heads):
+    """The U-Net's self-attention against a loop written from its definition (DDPM's AttnBlock, Ho et al.
+    2020): per head, softmax over the h*w pixels of q_i . k_j / sqrt(c / heads), values mixed across pixels,
+    a 1x1 projection and the residual. Attending over channels instead, or without the scale, fails."""
+    torch.manual_seed(0)
+    block = nets.Attention(8, groups=4, heads=heads).double()
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64)
+    qkv = block.qkv(block.norm(x))  # (b, 3c, h, w)
+    c, hw, dh = 8, 15, 8 // heads
+    expected = torch.empty(2, 8, 15, dtype=torch.float64)
+    for b in range(2):
+        q, k, v = (qkv[b, i * c:(i + 1) * c].reshape(c, hw) for i in range(3))
+        for head in range(heads):
+            rows = slice(head * dh, (head + 1) * dh)
+            for i in range(hw):  # pixel i attends to every pixel j
+                w = torch.softmax(torch.stack([q[rows, i] @ k[rows, j] for j in range(hw)]) / dh ** 0.5, 0)
+                expected[b, rows, i] = sum(w[j] * v[rows, j] for j in range(hw))
+    expected = x + block.proj(expected.reshape(2, 8, 3, 5))
+    torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)

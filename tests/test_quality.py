@@ -160,3 +160,28 @@ def test_fid_plumbing_with_random_weights(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a torchscript archive")
     with pytest.raises(ValueError, match="is not a TorchScript file"):
         quality.fid(a, b, tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 10])
+def test_precision_recall_match_a_loop_over_the_definition(k):
+    """Each point's radius is the distance to its k-th nearest *other* point of its set (Kynkaanniemi et al.
+    2019); precision is the share of fake points within some real ball, recall the reverse. A plain loop over
+    that definition, on a shifted Gaussian where the answers move with k: an off-by-one in k (the self-distance
+    counted as a neighbour, ``kthvalue(k)``) fails here."""
+    rng = np.random.default_rng(k)
+    real = rng.normal(size=(300, 4))
+    fake = rng.normal(size=(250, 4)) + 1.0
+
+    def radii(x):
+        out = []
+        for i in range(len(x)):
+            d = sorted(np.linalg.norm(x[i] - x[j]) for j in range(len(x)) if j != i)
+            out.append(d[k - 1])
+        return np.array(out)
+
+    def inside(points, centres, r):
+        return np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r)) for p in points])
+
+    precision, recall = quality.precision_recall(torch.as_tensor(real), torch.as_tensor(fake), k=k)
+    assert precision == pytest.approx(inside(fake, real, radii(real)), abs=1e-12)
+    assert recall == pytest.approx(inside(real, fake, radii(fake)), abs=1e-12)

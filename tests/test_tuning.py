@@ -203,3 +203,52 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     assert "--form does not apply to sampler 'dpm++3m'; it applies to ['dpm++2m']" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--sampler", "ipndm", "--order", "3", "--steps", "6", "-n", "20",
                  "--out", str(tmp_path / "d.npy")]) == 0
+
+
+def test_euler_costs_are_one_ddim_step_from_the_teacher():
+    """GITS's cost matrix: entry (i, j) is the mean distance, in xbar = x / alpha, between one DDIM step from
+    the teacher's point i to time j and the teacher's point j. Checked against ``sample(..., 'ddim')`` run over
+    the two-point grid [t_i, t_j] for every pair."""
+    from unstir.grids import time_grid
+    from unstir.samplers import coefficients
+    from unstir.tuning import euler_costs
+
+    p = unstir.make_process("vp")
+    model = oracle.random_mixture(3, 4, seed=2).denoiser(p)
+    grid = time_grid(p, 8, "edm").double()
+    x_T = p.prior_sample((32, 3), torch.Generator().manual_seed(0), dtype=torch.float64)
+    states = []
+    unstir.sample(model, p, x_T, sampler="deis", order=3, grid=grid, callback=lambda s: states.append(s))
+    ts = [float(s["t"]) for s in states]
+    xbar = torch.stack([s["x"].flatten(1) / coefficients(p, t).alpha for s, t in zip(states, ts)])
+    eps = torch.stack([(s["x"].flatten(1) - coefficients(p, t).alpha * s["x0"].flatten(1)) / coefficients(p, t).sigma
+                       for s, t in zip(states, ts)])
+    cost = euler_costs(xbar, eps, [coefficients(p, t).sigma_bar for t in ts])
+    for i, j in itertools.combinations(range(len(ts)), 2):
+        step = unstir.sample(model, p, states[i]["x"], sampler="ddim",
+                             grid=torch.tensor([ts[i], ts[j]], dtype=torch.float64), denoise=False).x
+        direct = (step / coefficients(p, ts[j]).alpha - xbar[j]).norm(dim=1).mean().item()
+        assert cost[i, j] == pytest.approx(direct, rel=1e-9, abs=1e-12), (i, j)
+    assert np.isinf(cost[np.tril_indices(len(ts))]).all()
+
+
+def test_pilot_grid_for_ddim_is_the_dynamic_programme_s_and_beats_every_named_grid():
+    """For DDIM the Euler cost is its exact one-step error, so the dynamic programme's path wins: the pilot's
+    grid is none of the named ones, and on fresh noise (seed 99; the pilot used seed 0) its endpoint error is
+    below every named grid's. (With a wrong cost matrix a named grid is returned.)"""
+    from unstir.grids import GRIDS, time_grid
+
+    p = unstir.make_process("vp")
+    model = oracle.random_mixture(2, 4, seed=1).denoiser(p)
+    pilot = pilot_grid(model, "ddim", 5, n=64, seed=0, dtype=torch.float64)
+    named = {name: time_grid(p, 5, name).double() for name in GRIDS}
+    assert not any(torch.allclose(g, pilot.grid.double()) for g in named.values())
+    x_T = p.prior_sample((1000, 2), torch.Generator().manual_seed(99), dtype=torch.float64)
+    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", rtol=1e-9, atol=1e-9,
+                        grid=torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)).x
+
+    def error(grid):
+        return (unstir.sample(model, p, x_T, sampler="ddim", steps=5, grid=grid).x - ref).norm(dim=1).mean().item()
+
+    placed = error(pilot.grid)
+    assert all(placed < error(g) for g in named.values()), (placed, {k: error(g) for k, g in named.items()})

@@ -149,19 +149,20 @@ def demo(args) -> int:
     args.data = args.data or "moons"
     out = figure_folder(args, DEMO_FIGURES)
     run = _fresh_run(args)
-    cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed)
+    cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed,
+                      device=args.device)
     print(f"training on '{args.data}' ({args.process}, {args.train_steps} steps, batch {cfg.batch_size})")
-    result = train(cfg, run)
-    model = load_run(run)
+    result = train(cfg, run, progress=not args.quiet)
+    model = load_run(run, device=args.device)
     held_out = toy_2d(args.data, args.n, seed=args.seed + 1000)
     floors = two_sample_floor(lambda i: toy_2d(args.data, args.n, seed=args.seed + 2000 + i), held_out)
-    x_T = model.process.prior_sample((args.n, 2), torch.Generator().manual_seed(args.seed))
+    x_T = model.process.prior_sample((args.n, 2), torch.Generator().manual_seed(args.seed), device=args.device)
     panels, rows = {"held-out data": held_out}, []
-    for name, steps in tqdm(MAIN_SAMPLERS.items(), desc="sampling", unit="sampler"):
+    for name, steps in tqdm(MAIN_SAMPLERS.items(), desc="sampling", unit="sampler", disable=args.quiet):
         with torch.no_grad():
             r = sample(model, None, x_T, sampler=name, steps=steps, generator=torch.Generator().manual_seed(args.seed))
-        panels[f"{name} ({r.nfe} NFE)"] = r.x
-        rows.append((name, r.nfe, sliced_w2(r.x, held_out)))
+        panels[f"{name} ({r.nfe} NFE)"] = r.x.cpu()
+        rows.append((name, r.nfe, sliced_w2(r.x.cpu(), held_out)))
     figures.scatter_panels(panels, out / "samples.png")
     figures.trajectories(_sde_and_ode_paths(model, x_T[: args.paths], 20, args.seed), out / "trajectories.png")
     rate = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["steps_per_s"]
@@ -196,23 +197,24 @@ def image_demo(args) -> int:
                       prediction="velocity" if args.process == "rf" else "eps",
                       # logit-normal times (Esser et al. 2024) learned shapes32 faster (benchmarks/images_results.md)
                       time_sampling="logit-normal" if args.process == "rf" else "uniform",
-                      widths=(32, 64, 64), batch_size=32, lr=1e-3, warmup=min(200, args.train_steps // 10))
+                      widths=(32, 64, 64), batch_size=32, lr=1e-3, warmup=min(200, args.train_steps // 10),
+                      device=args.device)
     print(f"training on 'shapes32' ({args.process}, {cfg.prediction} prediction, {cfg.time_sampling} times, "
           f"{args.train_steps} steps, "
           f"batch {cfg.batch_size}, U-Net widths 32,64,64)")
-    train(cfg, run)
+    train(cfg, run, progress=not args.quiet)
     weights = out / f"factor-classifier-{args.classifier_steps}.safetensors"
     clf = quality.ShapesClassifier()
     if weights.exists():
         clf.load_state_dict(load_file(weights))
     else:
-        clf = quality.train_shapes_classifier(args.classifier_steps, seed=args.seed, progress=True)
+        clf = quality.train_shapes_classifier(args.classifier_steps, seed=args.seed, progress=not args.quiet)
         save_file(clf.state_dict(), weights)
     clf.eval()
-    model = load_run(run)
+    model = load_run(run, device=args.device)
     with torch.no_grad():
         x, nfe = sample_sharded(model, args.n, seed=args.seed, batch_size=250, sampler="dpm++2m", steps=20,
-                                progress=True)
+                                progress=not args.quiet, device=args.device)
     figures.image_grid(data.from_unit_range(x[:64].clamp(-1, 1)), out / "samples.png")
     reference = data.shapes32(args.n, args.seed + 1).x
     rows = {"held-out real (floor)": quality.shapes32_quality(data.load("shapes32-test", n=args.n, seed=args.seed).x,

@@ -251,12 +251,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     if afs:
         eps[0] = xbar[0] / coefficients(process, process.T).sigma_bar
     sbar = [coefficients(process, t).sigma_bar for t in teacher_grid[:-1].tolist()]
-    X, E = torch.stack(xbar), torch.stack(eps)  # (m, n, d) over the m points T .. t_min
-    m = len(sbar)
-    cost = np.full((m, m), np.inf)
-    for i in range(m - 1):
-        ds = torch.tensor(sbar[i + 1:], dtype=torch.float64)[:, None, None] - sbar[i]
-        cost[i, i + 1:] = (X[i] + ds.to(X.device) * E[i] - X[i + 1:]).norm(dim=2).mean(1).cpu().numpy()
+    X = torch.stack(xbar)  # (m, n, d) over the m points T .. t_min
+    cost = euler_costs(X, torch.stack(eps), sbar)
 
     def error(g: Tensor) -> float:
         nonlocal spent
@@ -288,6 +284,20 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     return TunedGrid(sampler, nfe, candidates[best].tolist(), start, errors[start], errors[best], spent,
                      time.perf_counter() - t0, n, seed, dict(options), "pilot", afs,
                      bool(candidates[best][0] < process.T))
+
+
+def euler_costs(X: Tensor, E: Tensor, sbar) -> np.ndarray:
+    """GITS's cost matrix (Chen et al. 2024, Sec. 4): ``cost[i, j]`` (i < j) is the mean distance between one
+    Euler step of the PF ODE in the scaled coordinates xbar = x / alpha, sigma_bar = sigma / alpha (a DDIM step:
+    xbar_j ~ xbar_i + (sigma_bar_j - sigma_bar_i) eps_i) from the teacher's point i to point j, and the teacher's
+    point j; inf elsewhere. ``X``, ``E``: (m, n, d) teacher states xbar and eps predictions at the m points;
+    ``sbar``: their sigma_bar."""
+    m = len(sbar)
+    cost = np.full((m, m), np.inf)
+    for i in range(m - 1):
+        ds = torch.tensor(sbar[i + 1:], dtype=torch.float64)[:, None, None] - sbar[i]
+        cost[i, i + 1:] = (X[i] + ds.to(X.device) * E[i] - X[i + 1:]).norm(dim=2).mean(1).cpu().numpy()
+    return cost
 
 
 def _cheapest_path(cost: np.ndarray, k: int, gamma: float, start: np.ndarray | None = None) -> list[int]:

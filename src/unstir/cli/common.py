@@ -4,6 +4,7 @@ them differently), and the checks and writers behind them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -62,9 +63,28 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (notices and warnings still show)")
 
 
-def add_class(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--class", dest="label", type=int, help="class label (class-conditional runs, or with a "
-                   "classifier)")
+NFE_MIN = 3  # --nfe of sample and tune-grid: a grid with at least one point between T and the end to place
+
+
+def nfe_value(text: str) -> int:
+    try:
+        nfe = int(text)
+    except ValueError:
+        nfe = None
+    if nfe is None or nfe < NFE_MIN:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {NFE_MIN} (a grid with a point to place; fewer "
+                                         f"evaluations: --steps), got {text!r}")
+    return nfe
+
+
+def add_nfe(p: argparse.ArgumentParser, help: str, default: int | None = None) -> None:
+    p.add_argument("--nfe", type=nfe_value, default=default, help=f"{help} (at least {NFE_MIN}"
+                   + (f"; default: {default})" if default is not None else ")"))
+
+
+def add_class(p: argparse.ArgumentParser, classifier: bool = False) -> None:
+    p.add_argument("--class", dest="label", type=int, help="class label (class-conditional runs"
+                   + (", or with --classifier)" if classifier else ")"))
 
 
 def add_guidance(p: argparse.ArgumentParser, help: str) -> None:
@@ -201,3 +221,25 @@ def read_png(path, shape, mask: bool = False):
             raise ValueError(f"mask {str(path)!r} must be black (0, unknown) and white (255, known) only")
         return (t[:1] == 255).long().expand(c, h, w).contiguous()
     return t
+
+
+@contextlib.contextmanager
+def evaluation_bar(model, quiet: bool, desc: str):
+    """A progress bar that counts the network's evaluations (a forward hook on it) for work whose total is not
+    known ahead (RePaint's jumps, SMC's particles); nothing with ``quiet`` or for a model without a network."""
+    from tqdm import tqdm
+
+    from ..resources import network_of
+
+    net = None if quiet else network_of(model)
+    if net is None:
+        yield
+        return
+    bar = tqdm(desc=desc, unit="eval", dynamic_ncols=True)
+    handle = net.register_forward_hook(lambda *_: bar.update(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+        bar.close()
+

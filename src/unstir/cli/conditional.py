@@ -6,8 +6,8 @@ import torch
 
 from .. import figures
 from ..samplers import sample
-from .common import (add_class, add_count, add_device, add_guidance, add_out, add_run, add_seed, add_steps,
-                     check_strength, data_bound, held_out, npy, output_path, positive, read_png, save,
+from .common import (add_class, add_count, add_device, add_guidance, add_out, add_quiet, add_run, add_seed, add_steps,
+                     check_strength, data_bound, evaluation_bar, held_out, npy, output_path, positive, read_png, save,
                      warn_out_of_range)
 
 INVERSE_METHODS = ("replacement", "repaint", "dps", "pigdm", "smc")
@@ -76,7 +76,7 @@ def inpaint_cmd(args) -> int:
                          f"--task {args.task}")
     y = args.label
     x_T = model.process.prior_sample((args.n, *shape), g).to(args.device)  # drawn on the CPU, as every draw
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_bar(model, args.quiet, args.method):
         if args.method == "repaint":
             r = repaint(model, m, x_T, args.steps, y=y, generator=g)
         elif args.method == "replacement":
@@ -130,5 +130,6 @@ def register(sub) -> None:
     add_count(ip, 8, "number of posterior samples")
     add_seed(ip)
     add_device(ip)
+    add_quiet(ip)
     add_out(ip, "result .png (truth, measurement, samples; for vectors the samples over the data) or .npy")
     ip.set_defaults(func=inpaint_cmd)

@@ -173,7 +173,7 @@ def interpolate_cmd(args) -> int:
     if max(i, j) >= x.shape[0]:
         raise ValueError(f"--pair {i} {j}: the held-out data have {x.shape[0]} points (indices 0-{x.shape[0] - 1})")
     with torch.no_grad():
-        r = interpolate(model, x[i], x[j], args.frames, method=args.method, y=args.label)
+        r = interpolate(model, x[i], x[j], args.frames, method=args.method, y=args.label, progress=not args.quiet)
     if out.suffix == ".npy":
         save(out, npy(r.x.cpu().numpy()))
     elif r.x.ndim == 4:
@@ -234,4 +234,5 @@ def register(sub) -> None:
     ip.add_argument("--frames", type=int, default=8, help="frames including both ends (default: 8)")
     ip.add_argument("--method", default="slerp", choices=["slerp", "lerp"], help="latent interpolation (default: slerp)")
     add_out(ip, "strip.png (image strip, or the path drawn over the data) or frames.npy")
+    add_quiet(ip)
     ip.set_defaults(func=interpolate_cmd)

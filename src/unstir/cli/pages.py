@@ -68,6 +68,8 @@ def register(sub) -> None:
                    f"scored: {IMAGE_DEMO_N})")
     m.add_argument("--paths", type=int, default=6, help="trajectories to draw (default: 6)")
     add_seed(m, "training, noise and held-out data")
+    add_device(m)
+    add_quiet(m)
     m.set_defaults(func=demo)
 
     d = sub.add_parser("oracle", help="samplers on the exact score of a Gaussian mixture, with figures",

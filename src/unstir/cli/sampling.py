@@ -16,10 +16,9 @@ from .. import figures
 from ..grids import GRIDS
 from ..samplers import SAMPLERS
 from .._random import sample_seeds
-from .common import (add_class, add_count, add_device, add_guidance, add_no_teleport, add_out, add_processes,
-                     add_quiet, add_run,
-                     add_seed, add_steps,
-                     check_strength, data_bound, npy, output_path, positive, save, warn_out_of_range)
+from .common import (add_class, add_count, add_device, add_guidance, add_nfe, add_no_teleport, add_out,
+                     add_processes, add_quiet, add_run, add_seed, add_steps, check_strength, data_bound, npy,
+                     output_path, positive, save, warn_out_of_range)
 
 def guidance_model(model, args):
     """The model to sample: as is, classifier-free guided (--guidance without --classifier) or classifier
@@ -332,10 +331,10 @@ def register(sub) -> None:
                     help="see `unstir list` (default: dpm++2m; ipndm with --nfe 10 or fewer)")
     add_steps(sa, None, "grid intervals; the model evaluations are reported. For ode_rk45 only the output grid: its "
               "cost is set by --rtol/--atol")
-    sa.add_argument("--nfe", type=int, help="model evaluations instead of --steps (fixed-grid samplers). A grid "
-                    "stored for this sampler and NFE (`unstir tune-grid`) is used; up to 10 NFE without one, the "
-                    "grid is placed by a pilot run of 128 samples (fewer if -n is smaller: then not stored) and "
-                    "stored (not with --guidance, --class or --no-ema: the named grid is used there)")
+    add_nfe(sa, "model evaluations instead of --steps (fixed-grid samplers). A grid stored for this sampler and "
+            "NFE (`unstir tune-grid`) is used, also with --no-ema; up to 10 NFE without one, the grid is placed by a "
+            "pilot run of 128 samples (fewer if -n is smaller: then not stored) and stored (no pilot with "
+            "--guidance, --class or --no-ema: the named grid is used there)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
                     "replaced by x_T / sigma_T, one evaluation fewer (fixed-grid samplers)")
@@ -348,7 +347,7 @@ def register(sub) -> None:
     sa.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="samples per batch (default: "
                     "256). Sample i draws its noise from its own seed (--seed * 2^20 + i), so the samples are the "
                     "same for any batch size and, under torchrun, any number of processes")
-    add_class(sa)
+    add_class(sa, classifier=True)
     add_guidance(sa, "guidance strength (default: none): classifier-free (diffusers/Imagen scale s: 0 "
                  "unconditional, 1 conditional; Ho & Salimans' w = s - 1), or with --classifier the classifier "
                  "gradient's weight (default there: 1 = Bayes' rule)")
@@ -376,7 +375,7 @@ def register(sub) -> None:
     tg.add_argument("--sampler", default=None, choices=sorted(set(deterministic) - {"ode_rk45"} | {"edm"}),
                     help="deterministic fixed-grid sampler (edm runs with churn 0) (default: as for sample: ipndm for "
                     "--nfe 10 or fewer, else dpm++2m)")
-    tg.add_argument("--nfe", type=int, default=8, help="model evaluations of the grid (default: 8)")
+    add_nfe(tg, "model evaluations of the grid", default=8)
     tg.add_argument("--method", choices=["nelder-mead", "pilot"], default="nelder-mead",
                     help="nelder-mead: fit the points to a tight solve (costly); pilot: dynamic programming over a "
                     "100-step pilot run, GITS (cheap; what `unstir sample --nfe` does) (default: nelder-mead)")
