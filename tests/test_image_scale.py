@@ -90,7 +90,7 @@ def test_cli_takes_the_unet_options_and_a_resume_keeps_them(tmp_path, capsys):
     assert (cfg["widths"], cfg["res_blocks"], cfg["attention"], cfg["dropout"]) == ([16, 32], 2, [4], 0.1)
     assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--quiet"]) == 0
     assert main(["train", "--out", str(run), "--resume", "--steps", "4", "--res-blocks", "1", "--quiet"]) == 2
-    assert "res_blocks: run has 2, asked 1" in capsys.readouterr().err
+    assert "--res-blocks: run has 2, asked 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", "digits", "--widths", "16;32", "--out", str(tmp_path / "x")])
 

@@ -221,4 +221,4 @@ def test_cli_logit_normal_is_recorded_and_resumed(tmp_path, capsys):
     assert not all(torch.equal(a[k], u[k]) for k in a), "the time distribution must change the training"
     assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--quiet", "--logit-normal", "0", "1",
                  "--steps", "30"]) != 0
-    assert "logit_normal: run has [0.5, 0.8], asked [0.0, 1.0]" in capsys.readouterr().err
+    assert "--logit-normal: run has [0.5, 0.8], asked [0.0, 1.0]" in capsys.readouterr().err

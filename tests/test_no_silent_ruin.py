@@ -29,11 +29,11 @@ def test_1_resume_refuses_changed_settings_and_records_a_longer_run(tmp_path, ca
                  "--data", "circles", "--lr", "0.1", "--quiet"])
     err = _error(capsys)
     assert code == 2
-    for part in ("data: run has 'moons', asked 'circles'", "lr: run has 0.002, asked 0.1",
-                 "prediction: run has 'eps', asked 'x0'", "process: run has 'vp', asked 've'"):
+    for part in ("--data: run has 'moons', asked 'circles'", "--lr: run has 0.002, asked 0.1",
+                 "--prediction: run has 'eps', asked 'x0'", "--process: run has 'vp', asked 've'"):
         assert part in err
     assert main(["train", "--out", run, "--resume", "--data", "digits", "--quiet"]) == 2
-    assert "data: run has 'moons', asked 'digits'" in _error(capsys)
+    assert "--data: run has 'moons', asked 'digits'" in _error(capsys)
     # Options not repeated are taken from the run; a longer run is recorded with the rule applied.
     assert main(["train", "--steps", "90", "--out", run, "--resume", "--quiet"]) == 0
     info = json.loads((tmp_path / "r" / "run.json").read_text())

@@ -151,8 +151,8 @@ def _user_errors(run, tmp):
         (["encode", "--run", r, "--data", "digits", "--out", str(tmp / "z.npy")], "per-sample shape"),
         (["decode", "--run", r, "--latents", str(tmp / "missing.npy"), "--out", o], "missing.npy"),
         (["interpolate", "--run", r, "--pair", "0", "3", "--frames", "1", "--out", o], "frames"),
-        (["tune-grid", "--run", r, "--nfe", "2"], "nfe must be an integer >= 3, got 2"),
-        (["tune-grid", "--run", r, "--sampler", "ode_heun", "--nfe", "6"], "NFE is 2 m + 1; got nfe=6"),
+        (["tune-grid", "--run", r, "--nfe", "2"], "--nfe must be an integer >= 3 (a grid with a point to place"),
+        (["tune-grid", "--run", r, "--sampler", "ode_heun", "--nfe", "6"], "NFE is 2 m + 1; got --nfe=6"),
         (["report", "--run", str(tmp)], "is not a run folder"),
         (["oracle", "-n", "0", "--out", str(tmp / "or")], "-n"),
     ]

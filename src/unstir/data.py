@@ -259,7 +259,7 @@ def image_folder(path, size: int | None = None, mode: str = "L") -> Dataset:
                     a = np.stack([a] * 3, -1) if mode == "RGB" else a
                 arrays.append(a)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-            raise ValueError(f"cannot read image {str(f)!r}: {err}") from err
+            raise ValueError(f"cannot read image {str(f)!r}: {getattr(err, 'strerror', None) or err}") from None
     if len(modes) > 1:
         raise ValueError(f"images in {str(root)!r} mix colour modes: " + ", ".join(f"{m} (e.g. {f})" for m, f in
                          sorted(modes.items())) + "; convert them to one mode (all grayscale or all colour) first")

@@ -150,7 +150,7 @@ def demo(args) -> int:
     out = figure_folder(args, DEMO_FIGURES)
     run = _fresh_run(args)
     cfg = TrainConfig(data=args.data, process=args.process, steps=args.train_steps, seed=args.seed,
-                      device=args.device)
+                      batch_size=512, device=args.device)
     print(f"training on '{args.data}' ({args.process}, {args.train_steps} steps, batch {cfg.batch_size})")
     result = train(cfg, run, progress=not args.quiet)
     model = load_run(run, device=args.device)

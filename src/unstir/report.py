@@ -25,7 +25,7 @@ from . import figures
 from .figures import plt
 from .inverse import Measurement, pigdm
 from .metrics import sliced_w2, two_sample_floor
-from .runs import atomic_write, check_not_locked, load_run, run_lock
+from .runs import atomic_write, check_not_locked, load_run, read_log, run_lock
 from .tuning import GRID_LOCK_WAIT
 from .samplers import sample
 
@@ -90,6 +90,7 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
     model = load_run(run, device=device)
     if out is None or Path(out).resolve().parent == run.resolve():
         check_not_locked(run, "report")  # a run that trains now: refused before the work, not after it
+    log = read_log(run)  # a damaged log is named before the work
     info = model.run_info
     cfg = info["config"]
     is_image = len(model.data_shape) == 3
@@ -171,7 +172,6 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
     bar.update()
 
     # 4. loss ------------------------------------------------------------------------------------
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     if log:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
         ax.plot([r["step"] for r in log], [r["loss"] for r in log])

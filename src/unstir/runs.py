@@ -314,6 +314,26 @@ def _read_json(path: Path):
                          f"{str(err)[:100]})") from None
 
 
+def read_log(run) -> list[dict]:
+    """The rows of ``run/log.jsonl`` (one JSON object per logged step; [] when there is none), or a ValueError
+    that names the file and the line that is not one."""
+    path = Path(run) / "log.jsonl"
+    if not os.path.lexists(path):
+        return []
+    rows = []
+    for number, line in enumerate(regular_file(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"{str(path)!r}, line {number}, is damaged: not a JSON object ({err})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float))):
+            raise ValueError(f"{str(path)!r}, line {number}, is damaged: a row needs an integer step and a loss")
+        rows.append(row)
+    return rows
+
+
 def read_run_info(run) -> dict:
     """run.json, validated: known keys of the right types and a supported format version."""
     path = Path(run) / "run.json"

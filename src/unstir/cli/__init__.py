@@ -54,14 +54,40 @@ def main(argv=None) -> int:
     try:
         return _dispatch(args, argv)
     except USER_ERRORS as err:
-        print(f"unstir {args.command}: error: {err}", file=sys.stderr)
+        print(f"unstir {args.command}: error: {in_flags(describe(err), args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no handler stops the work cleanly (training writes a checkpoint)
         print(f"unstir {args.command}: interrupted (Ctrl-C) before its output was complete", file=sys.stderr)
         return 130
 
 
+def describe(err: BaseException) -> str:
+    """An error as one line: an OSError from the system (a full disk, a path through a file) as its reason and
+    path ("Not a directory: '/dev/null/x'"), without Python's "[Errno 20]"."""
+    if isinstance(err, OSError) and not isinstance(err, ValueError) and err.strerror:
+        paths = " -> ".join(repr(str(p)) for p in (err.filename, err.filename2) if p is not None)
+        return f"{err.strerror}{': ' + paths if paths else ''}"
+    return str(err)
+
+
+def in_flags(message: str, command: str) -> str:
+    """A message from the Python API in the command line's words: a verb's option named by its Python name
+    (``batch_size must ...``, ``label_dropout=0.2 ...``, ``max_evals must ...``) is named by its flag
+    (``--batch-size``, ``--label-dropout``, ``--max-evals``); names the verb does not take are left alone."""
+    import re
+
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings and a.dest != "help"}
+    for dest, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        after = r"( must\b|=| \(| \d| is the\b| applies\b)" if "_" in dest else r"( must\b|=)"  # plain words stay
+        message = re.sub(rf"(?<![-\w.']){re.escape(dest)}(?={after})", flag, message)
+    return message
+
+
 def _dispatch(args, argv) -> int:
+    from .common import check_shared
+
+    check_shared(args)
     nproc = getattr(args, "nproc", 1)
     if isinstance(nproc, int) and nproc != 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.command, argv, nproc)

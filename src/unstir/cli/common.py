@@ -30,23 +30,11 @@ def add_count(p: argparse.ArgumentParser, default: int, what: str) -> None:
     p.add_argument("-n", type=int, default=default, help=f"{what} (default: {default})")
 
 
-def seed_value(text: str) -> int:
-    """--seed of every verb: an integer in [0, 4096) (sample i of a run seed s is drawn from seed s * 2^20 + i,
-    and torch's CPU generator keeps 32 bits of a seed: ``unstir._random.sample_seeds``)."""
-    from .._random import SEED_BITS
-
-    limit = 2 ** (32 - SEED_BITS)
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = None
-    if seed is None or not 0 <= seed < limit:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {limit}), got {text!r}")
-    return seed
+SEED_LIMIT = 4096  # --seed of every verb: sample i of run seed s is drawn from seed s * 2^20 + i (32 bits)
 
 
 def add_seed(p: argparse.ArgumentParser, what: str = "the noise and any held-out draw", default=0) -> None:
-    p.add_argument("--seed", type=seed_value, default=default, help=f"seed for {what}, in [0, 4096) (default: 0)")
+    p.add_argument("--seed", type=int, default=default, help=f"seed for {what}, in [0, {SEED_LIMIT}) (default: 0)")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -66,20 +54,22 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 NFE_MIN = 3  # --nfe of sample and tune-grid: a grid with at least one point between T and the end to place
 
 
-def nfe_value(text: str) -> int:
-    try:
-        nfe = int(text)
-    except ValueError:
-        nfe = None
-    if nfe is None or nfe < NFE_MIN:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {NFE_MIN} (a grid with a point to place; fewer "
-                                         f"evaluations: --steps), got {text!r}")
-    return nfe
-
-
 def add_nfe(p: argparse.ArgumentParser, help: str, default: int | None = None) -> None:
-    p.add_argument("--nfe", type=nfe_value, default=default, help=f"{help} (at least {NFE_MIN}"
+    p.add_argument("--nfe", type=int, default=default, help=f"{help} (at least {NFE_MIN}"
                    + (f"; default: {default})" if default is not None else ")"))
+
+
+def check_shared(args) -> None:
+    """The options every verb shares, checked once before any verb runs (one line each, like every error):
+    --seed in [0, SEED_LIMIT), --nfe >= NFE_MIN."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be an integer in [0, {SEED_LIMIT}) (sample i draws from seed * 2^20 + i, "
+                         f"32 bits), got {seed}")
+    nfe = getattr(args, "nfe", None)
+    if nfe is not None and nfe < NFE_MIN:
+        raise ValueError(f"--nfe must be an integer >= {NFE_MIN} (a grid with a point to place; fewer evaluations: "
+                         f"--steps), got {nfe}")
 
 
 def add_class(p: argparse.ArgumentParser, classifier: bool = False) -> None:
@@ -211,7 +201,7 @@ def read_png(path, shape, mask: bool = False):
                                  f"convert it first (e.g. PIL's Image.convert('L'))")
             arr = np.asarray(im.convert("L" if (mask or c == 1) else "RGB"), dtype=np.uint8)
     except OSError as err:
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+        raise ValueError(f"cannot read image {str(path)!r}: {err.strerror or err}") from None
     if arr.shape[:2] != (h, w):
         raise ValueError(f"{str(path)!r} is {arr.shape[1]}x{arr.shape[0]}; the run's images are {w}x{h}")
     t = torch.from_numpy(arr.copy())
@@ -235,8 +225,11 @@ def evaluation_bar(model, quiet: bool, desc: str):
     if net is None:
         yield
         return
-    bar = tqdm(desc=desc, unit="eval", dynamic_ncols=True)
-    handle = net.register_forward_hook(lambda *_: bar.update(1))
+    bar = tqdm(desc=desc, unit="eval", dynamic_ncols=True, delay=1.0)  # after a second: a quick failure stays one line
+    def count(*_):  # a forward hook's return value would replace the output: return nothing
+        bar.update(1)
+
+    handle = net.register_forward_hook(count)
     try:
         yield
     finally:

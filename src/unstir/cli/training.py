@@ -9,6 +9,7 @@ from pathlib import Path
 from ..losses import TIME_SAMPLINGS, WEIGHTINGS
 from ..parametrization import PREDICTIONS
 from ..processes import PROCESSES
+from ..data import IMAGE_SETS, TOY_2D
 from .common import add_device, add_processes, add_quiet, add_seed
 
 def int_list(text: str) -> list:
@@ -69,9 +70,9 @@ def register(sub) -> None:
     # Options left out are absent from args (SUPPRESS), so --resume can tell what the user asked to change.
     tr = sub.add_parser("train", help="train a score model (torchrun for several processes)", description=train_cmd.__doc__,
                         argument_default=argparse.SUPPRESS)
-    tr.add_argument("--data", help="moons, swiss_roll, circles, checkerboard, ring, unequal_2d, digits, a folder "
-                    "of PNG/JPEG images (8-bit, scaled to [-1, 1]) or a .npy file: vectors as given, float images "
-                    "as given (expected in [-1, 1]), integer images as 8-bit levels 0..255 (default: moons)")
+    tr.add_argument("--data", help=f"{', '.join(TOY_2D + IMAGE_SETS)} (`unstir list`), a folder of PNG/JPEG images "
+                    "(8- or 16-bit, scaled to [-1, 1]) or a .npy file: vectors as given, float images as given "
+                    "(expected in [-1, 1]), integer images as 8-bit levels 0..255 or uint16 (default: moons)")
     tr.add_argument("--out", help="run folder (refused if it already holds a run, unless --resume; default: "
                     "runs/<data name>)")
     tr.add_argument("--process", choices=sorted(PROCESSES), help="forward process (default: vp)")
@@ -90,7 +91,8 @@ def register(sub) -> None:
                     help="with --time-sampling logit-normal: mean and std of logit(u) (default: 0 1)")
     tr.add_argument("--steps", type=int, help="optimizer steps in total (default: 4000)")
     tr.add_argument("--batch-size", dest="batch_size", type=int,
-                    help="global batch size, split across processes (default: 512)")
+                    help="global batch size, split across processes (default by the data: 512 for vectors, 128 "
+                    "for images up to 16 px, 32 above)")
     tr.add_argument("--lr", type=float, help="AdamW peak learning rate (default: 2e-3)")
     tr.add_argument("--warmup", type=int, help="linear warm-up steps, then cosine decay; must be shorter than the "
                     "run (default: 200, or a tenth of a run shorter than 2000 steps)")
