@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from unstir.cli import main
 
 
@@ -135,9 +137,9 @@ def test_conditional_sampling_classifier_and_inpainting_commands(tmp_path, capsy
     smc = np.load(tmp_path / "smc.npy")
     assert smc.shape == (6, 2) and np.allclose(smc[:, 0], 0.5, atol=1e-6)
     # a vector PNG shows the data and the conditioned samples; an absurd strength is named in a warning
-    assert main(["inpaint", "--run", str(vec), "--known", "0", "--values", "0.5", "--method", "dps", "--guidance", "1e9",
+    assert main(["inpaint", "--run", str(vec), "--known", "0", "--values", "0.5", "--method", "dps", "--dps-step", "1e9",
                  "--steps", "5", "-n", "6", "--out", str(tmp_path / "dps.png")]) == 0
-    assert "--guidance 1e+09 is likely too strong" in capsys.readouterr().err
+    assert "--dps-step 1e+09 is likely too strong" in capsys.readouterr().err
     assert Image.open(tmp_path / "dps.png").size[0] > 300
 
 
@@ -173,7 +175,21 @@ def test_shared_options_have_one_name_and_one_default():
         assert "--device" in sub.choices[verb].format_help(), verb
     for verb in ("likelihood", "encode", "decode", "interpolate", "inpaint", "sample"):
         assert "--class" in sub.choices[verb].format_help(), verb
-    assert "(default:" in sub.choices["inpaint"]._option_string_actions["--guidance"].help
+    assert "(default:" in sub.choices["inpaint"]._option_string_actions["--dps-step"].help
+    assert "--guidance" not in sub.choices["inpaint"]._option_string_actions  # one meaning per option name
+    # every verb that works for a while takes --quiet and --device; every --seed and --nfe has one range
+    for verb in ("demo", "oracle", "report", "interpolate", "inpaint", "sample", "likelihood", "encode", "decode",
+                 "tune-grid", "train", "train-classifier"):
+        assert {"--quiet", "--device"} <= set(sub.choices[verb]._option_string_actions), verb
+    from unstir.cli.common import check_shared
+
+    for verb, parser in sub.choices.items():
+        for option, bad, good in (("--seed", "4096", "4095"), ("--seed", "-1", "0"), ("--nfe", "2", "3")):
+            if option in parser._option_string_actions:
+                dest = parser._option_string_actions[option].dest
+                with pytest.raises(ValueError, match=f"{option} must be an integer"):
+                    check_shared(argparse.Namespace(**{dest: int(bad)}))
+                check_shared(argparse.Namespace(**{dest: int(good)}))
     assert "(default:" in sub.choices["sample"]._option_string_actions["--guidance"].help
 
 

@@ -199,3 +199,15 @@ def test_unet_attention_attends_over_pixels(heads):
                 expected[b, rows, i] = sum(w[j] * v[rows, j] for j in range(hw))
     expected = x + block.proj(expected.reshape(2, 8, 3, 5))
     torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_networks_run_in_double_precision():
+    """`UNet.double()` failed: the time embedding forced t to float32. It now follows the parameters' dtype, and
+    in float32 gives what it gave before (the embedding's arithmetic is unchanged there)."""
+    torch.manual_seed(0)
+    for net, shape in ((nets.UNet(), (2, 1, 8, 8)), (nets.MLP(2), (2, 2))):
+        x, t = torch.randn(shape), torch.rand(2)
+        single = net(x, t)
+        double = net.double()(x.double(), t.double())
+        assert double.dtype == torch.float64
+        torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-5)

@@ -129,3 +129,21 @@ def test_the_default_batch_fits_the_data_and_is_recorded(tmp_path):
         assert json.loads((run / "run.json").read_text())["config"]["batch_size"] == batch
     assert main(["train", "--out", str(tmp_path / "run32"), "--resume", "--steps", "2", "--quiet"]) == 0
     assert json.loads((tmp_path / "run32" / "run.json").read_text())["config"]["batch_size"] == 32
+
+
+def test_figures_read(digits, moons, tmp_path):
+    """A mosaic of 1000 8x8 digits was 289 x 289 pixels (each digit 8 px), and the inpaint strip, 182 x 20, did
+    not say which image was which. Now every image in a mosaic is drawn at least 32 px across, and the strip
+    titles each image."""
+    from unstir import figures
+
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--run", str(digits), "-n", "1000", "--steps", "2", "--out", str(grid), "--quiet"]) == 0
+    assert Image.open(grid).size == ((32 * 9 + 1) * 4,) * 2  # 32 columns of 8 + 1 px, drawn x4
+    import torch
+
+    strip = tmp_path / "strip.png"
+    figures.labelled_strip(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), ["truth", "measurement", "dps 1"], strip)
+    assert Image.open(strip).size[1] > 60  # room for the titles above the images
+    with pytest.raises(ValueError, match="one label per image"):
+        figures.labelled_strip(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), ["truth"], strip)

@@ -192,7 +192,7 @@ def _more_user_errors(run, tmp, props):
         (vec + ["--known", "0", "--values", "0.4", "--mask", str(props / "m.png")], "--mask apply to image runs"),
         (vec + ["--known", "0", "--values", "0.4", "--method", "pigdm", "--guidance", "3"],
          "--guidance is DPS's step size; --method pigdm has none"),
-        (vec + ["--known", "0", "--values", "0.4", "--method", "dps", "--guidance", "-5"], "--guidance must be >= 0"),
+        (vec + ["--known", "0", "--values", "0.4", "--method", "dps", "--dps-step", "-5"], "--dps-step must be >= 0"),
         (vec + ["--known", "0", "--values", "0.4", "--method", "repaint", "--particles", "4"],
          "--particles is for --method smc"),
         (["sample", "--run", r, "--guidance", "-1", "--class", "0", "--out", o], "--guidance must be >= 0"),

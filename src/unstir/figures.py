@@ -19,24 +19,27 @@ def _host(x: torch.Tensor) -> torch.Tensor:
 def marginals_and_scores(mixture, process, times, path: Path, lim: float = 3.0, res: int = 120) -> None:
     """log p_t as an image with the exact score field as arrows, one panel per t."""
     mixture = mixture.to("cpu")
-    fig, axes = plt.subplots(1, len(times), figsize=(3.2 * len(times), 3.3))
+    fig, axes = plt.subplots(1, len(times), figsize=(3.6 * len(times), 3.4))
     u = torch.linspace(-lim, lim, res, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(u, u, indexing="xy"), -1).reshape(-1, 2)
     q = torch.linspace(-lim, lim, 17, dtype=torch.float64)
     qgrid = torch.stack(torch.meshgrid(q, q, indexing="xy"), -1).reshape(-1, 2)
     for ax, t in zip(axes, times):
         logp = mixture.marginal_log_prob(grid, t, process).reshape(res, res)
-        ax.imshow(logp.clamp_min(logp.max() - 12).numpy(), extent=(-lim, lim, -lim, lim), origin="lower",
-                  cmap="magma")
+        shown = ax.imshow(logp.clamp_min(logp.max() - 12).numpy(), extent=(-lim, lim, -lim, lim), origin="lower",
+                          cmap="magma")
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
         score = mixture.score(qgrid, t, process)
         score = score / score.norm(dim=1, keepdim=True).clamp_min(1e-12) ** 0.5  # compress the range
         ax.quiver(qgrid[:, 0], qgrid[:, 1], score[:, 0], score[:, 1], color="white", alpha=0.7, width=0.004)
-        ax.set_title(f"t = {t:.3g}   sigma = {process.sigma(t).item():.2f}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{process.name}: log p_t and the exact score", y=1.0)
+        ax.set_title(f"t = {t:.3g}   sigma = {process.sigma(t).item():.2f}", fontsize=9)
+        ax.set_xlabel("x[0]", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("x[1]", fontsize=8)
+    fig.suptitle(f"{process.name}: log p_t (colour, clipped 12 nats below its peak) and the exact score "
+                 f"(arrows, length compressed)", y=1.0, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
 
 
@@ -68,10 +71,9 @@ def scatter_panels(panels: dict[str, torch.Tensor], path: Path, xlim=None, ylim=
         ax.set_ylim(*ylim)
         ax.set_aspect("equal")
         ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.tick_params(labelsize=7, length=2, pad=1)
+    fig.tight_layout(pad=0.4, w_pad=0.6, h_pad=0.6)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.03)
     plt.close(fig)
 
 
@@ -147,5 +149,29 @@ def image_grid(images_uint8: torch.Tensor, path: Path, ncol: int | None = None) 
         canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = images_uint8[i]
     arr = canvas[0].numpy() if c == 1 else canvas.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr)
-    scale = max(1, 256 // img.width)
+    # Every image at least TILE_PIXELS across (8x8 digits x4), or the whole grid 256 wide, within MAX_GRID_WIDTH.
+    scale = max(1, -(-TILE_PIXELS // max(h, w)), 256 // img.width)
+    scale = max(1, min(scale, MAX_GRID_WIDTH // img.width))
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path, format="PNG")
+
+
+TILE_PIXELS = 32  # image_grid draws each image at least this wide (nearest-neighbour)
+MAX_GRID_WIDTH = 4096
+
+
+def labelled_strip(images_uint8: torch.Tensor, labels: list[str], path: Path) -> None:
+    """(N, C, H, W) uint8 images in one row, each titled (e.g. "truth", "measurement", "sample 1"), drawn with
+    nearest-neighbour pixels."""
+    images_uint8 = _host(images_uint8)
+    n = images_uint8.shape[0]
+    if len(labels) != n:
+        raise ValueError(f"need one label per image, got {len(labels)} for {n}")
+    fig, axes = plt.subplots(1, n, figsize=(1.1 * n, 1.35), squeeze=False)
+    for ax, image, label in zip(axes[0], images_uint8, labels):
+        ax.imshow(image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy(),
+                  cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(label, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout(pad=0.2, w_pad=0.2)
+    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.02)
+    plt.close(fig)

@@ -22,8 +22,11 @@ whatever the network predicts to eps):
 * ``min-snr``:    w = min(SNR, gamma) / SNR with SNR = alpha^2 / sigma^2 and gamma = ``snr_gamma`` (5 by
                   default), mean over dimensions: Min-SNR-gamma (Hang et al. 2023, eq. 12). The paper writes
                   it on the x0 error, w_x0 = min(SNR, gamma); since ||x0 - x0_theta||^2 = ||eps - eps_theta||^2
-                  / SNR, that is this factor on the eps error for every prediction type (their eps and v forms
-                  are the same loss). It is ``simple`` at noise levels with SNR <= gamma and gives the
+                  / SNR, that is this factor on the eps error for every prediction type. Their v form,
+                  min(SNR, gamma) / (SNR + 1) on ||v - v_theta||^2 with v = alpha eps - sigma x0, is the same
+                  loss only where alpha^2 + sigma^2 = 1 (vp, ddpm, vp_cosine); on rf, ve and subvp it is not, and
+                  unstir uses eq. 12 as written (the x0 form). It is ``simple`` at noise levels with SNR <= gamma
+                  and gives the
                   low-noise levels, where the eps error is large and says little about the sample, less weight.
 
 t is uniform on [t_min, T], or uniform over the integer steps on a discrete DDPM process

@@ -24,7 +24,9 @@ def sliced_w2(x: Tensor, y: Tensor, n_proj: int = 256, seed: int = 0) -> float:
 
 def two_sample_floor(draw, reference: Tensor, repeats: int = 5) -> list[float]:
     """Sliced-W2 between ``reference`` and ``repeats`` fresh samples ``draw(i)`` of the same size and
-    distribution: what a perfect sampler scores. Report the mean (and the spread: it is noisy)."""
+    distribution: what a perfect sampler scores on average, at this sample size. One sampler's score spreads
+    around it as these do (a run can fall below the mean), and it shrinks as n grows: compare at equal n.
+    Report the mean and the range."""
     return [sliced_w2(draw(i), reference) for i in range(repeats)]
 
 

@@ -18,7 +18,10 @@ Tensor = torch.Tensor
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal features of t (Vaswani et al.; Ho et al. 2020) followed by a small MLP."""
+    """Sinusoidal features of t (Vaswani et al. 2017; Ho et al. 2020) followed by a small MLP, computed in the
+    parameters' dtype (``.double()`` works). Where it differs from DDPM's ``get_timestep_embedding``: the
+    frequencies are 10000^(-i / half), not 10000^(-i / (half - 1)), and the MLP is dim -> 2 dim -> dim, not
+    ch -> 4 ch -> 4 ch."""
 
     def __init__(self, dim: int, time_scale: float = 1000.0):
         super().__init__()
@@ -27,8 +30,9 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * self.time_scale)[:, None] * freqs
+        dtype = self.mlp[0].weight.dtype
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=dtype) / half)
+        args = (t.to(dtype) * self.time_scale)[:, None] * freqs
         return self.mlp(torch.cat([torch.sin(args), torch.cos(args)], 1))
 
 
@@ -71,7 +75,9 @@ def _label_embedding(table: nn.Embedding | None, y: Tensor | None, x: Tensor):
 
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv; the embedding added; GroupNorm, SiLU, dropout, 3x3 conv; a residual (Ho et al.
-    2020, Appendix B, as in their released code)."""
+    2020, Appendix B). Where it differs from their released code: the embedding enters through a linear map
+    without the SiLU before it, and no layer is zero-initialised (DDPM starts the second convolution and the
+    attention's projection at 0). unstir keeps its own so that saved runs and the published figures stand."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int = 8, dropout: float = 0.0):
         super().__init__()

@@ -6,8 +6,8 @@ import torch
 
 from .. import figures
 from ..samplers import sample
-from .common import (add_class, add_count, add_device, add_guidance, add_out, add_quiet, add_run, add_seed, add_steps,
-                     check_strength, data_bound, evaluation_bar, held_out, npy, output_path, positive, read_png, save,
+from .common import (add_class, add_count, add_device, add_out, add_quiet, add_run, add_seed, add_steps,
+                     data_bound, evaluation_bar, held_out, npy, output_path, positive, read_png, save,
                      warn_out_of_range)
 
 INVERSE_METHODS = ("replacement", "repaint", "dps", "pigdm", "smc")
@@ -17,7 +17,7 @@ def inpaint_cmd(args) -> int:
     """Solve a linear inverse problem with a trained run: inpainting (--mask), colorization or 2x
     super-resolution of --image, or, for vector data, conditioning on coordinates (--known, --values).
     Writes the measurement beside -n posterior samples (images), or a scatter plot / .npy. Methods:
-    replacement and RePaint paste the known entries (masks only); DPS (Chung et al. 2023, Alg. 1; --guidance
+    replacement and RePaint paste the known entries (masks only); DPS (Chung et al. 2023, Alg. 1; --dps-step
     is its step size zeta', default 1.0); PiGDM; smc, twisted SMC (Wu et al. 2023) with --particles per
     sample, the one method that converges to the posterior."""
     from ..data import from_unit_range, to_unit_range
@@ -27,11 +27,13 @@ def inpaint_cmd(args) -> int:
     positive(**{"-n": args.n, "--steps": args.steps, "--particles": args.particles})
     if not args.sigma_y >= 0:
         raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
-    if args.guidance is not None and args.method != "dps":
-        raise ValueError(f"--guidance is DPS's step size; --method {args.method} has none")
+    if args.dps_step is not None and args.method != "dps":
+        raise ValueError(f"--dps-step is DPS's step size; --method {args.method} has none")
     if args.particles is not None and args.method != "smc":
         raise ValueError(f"--particles is for --method smc, not {args.method}")
-    check_strength(args.guidance)
+    if args.dps_step is not None and not args.dps_step >= 0:
+        raise ValueError(f"--dps-step must be >= 0 (a negative step pushes away from the measurement), got "
+                         f"{args.dps_step}")
     out = output_path(args)
     model = load_run(args.run, device=args.device)
     shape = tuple(model.data_shape)
@@ -82,20 +84,21 @@ def inpaint_cmd(args) -> int:
         elif args.method == "replacement":
             r = sample(model, None, x_T, sampler="ddpm", steps=args.steps, project=m.replacement(g), y=y, generator=g)
         elif args.method == "dps":
-            r = dps(model, m, x_T, args.steps, zeta=1.0 if args.guidance is None else args.guidance, y=y, generator=g)
+            r = dps(model, m, x_T, args.steps, zeta=1.0 if args.dps_step is None else args.dps_step, y=y, generator=g)
         elif args.method == "smc":
             r = twisted_smc(model, m, args.n, args.steps, particles=args.particles or 16, y=y, generator=g)
         else:
             r = sample(pigdm(model, m), None, x_T, sampler="ddpm", steps=args.steps, y=y, generator=g)
     x, nfe = r.x, r.nfe
     if args.method == "dps":
-        warn_out_of_range(x, data_bound(model, args.seed), f"--guidance {args.guidance if args.guidance is not None else 1.0:g}")
+        warn_out_of_range(x, data_bound(model, args.seed), f"--dps-step {args.dps_step if args.dps_step is not None else 1.0:g}")
     if out.suffix == ".npy":
         save(out, npy(x.cpu().numpy()))
     elif truth is not None:
         shown = m.pinv(m.A(truth)).to(x.dtype)  # the measurement, back in image space
-        grid = from_unit_range(torch.cat([truth.to(x.dtype), shown, x]).clamp(-1, 1))
-        save(out, lambda p: figures.image_grid(grid, p, ncol=args.n + 2))
+        strip = from_unit_range(torch.cat([truth.cpu().to(x.dtype), shown.cpu(), x.cpu()]).clamp(-1, 1))
+        labels = ["truth", "measurement"] + [f"{args.method} {i + 1}" for i in range(args.n)]
+        save(out, lambda p: figures.labelled_strip(strip, labels, p))
     else:
         from ..data import is_builtin
 
@@ -123,7 +126,9 @@ def register(sub) -> None:
     ip.add_argument("--method", default="repaint", choices=list(INVERSE_METHODS),
                     help="replacement, repaint (masks only), dps, pigdm or smc (twisted SMC) (default: repaint)")
     ip.add_argument("--sigma-y", dest="sigma_y", type=float, default=0.0, help="measurement noise std (default: 0)")
-    add_guidance(ip, "dps: the step size zeta' of Chung et al. Alg. 1 (default: 1.0)")
+    ip.add_argument("--dps-step", dest="dps_step", type=float, help="dps: the step size zeta' of Chung et al. "
+                    "Alg. 1 (default: 1.0). `sample --guidance` is the guidance scale of classifier-free or "
+                    "classifier guidance, a different thing")
     ip.add_argument("--particles", type=int, help="smc: particles per sample (default: 16)")
     add_class(ip)
     add_steps(ip, 100, "sampler steps")

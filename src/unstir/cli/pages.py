@@ -18,9 +18,8 @@ def report_cmd(args) -> int:
     """Write RUN/report.html: one self-contained page with the run's samples, trajectories, quality against
     NFE, loss curve, bits/dim, interpolation, round trip, guided samples and inpainting."""
     from ..report import write_report
-    from ..runs import read_run_info
-
-    read_run_info(args.run)  # --run first: a missing run is named as such, not as a missing --out folder
+    if not (Path(args.run) / "run.json").exists():  # --run first: named as such, not as a missing --out folder
+        raise ValueError(f"{args.run!r} is not a run folder (no run.json)")
     args.out = args.out or str(Path(args.run) / "report.html")
     path = write_report(args.run, output_path(args, (".html",)), n=args.n, seed=args.seed, progress=not args.quiet,
                         device=args.device)
