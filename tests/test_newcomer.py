@@ -9,6 +9,8 @@ from PIL import Image
 
 from unstir.cli import main
 
+from .test_run_folder import _one_line
+
 
 @pytest.fixture(scope="module")
 def moons(tmp_path_factory):
@@ -23,13 +25,6 @@ def digits(tmp_path_factory):
     assert main(["train", "--data", "digits", "--steps", "2", "--batch-size", "8", "--widths", "8,8", "--out",
                  str(run), "--quiet"]) == 0
     return run
-
-
-def _one_line(capsys, *parts):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    for part in parts:
-        assert part in err, err
 
 
 def test_repeated_known_and_values_all_count(moons, tmp_path):

@@ -130,12 +130,7 @@ def model_device(model) -> torch.device:
     ``.net`` (a ``Denoiser``'s), ``.model`` (what a wrapper wraps) and ``.__wrapped__`` (what an adapter's
     function calls), or a ``device`` attribute met on the way (a plain function can carry one, as the oracle's
     do); the CPU where there is none."""
-    todo, seen = [model], set()
-    while todo:
-        part = todo.pop(0)
-        if part is None or id(part) in seen:
-            continue
-        seen.add(id(part))
+    for part in _inner(model):
         if isinstance(getattr(part, "device", None), torch.device):
             return part.device
         if isinstance(part, torch.nn.Module):
@@ -143,8 +138,28 @@ def model_device(model) -> torch.device:
                 return tensor.device
             for tensor in part.buffers():
                 return tensor.device
-        todo += [getattr(part, name, None) for name in ("net", "model", "__wrapped__")]
     return torch.device("cpu")
+
+
+def model_network(model) -> torch.nn.Module | None:
+    """The network a model calls, found as ``model_device`` finds its device; None for a plain function (an
+    oracle's exact score)."""
+    for part in _inner(model):
+        if isinstance(part, torch.nn.Module) and next(part.parameters(), None) is not None:
+            return part
+    return None
+
+
+def _inner(model):
+    """``model``, then what it wraps, breadth first: ``.net``, ``.model``, ``.__wrapped__``."""
+    todo, seen = [model], set()
+    while todo:
+        part = todo.pop(0)
+        if part is None or id(part) in seen:
+            continue
+        seen.add(id(part))
+        yield part
+        todo += [getattr(part, name, None) for name in ("net", "model", "__wrapped__")]
 
 
 @runtime_checkable

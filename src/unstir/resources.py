@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .parametrization import model_network
+
 INFERENCE_FACTOR = 0.5  # peak bytes per sample, as a share of the sum of the network's activations
 TRAINING_FACTOR = 1.5  # the same with a backward pass (saved activations and their gradients)
 STATE_COPIES = 8  # copies of a sample a sampler or solver keeps (x, denoised, a multistep history, noise, ...)
@@ -109,23 +111,8 @@ def check_memory(what: str, *, device, batch: int, per_item: int, fixed: int = 0
                      f"more than the {gib(free)} free; {advice(fits)}")
 
 
-def network_of(model) -> nn.Module | None:
-    """The network a model calls, found through ``.net``, ``.model`` and ``.__wrapped__`` (as ``model_device``
-    finds its device); None for a plain function (an oracle's exact score)."""
-    todo, seen = [model], set()
-    while todo:
-        part = todo.pop(0)
-        if part is None or id(part) in seen:
-            continue
-        seen.add(id(part))
-        if isinstance(part, nn.Module) and next(part.parameters(), None) is not None:
-            return part
-        todo += [getattr(part, name, None) for name in ("net", "model", "__wrapped__")]
-    return None
-
-
 def _per_sample(model, shape, device, factor: float, copies: int) -> int:
-    net = network_of(model)
+    net = model_network(model)
     d = 4 * int(torch.Size(shape).numel())
     return int(factor * activation_bytes(net, shape, device)) + copies * d if net is not None else copies * d
 
@@ -141,4 +128,4 @@ def training_bytes(model, shape, device) -> int:
     return _per_sample(model, shape, device, TRAINING_FACTOR, 4)
 
 
-__all__ = ["available_memory", "activation_bytes", "check_memory", "network_of", "sampling_bytes", "training_bytes"]
+__all__ = ["available_memory", "activation_bytes", "check_memory", "sampling_bytes", "training_bytes"]

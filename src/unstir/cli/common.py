@@ -219,9 +219,9 @@ def evaluation_bar(model, quiet: bool, desc: str):
     known ahead (RePaint's jumps, SMC's particles); nothing with ``quiet`` or for a model without a network."""
     from tqdm import tqdm
 
-    from ..resources import network_of
+    from ..parametrization import model_network
 
-    net = None if quiet else network_of(model)
+    net = None if quiet else model_network(model)
     if net is None:
         yield
         return
