@@ -142,3 +142,48 @@ def test_figures_read(digits, moons, tmp_path):
     assert Image.open(strip).size[1] > 60  # room for the titles above the images
     with pytest.raises(ValueError, match="one label per image"):
         figures.labelled_strip(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), ["truth"], strip)
+
+
+def test_messages_speak_the_command_line(moons, tmp_path, capsys):
+    """Python names (`n`, `batch_size`, `max_evals`) became flags; no raw `[Errno N]`; `report --run /missing`
+    named --out; a bad log.jsonl line was reported without its file; `--width 64` was taken as `--widths`."""
+    cases = [
+        (["tune-grid", "--run", str(moons), "-n", "0", "--nfe", "5"], "-n must be an integer >= 1, got 0"),
+        (["tune-grid", "--run", str(moons), "--max-evals", "-1", "--nfe", "5"], "--max-evals must be an integer"),
+        (["train", "--batch-size", "0", "--out", str(tmp_path / "r")], "--batch-size must be an integer >= 1"),
+        (["train", "--out", "/dev/null/x", "--quiet"], "Not a directory: '/dev/null/x'"),
+        (["report", "--run", str(tmp_path / "missing")], "is not a run folder (no run.json)"),
+        (["train", "--data", "digits", "--width", "64", "--out", str(tmp_path / "r")],
+         "--width configures the MLP of vector data; 'digits' holds images"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err and "Errno" not in err, err
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(moons, broken)
+    with open(broken / "log.jsonl", "a") as f:
+        f.write("{half a line\n")
+    assert main(["report", "--run", str(broken), "-n", "50", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(broken / 'log.jsonl')!r}, line" in err and "is damaged" in err
+
+
+def test_help_and_readme_come_from_the_registries():
+    """train --help listed data sets by hand (shapes32 and patches32 were missing) and the README's resume rule
+    named three settings where the code allows five."""
+    from pathlib import Path
+
+    from unstir.cli import build_parser
+    from unstir.data import IMAGE_SETS, TOY_2D
+    from unstir.training import RESUMABLE
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = train._option_string_actions["--data"].help
+    assert all(name in help_text for name in TOY_2D + IMAGE_SETS)
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    rule = readme.split("differences listed. Only ")[1].split(" may change")[0]
+    assert sorted(rule.replace("`", "").replace(" and ", ", ").split(", ")) == \
+        sorted("--" + k.replace("_", "-") for k in RESUMABLE)

@@ -127,8 +127,9 @@ def _fresh_run(args) -> Path:
 
 def demo(args) -> int:
     """The main job: train a score model on 2-D data, sample it with DDPM, DDIM, the reverse SDE,
-    predictor-corrector and DPM-Solver++, and compare each to held-out data. With --images: 600 steps (about 2 minutes on 2 CPU cores) of
-    shapes32 (32x32 colour) training, its samples scored against the floor of real images."""
+    predictor-corrector and DPM-Solver++, and compare each to held-out data. With --images: 600 steps of
+    shapes32 (32x32 colour) training (about 2 minutes on 2 CPU cores), its samples scored against the floor
+    of real images."""
     from .data import toy_2d
     from .runs import load_run
     from .training import TrainConfig, train
