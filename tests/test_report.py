@@ -32,7 +32,7 @@ def test_report_has_every_section(report):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "placeholder" not in text.lower() and text.count("data:image/png;base64,") >= 7
     assert re.search(r"<title>unstir: report\d*/run \(unequal_2d, vp, eps prediction\)</title>", text)
-    assert "(two-sample floor: mean of 5 fresh held-out draws, range" in text
+    assert "(two-sample floor: 5 fresh draws of the true data against the same held-out points, range" in text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); "
