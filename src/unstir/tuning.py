@@ -51,18 +51,21 @@ def check_deterministic(sampler: str, options: dict) -> None:
         raise ValueError("ddim with eta > 0 draws noise; a fitted grid needs a deterministic sampler (eta=0)")
 
 
-def steps_for_nfe(sampler: str, nfe: int) -> int:
+def steps_for_nfe(sampler: str, nfe: int, **options) -> int:
     """Grid intervals that make ``sampler`` use exactly ``nfe`` model evaluations on a denoising grid."""
-    k = SAMPLERS[sampler].evals
-    if (nfe - 1) % k:
-        raise ValueError(f"sampler {sampler!r} uses {k} evaluations per step and 1 for the final denoising "
-                         f"step, so its NFE is {k} m + 1; got nfe={nfe}")
-    return (nfe - 1) // k + 1
+    spec = SAMPLERS[sampler]
+    k, extra = spec.evals, spec.nfe(2, **options) - spec.evals - 1
+    m = nfe - 1 - extra
+    if m % k or m < (k if extra else 0):
+        fixed = f" and {extra} for its restarts" if extra else ""
+        raise ValueError(f"sampler {sampler!r} uses {k} evaluations per step, 1 for the final denoising "
+                         f"step{fixed}, so its NFE is {k} m + {1 + extra} with m >= 1; got nfe={nfe}")
+    return m // k + 1
 
 
-def nfe_for_steps(sampler: str, steps: int) -> int:
+def nfe_for_steps(sampler: str, steps: int, **options) -> int:
     """Model evaluations of ``sampler`` over a denoising grid of ``steps`` intervals (inverse of the above)."""
-    return SAMPLERS[sampler].evals * (steps - 1) + 1
+    return SAMPLERS[sampler].nfe(steps, **options)
 
 
 @dataclass

@@ -81,7 +81,7 @@ def sample_cmd(args) -> int:
         if args.sampler == "ode_rk45":
             raise ValueError("--nfe sets the model evaluations of a fixed-grid sampler; ode_rk45 is adaptive (its "
                              "evaluations follow --rtol and --atol): drop --nfe, or choose another --sampler")
-        args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0))  # AFS: a step for free
+        args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0), **options)  # AFS: a step for free
     args.steps = 20 if args.steps is None else args.steps
     grid, teleport = args.grid, None
     if grid is None and args.sampler in tunable():  # a grid fitted for this sampler and NFE beats the named one
@@ -258,7 +258,8 @@ def write_sample_folder(out: Path, x, seeds) -> None:
 PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here (benchmarks/few_steps.py)
 PILOT_N = 128       # pilot samples: 64 left a fitted grid worse than the named one on fresh noise at d = 64
 
-SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol")
+SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol", "noise", "interval", "restarts",
+                   "restart_steps")
 
 
 def default_sampler(nfe: int | None) -> str:
@@ -271,9 +272,9 @@ def sampler_options(args) -> dict:
     """The sampler options given on the command line, each checked to apply to the chosen sampler."""
     import inspect
 
-    def takes(name, option):  # dpm++2m/3m fix their order in the name; form is second order's
-        if "dpm++" in name and option in ("order", "form"):
-            return option == "form" and name == "dpm++2m"
+    def takes(name, option):  # dpm++2m/3m fix their order in the name; form is second order's; eta makes the SDE
+        if "dpm++" in name and option in ("order", "form", "eta", "noise"):
+            return {"form": name.startswith("dpm++2m"), "order": False}.get(option, name.endswith("_sde"))
         return option in inspect.signature(SAMPLERS[name].fn).parameters
 
     options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
@@ -352,9 +353,17 @@ def register(sub) -> None:
                  "unconditional, 1 conditional; Ho & Salimans' w = s - 1), or with --classifier the classifier "
                  "gradient's weight (default there: 1 = Bayes' rule)")
     sa.add_argument("--classifier", help="classifier folder from `unstir train-classifier`: classifier guidance")
-    sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0)")
+    sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0); euler_ancestral and "
+                    "dpm++2m_sde/3m_sde: the noise's share (default: 1)")
+    sa.add_argument("--noise", choices=["brownian", "fresh"], help="dpm++2m_sde/3m_sde: the same Brownian path "
+                    "whatever the grid, or a fresh draw per step (default: brownian)")
+    sa.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="restart: the noise levels "
+                    "sigma/alpha between which it restarts (default: 0.06 0.30)")
+    sa.add_argument("--restarts", type=int, help="restart: how many times (default: 2)")
+    sa.add_argument("--restart-steps", dest="restart_steps", type=int, help="restart: Heun steps back down "
+                    "(default: 3)")
     sa.add_argument("--order", type=int, help="deis (1-4, default 3), ipndm (1-4, default 4), unipc (1-3, default 3)")
-    sa.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's second-order term: Lu et al. "
+    sa.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's (and dpm++2m_sde's) second-order term: Lu et al. "
                     "Algorithm 2 (midpoint, default) or the phi_2 integral (taylor)")
     sa.add_argument("--snr", type=float, help="pc: Langevin corrector signal-to-noise ratio (default: 0.075)")
     sa.add_argument("--churn", type=float, help="edm: S_churn (default: 10)")

@@ -17,7 +17,7 @@ from ..grids import GRIDS, check_grid, time_grid
 from ..parametrization import Denoiser, Model, ModelOutput, model_device
 from ..processes import VE, Process, coefficients
 from .ode import deis, dpmpp, ipndm, ode_euler, ode_heun, ode_rk45, unipc
-from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, reverse_diffusion
+from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, restart, reverse_diffusion
 
 Tensor = torch.Tensor
 
@@ -34,6 +34,12 @@ class Sampler:
     needs: tuple[type, ...] | None = None
     doc: str = field(default="", compare=False)
     evals: int = 1
+    extra: Callable[[dict], int] | None = field(default=None, compare=False)  # evaluations beyond the grid's
+
+    def nfe(self, steps: int, **options) -> int:
+        """Model evaluations over a denoising grid of ``steps`` intervals with ``options`` (restart's restarts
+        add theirs when the grid reaches its interval, which grids of more than one step do)."""
+        return self.evals * (steps - 1) + 1 + (self.extra(options) if self.extra and steps > 1 else 0)
 
 
 # Default grids: the lowest geometric-mean error at 10-20 NFE over the oracle cases and vp/ve/ddpm,
@@ -54,6 +60,15 @@ SAMPLERS: dict[str, Sampler] = {
     "ipndm": Sampler(ipndm, "quadratic", False, doc="iPNDM, Adams-Bashforth in sigma/alpha, order 4 (3 up to 10 steps)"),
     "unipc": Sampler(unipc, "cubic", False, doc="UniPC, order 3 predictor + corrector"),
     "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn", evals=2),
+    # Few-step stochastic samplers (default grids: k-diffusion's usual choices, not yet measured here)
+    "euler_ancestral": Sampler(functools.partial(ddim, eta=1.0), "edm", True,
+                               doc="Euler-ancestral (k-diffusion): DDIM with eta, the same line"),
+    "dpm++2m_sde": Sampler(functools.partial(dpmpp, order=2, eta=1.0), "log_snr", True,
+                           doc="DPM-Solver++(2M) SDE, Brownian-path noise"),
+    "dpm++3m_sde": Sampler(functools.partial(dpmpp, order=3, eta=1.0), "log_snr", True,
+                           doc="DPM-Solver++(3M) SDE, Brownian-path noise"),
+    "restart": Sampler(restart, "edm", True, doc="Restart sampling (Heun + K restarts of an interval)", evals=2,
+                       extra=lambda o: 2 * o.get("restarts", 2) * o.get("restart_steps", 3)),
 }
 
 
@@ -212,4 +227,4 @@ def _initial(model, process: Process, x_T, generator, dtype, device) -> Tensor:
 
 __all__ = ["SAMPLERS", "check_labels", "run_sampler", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
            "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "ipndm", "unipc",
-           "edm"]
+           "edm", "restart"]
