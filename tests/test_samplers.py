@@ -132,6 +132,8 @@ STOCHASTIC = [
     ("vp", "pc", {}), ("vp", "edm", {}), ("ve", "ddpm", {}), ("ve", "euler_maruyama", {}), ("ve", "pc", {}),
     ("ve", "annealed_langevin", {}), ("subvp", "euler_maruyama", {}), ("ddpm", "ddpm", {}),
     ("rf", "euler_maruyama", {}), ("rf", "ddpm", {}),
+    ("vp", "dpm++2m_sde", {}), ("ve", "dpm++3m_sde", {}), ("rf", "dpm++2m_sde", {"noise": "fresh"}),
+    ("ve", "euler_ancestral", {"eta": 0.5}), ("vp", "restart", {"restart_steps": 20}),
 ]
 
 
