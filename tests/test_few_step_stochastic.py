@@ -220,6 +220,9 @@ def test_the_command_line_reaches_the_new_samplers_and_their_options(tmp_path, c
     assert main(["sample", "--run", str(run), "--sampler", "dpm++2m_sde", "--noise", "fresh", "--eta", "0.5",
                  "--steps", "6", "-n", "64", "--out", str(out), "--force"]) == 0
     capsys.readouterr()
+    # --afs takes the run's stored data mean, in the pilot that places the grid and in the sampler
+    assert main(["sample", "--run", str(run), "--afs", "--nfe", "5", "-n", "64", "--out", str(out), "--force"]) == 0
+    assert "(5 model evaluations" in capsys.readouterr().out
     bad = tmp_path / "bad.npy"
     for argv, text in [(["--sampler", "ddpm", "--restarts", "1"], "--restarts does not apply to sampler 'ddpm'"),
                        (["--sampler", "dpm++2m", "--eta", "1"], "--eta does not apply to sampler 'dpm++2m'"),

@@ -33,7 +33,7 @@ from ._checks import check_choice
 from .grids import GRIDS, check_grid, time_grid
 from .parametrization import model_device
 from .processes import coefficients
-from .samplers import SAMPLERS, check_labels, run_sampler
+from .samplers import SAMPLERS, afs_mean, analytic_first_step, check_labels, run_sampler
 
 Tensor = torch.Tensor
 
@@ -181,7 +181,7 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
 
 def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine: int = 100,
-               gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs: bool = False, seed: int = 0, y=None,
+               gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs=False, seed: int = 0, y=None,
                dtype=torch.float32, device: str | torch.device | None = None, teleport=None, **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
     2024, Alg. 1), at a cost of about ``fine`` + 11 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 16
@@ -192,7 +192,7 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     2. Cost of a coarse step from t_i to t_j: the mean distance, in the process-free coordinates
        xbar, between one DDIM step from the teacher's state, xbar_i + (sbar_j - sbar_i) eps_i, and the
        teacher's xbar_j (the eps are already known: no evaluation). With ``afs`` the step from T uses the
-       analytic eps_T = x_T / sigma_T, as the sampler will.
+       analytic eps_T = (x_T - alpha_T m) / sigma_T (m = 0, or the mean ``afs`` gives), as the sampler will.
     3. Dynamic programming for the path T = t_0 > ... > t_K = t_min over the teacher's points with least
        summed cost, each later step's cost weighted by gamma per step (GITS's coefficient), K + 1 the
        grid's points before the final denoising step (one more with ``afs``).
@@ -214,6 +214,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     Judge it on fresh noise (``benchmarks/few_steps.py`` does).
     """
     check_deterministic(sampler, options)
+    afs_arg, mean = afs, afs_mean(afs)  # mean None: no AFS; 0.0: centred; a tensor: around the data's mean
+    afs = mean is not None
     if teleport is not None and afs:
         raise ValueError("afs replaces the evaluation at T and teleport starts below T: pass one of them")
     if teleport is not None and not hasattr(teleport, "flow"):
@@ -252,7 +254,7 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
         teacher = run_sampler(model, x_T, teacher_grid, "deis", y=labels, callback=keep, order=3)
     spent = teacher.nfe
     if afs:
-        eps[0] = xbar[0] / coefficients(process, process.T).sigma_bar
+        eps[0] = analytic_first_step(process, x_T.to(torch.float64), mean).eps.flatten(1)
     sbar = [coefficients(process, t).sigma_bar for t in teacher_grid[:-1].tolist()]
     X = torch.stack(xbar)  # (m, n, d) over the m points T .. t_min
     cost = euler_costs(X, torch.stack(eps), sbar)
@@ -262,7 +264,7 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
         with torch.no_grad():
             try:
                 x = teleport.flow(process, x_T, process.T, float(g[0])) if g[0] < process.T else x_T
-                r = run_sampler(model, x, g, sampler, y=labels, afs=afs, **options)
+                r = run_sampler(model, x, g, sampler, y=labels, afs=afs_arg, **options)
             except FloatingPointError:
                 spent += nfe
                 return math.inf

@@ -84,6 +84,9 @@ def sample_cmd(args) -> int:
         args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0), **options)  # AFS: a step for free
     args.steps = 20 if args.steps is None else args.steps
     grid, teleport = args.grid, None
+    # AFS around the training data's stored mean (the unconditional model's; a class's or a guided model's mean
+    # differs, and there it stays centred, as in Zhou et al.)
+    afs = (load_moments(args.run) if y is None and args.guidance is None else None) or True if args.afs else False
     if grid is None and args.sampler in tunable():  # a grid fitted for this sampler and NFE beats the named one
         nfe = nfe_for_steps(args.sampler, args.steps) - (1 if args.afs else 0)
         # Analytical teleportation (unstir.teleport) from the training data's moments, for the unconditional
@@ -98,7 +101,7 @@ def sample_cmd(args) -> int:
                 and y is None and not args.no_ema and deterministic:
             # The pilot costs about 100 + 10 NFE evaluations of its batch: no more samples than asked for, and
             # a grid from fewer than PILOT_N is used once, not stored (`tune-grid --method pilot` stores one).
-            tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=args.afs, device=args.device,
+            tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=afs, device=args.device,
                                teleport=moments, **options)
             stored = tuned.n == PILOT_N  # every rank places the same grid (a fixed pilot seed); rank 0 stores it
             where = f"in {args.run}/grids.json" if stored else "for this call only"
@@ -133,7 +136,7 @@ def sample_cmd(args) -> int:
     with torch.no_grad():
         x, nfe = sample_sharded(model, args.n, seed=args.seed, batch_size=args.batch_size, device=args.device, y=y,
                                 progress=not args.quiet, sampler=args.sampler, steps=args.steps, grid=grid,
-                                afs=args.afs, teleport=teleport, **options)
+                                afs=afs, teleport=teleport, **options)
     if not speak:
         return 0
     if args.guidance is not None:
@@ -306,7 +309,8 @@ def tune_grid_cmd(args) -> int:
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     check_not_locked(args.run, "tune-grid")  # a training run changes the model the grid would be fitted to
     if args.method == "pilot":
-        tuned = pilot_grid(model, args.sampler, args.nfe, n=args.n, afs=args.afs, seed=args.seed, device=args.device,
+        tuned = pilot_grid(model, args.sampler, args.nfe, n=args.n, afs=(load_moments(args.run) or True) if args.afs
+                           else False, seed=args.seed, device=args.device,
                            teleport=moments, **options)
     else:
         tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
@@ -338,7 +342,8 @@ def register(sub) -> None:
             "--guidance, --class or --no-ema: the named grid is used there)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
-                    "replaced by x_T / sigma_T, one evaluation fewer (fixed-grid samplers)")
+                    "replaced by (x_T - alpha_T m) / sigma_T, m the training data's stored mean (0 for a class or "
+                    "guidance), one evaluation fewer (fixed-grid samplers)")
     add_no_teleport(sa)
     add_count(sa, 1000, "number of samples")
     add_out(sa, "samples.png (image grid, clipped to 0-255, or scatter plot), samples.npy (the model's "

@@ -85,41 +85,64 @@ class _Counted:
     """The model as a sampler sees it: labels ``y`` bound, evaluations counted, and with ``afs`` the first
     evaluation at T replaced by its analytic limit (``analytic_first_step``), which costs none."""
 
-    def __init__(self, model, y, afs: bool = False):
+    def __init__(self, model, y, afs=False):
         self.model, self.process, self.y, self.nfe = model, model.process, y, 0
-        self.afs = afs
+        self.afs = afs_mean(afs)
 
     def __call__(self, x, t, y=None):
-        if self.afs and isinstance(t, float) and t == self.process.T:
-            self.afs = False
-            return analytic_first_step(self.process, x)
+        if self.afs is not None and isinstance(t, float) and t == self.process.T:
+            mean, self.afs = self.afs, None
+            return analytic_first_step(self.process, x, mean)
         self.nfe += 1
         return self.model(x, t, self.y if y is None else y)
 
 
-def analytic_first_step(process: Process, x: Tensor) -> ModelOutput:
+def afs_mean(afs) -> Tensor | float | None:
+    """``sample``'s ``afs`` as the data mean AFS assumes: None (off) for False/None, 0.0 for True (centred
+    data), or the mean of a ``unstir.teleport.Moments`` or a tensor (of the data's shape or flattened)."""
+    if afs is None or afs is False:
+        return None
+    if afs is True:
+        return 0.0
+    mean = afs if isinstance(afs, Tensor) else getattr(afs, "mean", None)
+    if not isinstance(mean, Tensor):
+        raise TypeError(f"afs must be a bool, a mean tensor or a unstir.teleport.Moments, got {type(afs).__name__}")
+    if not torch.isfinite(mean).all():
+        raise ValueError("the mean given to afs contains NaN or inf")
+    return mean
+
+
+def analytic_first_step(process: Process, x: Tensor, mean: Tensor | float | None = None) -> ModelOutput:
     """The analytical first step (AFS; Zhou et al. 2024, "Fast ODE-based sampling for diffusion models in
     around 5 steps", Sec. 3.3): the model's output at T replaced by its limit, at no evaluation.
 
     Derivation, for every process at once: Tweedie gives E[eps | x_T] = (x_T - alpha_T E[x0 | x_T]) / sigma_T
     exactly. At T the signal is drowned (alpha_T / sigma_T is 0.0066 on linear VP, 0.0064 on DDPM's 1000
     steps, 0.0084 on cosine VP, 0.0066 on sub-VP, 0.001 on rf, 1/sigma_max = 0.02 on VE at the defaults),
-    so E[x0 | x_T] is the data mean, taken as 0 (centred data, as images in [-1, 1] nearly are):
-    eps_T = x_T / sigma_T, in the paper's EDM coordinates d = (x - D(x)) / sigma with D = 0. The error is alpha_T |E[x0 | x_T]| / sigma_T <= alpha_T R /
-    sigma_T for data within radius R of the origin (tests/test_samplers.py checks it on the oracle).
+    so E[x0 | x_T] is the data mean m: eps_T = (x_T - alpha_T m) / sigma_T, in the paper's EDM coordinates
+    d = (x - D(x)) / sigma with D = m. The paper takes D = 0 (centred data, as images in [-1, 1] nearly are);
+    that is ``mean=None``. The error is alpha_T |E[x0 | x_T] - m| / sigma_T <= alpha_T R / sigma_T for data
+    within radius R of m, and E[x0 | x_T] - m is itself O(alpha_T): for Gaussian data it is
+    alpha_T C (alpha_T^2 C + sigma_T^2)^-1 (x_T - alpha_T m), so the mean removes the error's leading term and
+    what is left is O(alpha_T^2 / sigma_T^2) (tests/test_samplers.py checks both on the oracle).
 
     What it replaces is the model's output, so every sampler and model takes it unchanged: a multistep solver
     keeps the analytic value in its history like any evaluation (the paper describes the first step only; this
     is our reading for multistep solvers). For a guided or conditional model the limit is the same x_T / sigma_T,
     with the class's or the posterior's mean in place of the data's in the error."""
     c = coefficients(process, process.T)
-    return ModelOutput(x, process.T, c, x / c.sigma, "eps")
+    if mean is None or (isinstance(mean, float) and mean == 0.0):
+        return ModelOutput(x, process.T, c, x / c.sigma, "eps")
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+    if m.numel() != x[0].numel():
+        raise ValueError(f"the AFS mean has {m.numel()} entries, the samples {x[0].numel()}")
+    return ModelOutput(x, process.T, c, (x - c.alpha * m.reshape(x.shape[1:])) / c.sigma, "eps")
 
 
 def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | None = None, *,
            sampler: str = "dpm++2m", steps: int = 20, grid: str | Tensor | None = None, denoise: bool = True,
            y: Tensor | int | None = None, generator: torch.Generator | None = None, callback=None,
-           project=None, dtype=torch.float32, device=None, afs: bool = False, teleport=None,
+           project=None, dtype=torch.float32, device=None, afs=False, teleport=None,
            **options) -> SampleResult:
     """Draw samples by integrating the reverse process from ``x_T`` (a tensor) or from the prior (a shape).
 
@@ -130,7 +153,8 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     explicit descending tensor of times. ``project(model, x, s)``, if given, constrains the state after every
     step (e.g. ``Measurement.replacement()`` for inpainting; not with the adaptive ode_rk45). ``options`` go
     to the sampler (``eta``, ``order``, ``snr``, ...). ``afs=True`` replaces the first model evaluation at T by
-    its analytic limit (``analytic_first_step``): one evaluation fewer for the same grid. A prior drawn from a
+    its analytic limit (``analytic_first_step``): one evaluation fewer for the same grid; ``afs=moments`` (a
+    ``unstir.teleport.Moments``, or a mean tensor) takes the limit around the data's mean instead of 0. A prior drawn from a
     shape lands on ``device`` (default: the model's, ``model_device``), drawn on the generator's device (the CPU
     for a ``torch.Generator()``) and moved, so a seed gives the same noise on every device. ``teleport`` (a
     ``unstir.teleport.Moments`` of the data being sampled) with a grid that starts below T carries x_T from T to
@@ -159,7 +183,7 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
         times = check_grid(process, grid)
     if project is not None and sampler == "ode_rk45":
         raise ValueError("project= needs a fixed-grid sampler; ode_rk45 chooses its own steps")
-    if afs and (sampler == "ode_rk45" or times[0] != process.T):
+    if afs_mean(afs) is not None and (sampler == "ode_rk45" or times[0] != process.T):
         raise ValueError("afs replaces the first evaluation at T on a fixed grid that starts there; "
                          f"sampler {sampler!r} on a grid starting at {float(times[0]):.6g} has none")
     if teleport is not None and not hasattr(teleport, "flow"):
@@ -172,7 +196,7 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
 
 
 def run_sampler(model, x: Tensor, times: Tensor, sampler: str, *, y: Tensor | None = None,
-                generator: torch.Generator | None = None, callback=None, project=None, afs: bool = False,
+                generator: torch.Generator | None = None, callback=None, project=None, afs=False,
                 **options) -> SampleResult:
     """Run a registered sampler over ``times`` (already checked) and count its evaluations. The grid may
     ascend for the deterministic samplers: that integrates the PF ODE upward (encoding)."""
