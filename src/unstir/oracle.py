@@ -245,6 +245,150 @@ class GaussianMixture:
         return Denoiser(net, process, "eps", time_dtype=torch.float64, data_shape=(self.dim,))
 
 
+class LowRankMixture(GaussianMixture):
+    """sum_k w_k N(mu_k, diag(D_k) + U_k U_k^T) in d dimensions with rank-r factors U_k (d, r): the oracle at
+    image dimension (d = 3072 for 3x32x32), where a dense d x d covariance per component would cost 75 MB and
+    its eigendecomposition minutes.
+
+    Under a process the component's covariance is C_k = Lam_k + V_k V_k^T with Lam_k = diag(alpha^2 D_k + sigma^2)
+    and V_k = alpha U_k, so by the Woodbury identity and the matrix determinant lemma, with
+    M_k = I_r + V_k^T Lam_k^-1 V_k (r x r) and w = V_k^T Lam_k^-1 (x - alpha mu_k):
+
+        C_k^-1 (x - alpha mu_k) = Lam_k^-1 (x - alpha mu_k) - Lam_k^-1 V_k M_k^-1 w,
+        (x - alpha mu_k)^T C_k^-1 (x - alpha mu_k) = sum (x - alpha mu_k)^2 / Lam_k - w^T M_k^-1 w,
+        log det C_k = sum log Lam_k + log det M_k,
+
+    which is O(d r^2) per component and time. Everything a ``GaussianMixture`` offers through its marginals
+    (score, eps, x0, posterior, marginal_log_prob, log_prob, denoiser, sample) works unchanged; the exact
+    conditionings (``condition``, ``posterior_given``) are for the dense mixture. ``data_shape`` (default (d,))
+    is the per-sample shape the denoiser declares and ``sample`` returns, e.g. (3, 32, 32)."""
+
+    def __init__(self, weights, means, diag, factors, data_shape=None):
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        D = torch.as_tensor(diag, dtype=torch.float64)
+        U = torch.as_tensor(factors, dtype=torch.float64)
+        if mu.ndim != 2:
+            raise ValueError(f"means must have shape (K, d), got {tuple(mu.shape)}")
+        K, d = mu.shape
+        if w.shape != (K,) or not (torch.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"weights must be {K} positive finite numbers, got shape {tuple(w.shape)}")
+        if D.shape != (K, d) or not (torch.isfinite(D).all() and (D > 0).all()):
+            raise ValueError(f"diag must have shape ({K}, {d}) with positive entries, got shape {tuple(D.shape)}")
+        if U.ndim != 3 or U.shape[:2] != (K, d) or not torch.isfinite(U).all():
+            raise ValueError(f"factors must have shape ({K}, {d}, r) and be finite, got {tuple(U.shape)}")
+        shape = (d,) if data_shape is None else tuple(int(v) for v in data_shape)
+        if math.prod(shape) != d:
+            raise ValueError(f"data_shape {shape} holds {math.prod(shape)} values, the means {d}")
+        self.weights, self.means, self.diag, self.factors, self.data_shape = w / w.sum(), mu, D, U, shape
+
+    @property
+    def covs(self):
+        raise AttributeError("a LowRankMixture keeps diag + factors, not dense covariances (d x d each); use "
+                             "dense_covs() for small d")
+
+    def dense_covs(self) -> Tensor:
+        """diag(D_k) + U_k U_k^T as (K, d, d): for checks at small d."""
+        return torch.diag_embed(self.diag) + self.factors @ self.factors.transpose(1, 2)
+
+    def to(self, device) -> "LowRankMixture":
+        return LowRankMixture(self.weights.to(device), self.means.to(device), self.diag.to(device),
+                              self.factors.to(device), self.data_shape)
+
+    def __repr__(self) -> str:
+        return f"LowRankMixture(K={self.n_components}, d={self.dim}, rank={self.factors.shape[2]})"
+
+    def sample(self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False):
+        """n samples of shape (n, *data_shape): mu_k + sqrt(D_k) z1 + U_k z2."""
+        labels = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)
+        z1 = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        z2 = torch.randn(n, self.factors.shape[2], generator=generator, dtype=torch.float64)
+        dev = self.means.device
+        labels, z1, z2 = labels.to(dev), z1.to(dev), z2.to(dev)
+        x = self.means[labels] + self.diag[labels].sqrt() * z1 + torch.einsum("bdr,br->bd", self.factors[labels], z2)
+        x = x.reshape(n, *self.data_shape)
+        return (x, labels) if return_labels else x
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self._terms(self._flat(x), None, None)[0]
+
+    def condition(self, observed, values):
+        raise NotImplementedError("condition() is exact for the dense GaussianMixture; a LowRankMixture does not "
+                                  "offer it (its conditionals are low-rank too, but not built here)")
+
+    def posterior_given(self, A, y, sigma_y):
+        raise NotImplementedError("posterior_given() is exact for the dense GaussianMixture only")
+
+    def subset(self, components) -> "LowRankMixture":
+        idx = torch.as_tensor(components, dtype=torch.long)
+        return LowRankMixture(self.weights[idx], self.means[idx], self.diag[idx], self.factors[idx], self.data_shape)
+
+    def _terms(self, x: Tensor, t, process: Process | None, log_resp: bool = False):
+        x = torch.as_tensor(x).to(torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
+        if process is None:
+            a = torch.ones(1, dtype=torch.float64, device=x.device)
+            s2 = torch.zeros(1, dtype=torch.float64, device=x.device)
+        else:
+            tt = as_time(t, process.t_min, process.T, x.shape[0]).to(x.device).reshape(-1)
+            a, s2 = process.alpha(tt).reshape(-1), (process.sigma(tt) ** 2).reshape(-1)
+            if torch.all(tt == tt[0]):  # one time for the batch (every sampler step): the r x r work once
+                a, s2 = a[:1], s2[:1]
+        a3, s3 = a.reshape(-1, 1, 1), s2.reshape(-1, 1, 1)  # (B|1, 1, 1)
+        lam = a3**2 * self.diag + s3  # (B|1, K, d)
+        V = a.reshape(-1, 1, 1, 1) * self.factors  # (B|1, K, d, r)
+        r = self.factors.shape[2]
+        M = torch.eye(r, dtype=torch.float64, device=x.device) + torch.einsum("bkdr,bkd,bkds->bkrs", V, 1 / lam, V)
+        L = torch.linalg.cholesky(M)
+        diff = x[:, None, :] - a3 * self.means  # (B, K, d)
+        u = diff / lam
+        w = torch.einsum("bkdr,bkd->bkr", V, u)  # (B, K, r), V broadcast over B
+        sol = torch.cholesky_solve(w.unsqueeze(-1), L.expand(x.shape[0], *L.shape[1:])).squeeze(-1)  # M^-1 w
+        quad = (diff * u).sum(-1) - (w * sol).sum(-1)
+        logdet = torch.log(lam).sum(-1) + 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        logjoint = torch.log(self.weights) + -0.5 * (quad + logdet + self.dim * _LOG_2PI)
+        logp = torch.logsumexp(logjoint, -1)
+        if log_resp:
+            return logp, logjoint - logp[:, None], None
+        resp = torch.softmax(logjoint, -1)
+        cinv_diff = u - torch.einsum("bkdr,bkr->bkd", V, sol) / lam  # C^-1 (x - alpha mu), (B, K, d)
+        return logp, resp, -torch.einsum("bk,bkd->bd", resp, cinv_diff)
+
+    def denoiser(self, process: Process) -> Denoiser:
+        """The exact model under ``process``, declaring ``data_shape``."""
+        def net(x, t):
+            return self.eps(x, t, process)
+
+        net.device = self.means.device
+        return Denoiser(net, process, "eps", time_dtype=torch.float64, data_shape=self.data_shape)
+
+
+def image_mixture(shape=(3, 32, 32), n_components: int = 4, rank: int = 8, *, seed: int = 0) -> LowRankMixture:
+    """A reproducible image-sized ``LowRankMixture``: each component's mean a smooth colour pattern (a product of
+    low-frequency waves per channel, RMS 0.5 per pixel), varying along ``rank`` smooth patterns (RMS 0.15 per
+    pixel each) and by 0.05 per pixel independently: most variance in a few smooth directions, as in natural
+    images, with an exact score."""
+    c, h, w = shape if len(shape) == 3 else (1, 1, math.prod(shape))
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h, dtype=torch.float64), torch.linspace(0, 1, w, dtype=torch.float64),
+                            indexing="ij")
+
+    def smooth(n):  # n random smooth patterns of the data's shape, each of unit RMS per pixel
+        f = torch.randint(1, 4, (n, c, 2, 2), generator=g).double()
+        ph = 2 * math.pi * torch.rand(n, c, 2, generator=g, dtype=torch.float64)
+        p = (torch.sin(math.pi * f[..., 0, 0, None, None] * xx + ph[..., 0, None, None])
+             * torch.cos(math.pi * f[..., 1, 1, None, None] * yy + ph[..., 1, None, None]))
+        return (p / p.pow(2).mean((1, 2, 3), keepdim=True).sqrt()).reshape(n, -1)
+
+    d = c * h * w
+    means = 0.5 * smooth(n_components)
+    factors = 0.15 * smooth(n_components * rank).reshape(n_components, rank, d).transpose(1, 2)
+    diag = torch.full((n_components, d), 0.05**2, dtype=torch.float64)
+    weights = torch.rand(n_components, generator=g, dtype=torch.float64) + 0.5
+    return LowRankMixture(weights, means, diag, factors, tuple(shape))
+
+
 class ExactClassifier:
     """log p_t(class | x) of a Gaussian mixture whose classes own sets of components: a noise-conditional
     classifier with the ``(x, t) -> log-probabilities (batch, classes)`` call of a trained one."""
@@ -303,3 +447,4 @@ def random_mixture(dim: int = 8, n_components: int = 4, *, scale: float = 1.0, s
 
 
 EXAMPLES = {"ring": ring, "unequal_2d": unequal_2d, "smooth_2d": smooth_2d, "random": random_mixture}
+# image_mixture (3x32x32, LowRankMixture) is not in EXAMPLES: its 3072-D samples are no 2-D scatter
