@@ -202,7 +202,7 @@ def test_bad_options_of_the_new_samplers():
 
 
 def test_the_new_samplers_are_registered_as_stochastic():
-    for name in ("euler_ancestral", "dpm++2m_sde", "dpm++3m_sde", "restart"):
+    for name in ("euler_ancestral", "dpm++2m_sde", "dpm++3m_sde", "restart", "sa_solver"):
         assert SAMPLERS[name].stochastic
 
 
@@ -232,3 +232,33 @@ def test_the_command_line_reaches_the_new_samplers_and_their_options(tmp_path, c
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and text in err, (argv, err)
     assert not bad.exists()
+
+
+def test_sa_solver_weights_are_dpm_solvers_closed_forms():
+    """The quadrature weights b_j equal the exponential integrator's closed forms: one node, 1 - e^{-kh}
+    (-phi_1 at h_eta = k h); two nodes 0 and -r h, the linear interpolant's integral -phi_1 m0 + phi_2 (m0 - m1)/r
+    (DPM-Solver++'s Taylor form at h_eta)."""
+    from unstir.samplers.stochastic import _exp_lagrange_weights
+
+    for h, k, r in ((0.3, 1.0, 1.0), (1.7, 2.0, 0.6), (0.05, 1.25, 2.0)):
+        he = k * h
+        phi1 = math.expm1(-he)
+        phi2 = phi1 / he + 1
+        (b0,) = _exp_lagrange_weights([0.0], h, k)
+        assert abs(b0 + phi1) < 1e-13
+        c0, c1 = _exp_lagrange_weights([0.0, -r * h], h, k)
+        assert abs(c0 - (-phi1 + phi2 / r)) < 1e-12 and abs(c1 + phi2 / r) < 1e-12
+
+
+def test_sa_solver_at_tau_zero_draws_no_noise_and_tau_one_does():
+    model, p = _oracle("vp")
+    x = p.prior_sample((200, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    runs = [unstir.sample(model, p, x, sampler="sa_solver", steps=10, tau=tau,
+                          generator=torch.Generator().manual_seed(seed)).x for tau in (0.0, 1.0) for seed in (1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[2], runs[3])
+    r = unstir.sample(model, p, x, sampler="sa_solver", steps=10)
+    assert r.nfe == 10  # the corrector reuses the next step's evaluation
+    for opts, text in (({"tau": -1.0}, "tau must be in"), ({"predictor_order": 5}, "predictor_order must be"),
+                       ({"window": (0.8, 0.2)}, "window must be")):
+        with pytest.raises(ValueError, match=text):
+            unstir.sample(model, p, x, sampler="sa_solver", steps=5, **opts)

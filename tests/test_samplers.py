@@ -74,6 +74,9 @@ ORDERS = [
     ("deis", {"order": 4}, [80, 160, 320], 4),  # the variable-step iPNDM keeps order 4 on a graded grid
     ("unipc", {"order": 2}, [20, 40, 80], 3),  # UniC raises the predictor's order by one
     ("unipc", {"order": 3}, [40, 80, 160], 4),
+    # SA-Solver at tau = 0 (deterministic): the corrector's order sets the global order (measured 2 and 3)
+    ("sa_solver", {"tau": 0.0, "predictor_order": 3, "corrector_order": 2}, [40, 80, 160], 2),
+    ("sa_solver", {"tau": 0.0, "predictor_order": 2, "corrector_order": 3}, [40, 80, 160], 3),
 ]
 
 
@@ -86,7 +89,7 @@ def reference_solve():
     return p, model, x_T, ref.x
 
 
-@pytest.mark.parametrize("sampler,options,steps,order", ORDERS, ids=[f"{o[0]}{o[1].get('order', '')}{o[1].get('form', '')}" for o in ORDERS])
+@pytest.mark.parametrize("sampler,options,steps,order", ORDERS, ids=[f"{o[0]}{o[1].get('order', '')}{o[1].get('form', '')}{o[1].get('corrector_order', '')}" for o in ORDERS])
 def test_convergence_order(reference_solve, sampler, options, steps, order):
     """Endpoint error at t_min against a tight RK45 solve falls as steps^-order (fitted slope within 0.3)."""
     p, model, x_T, ref = reference_solve
@@ -133,7 +136,8 @@ STOCHASTIC = [
     ("ve", "annealed_langevin", {}), ("subvp", "euler_maruyama", {}), ("ddpm", "ddpm", {}),
     ("rf", "euler_maruyama", {}), ("rf", "ddpm", {}),
     ("vp", "dpm++2m_sde", {}), ("ve", "dpm++3m_sde", {}), ("rf", "dpm++2m_sde", {"noise": "fresh"}),
-    ("ve", "euler_ancestral", {"eta": 0.5}), ("vp", "restart", {"restart_steps": 20}),
+    ("ve", "euler_ancestral", {"eta": 0.5}), ("vp", "restart", {"restart_steps": 20}), ("vp", "sa_solver", {}),
+    ("ve", "sa_solver", {"tau": 0.5, "noise": "fresh"}),
 ]
 
 

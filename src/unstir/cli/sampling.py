@@ -262,7 +262,7 @@ PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here
 PILOT_N = 128       # pilot samples: 64 left a fitted grid worse than the named one on fresh noise at d = 64
 
 SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol", "noise", "interval", "restarts",
-                   "restart_steps")
+                   "restart_steps", "tau", "predictor_order", "corrector_order")
 
 
 def default_sampler(nfe: int | None) -> str:
@@ -360,7 +360,11 @@ def register(sub) -> None:
     sa.add_argument("--classifier", help="classifier folder from `unstir train-classifier`: classifier guidance")
     sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0); euler_ancestral and "
                     "dpm++2m_sde/3m_sde: the noise's share (default: 1)")
-    sa.add_argument("--noise", choices=["brownian", "fresh"], help="dpm++2m_sde/3m_sde: the same Brownian path "
+    sa.add_argument("--tau", type=float, help="sa_solver: the noise scale in [0, 2] (0: the PF ODE; default 1 for t "
+                    "in [0.2 T, 0.8 T], 0 outside)")
+    sa.add_argument("--predictor-order", dest="predictor_order", type=int, help="sa_solver: 1-4 (default: 2)")
+    sa.add_argument("--corrector-order", dest="corrector_order", type=int, help="sa_solver: 1-4 (default: 2)")
+    sa.add_argument("--noise", choices=["brownian", "fresh"], help="dpm++2m_sde/3m_sde, sa_solver: the same Brownian path "
                     "whatever the grid, or a fresh draw per step (default: brownian)")
     sa.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), help="restart: the noise levels "
                     "sigma/alpha between which it restarts (default: 0.06 0.30)")

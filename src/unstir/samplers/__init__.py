@@ -17,7 +17,7 @@ from ..grids import GRIDS, check_grid, time_grid
 from ..parametrization import Denoiser, Model, ModelOutput, model_device
 from ..processes import VE, Process, coefficients
 from .ode import deis, dpmpp, ipndm, ode_euler, ode_heun, ode_rk45, unipc
-from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, restart, reverse_diffusion
+from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, restart, reverse_diffusion, sa_solver
 
 Tensor = torch.Tensor
 
@@ -69,6 +69,7 @@ SAMPLERS: dict[str, Sampler] = {
                            doc="DPM-Solver++(3M) SDE, Brownian-path noise"),
     "restart": Sampler(restart, "edm", True, doc="Restart sampling (Heun + K restarts of an interval)", evals=2,
                        extra=lambda o: 2 * o.get("restarts", 2) * o.get("restart_steps", 3)),
+    "sa_solver": Sampler(sa_solver, "log_snr", True, doc="SA-Solver, stochastic Adams predictor-corrector"),
 }
 
 
@@ -251,4 +252,4 @@ def _initial(model, process: Process, x_T, generator, dtype, device) -> Tensor:
 
 __all__ = ["SAMPLERS", "check_labels", "run_sampler", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
            "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "ipndm", "unipc",
-           "edm", "restart"]
+           "edm", "restart", "sa_solver"]
