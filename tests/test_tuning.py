@@ -200,7 +200,7 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     assert "--nfe must be an integer >= 3" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--sampler", "dpm++3m", "--form", "taylor", "--out",
                  str(tmp_path / "c.npy")]) == 2
-    assert "--form does not apply to sampler 'dpm++3m'; it applies to ['dpm++2m']" in capsys.readouterr().err
+    assert "--form does not apply to sampler 'dpm++3m'; it applies to ['dpm++2m', 'dpm++2m_sde']" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--sampler", "ipndm", "--order", "3", "--steps", "6", "-n", "20",
                  "--out", str(tmp_path / "d.npy")]) == 0
 

@@ -59,7 +59,7 @@ def steps_for_nfe(sampler: str, nfe: int, **options) -> int:
     if m % k or m < (k if extra else 0):
         fixed = f" and {extra} for its restarts" if extra else ""
         raise ValueError(f"sampler {sampler!r} uses {k} evaluations per step, 1 for the final denoising "
-                         f"step{fixed}, so its NFE is {k} m + {1 + extra} with m >= 1; got nfe={nfe}")
+                         f"step{fixed}, so its NFE is {k} m + {1 + extra}{' with m >= 1' if extra else ''}; got nfe={nfe}")
     return m // k + 1
 
 
