@@ -1,7 +1,7 @@
 """unstir: one learned object, the score of the noised data, and every correct way to use it."""
 
 from .grids import GRIDS, time_grid
-from .guidance import cfg, guided
+from .guidance import autoguidance, cfg, guided
 from .inverse import Measurement, dps, pigdm, repaint, twisted_smc
 from .inversion import decode, encode, interpolate
 from .likelihood import LikelihoodResult, log_likelihood
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Coefficients", "DDPM", "Denoiser", "Model", "RF", "EXAMPLES", "GRIDS", "GaussianMixture", "LowRankMixture", "image_mixture", "ModelOutput", "PREDICTIONS", "PROCESSES",
-    "LikelihoodResult", "Measurement", "Process", "SAMPLERS", "SampleResult", "SubVP", "TrainConfig", "VE", "VP", "cfg", "convert", "decode", "dps", "encode", "guided", "interpolate", "load_run", "log_likelihood", "make_process",
+    "LikelihoodResult", "Measurement", "Process", "SAMPLERS", "SampleResult", "SubVP", "TrainConfig", "VE", "VP", "autoguidance", "cfg", "convert", "decode", "dps", "encode", "guided", "interpolate", "load_run", "log_likelihood", "make_process",
     "pigdm", "pilot_grid", "repaint", "sample", "twisted_smc", "time_grid", "train", "TunedGrid", "tune_grid",
 ]

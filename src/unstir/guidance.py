@@ -5,6 +5,7 @@ Bayes' rule for scores (Song et al. 2021, eq. 48): grad log p_t(x | y) = grad lo
 * ``guided(model, classifier, y, scale)``: classifier guidance (Dhariwal & Nichol 2021),
   score + scale * grad_x log p_t(y | x). ``scale = 1`` is Bayes' rule: with the exact classifier the guided
   model is the exact class-conditional model (tests/test_guidance.py).
+* ``autoguidance(model, guide, y, scale)``: the same mix with a weaker model as the guide (Karras et al. 2024).
 * ``cfg(model, y, scale)``: classifier-free guidance (Ho & Salimans 2022),
   eps = eps(x, t) + s (eps(x, t, y) - eps(x, t)). **Scale convention**: this s is the diffusers / Imagen
   ``guidance_scale``: s = 0 is the unconditional model, s = 1 the conditional model, s > 1 extrapolates.
@@ -84,24 +85,90 @@ def class_log_prob_grad(classifier, x: Tensor, t, labels: Tensor) -> Tensor:
 
 
 class ClassifierFree(_Wrapper):
-    """eps_uncond + s (eps_cond - eps_uncond); see ``cfg``."""
+    """The guided mix weak + s (strong - weak) of ``cfg`` and ``autoguidance``, with the high-scale options; see
+    ``cfg``. ``guide`` None: weak is the model without labels (CFG); else weak is ``guide`` with the same labels
+    (autoguidance)."""
 
-    def __init__(self, model, y, scale: float):
-        if not getattr(model, "num_classes", 0):
+    def __init__(self, model, y, scale: float, *, guide=None, interval=None, rescale: float = 0.0, apg=None):
+        labelled = bool(getattr(model, "num_classes", 0))
+        if guide is None and not labelled:
             raise ValueError("classifier-free guidance needs a model with a class input (num_classes > 0); this "
                              "model has none")
-        super().__init__(model, y, model.num_classes)
-        self.scale = _check_scale(scale)
+        super().__init__(model, y, model.num_classes if labelled else 0)
+        self.scale, self.guide, self.labelled = _check_scale(scale), guide, labelled
+        if interval is not None:
+            lo, hi = (float(v) for v in interval)
+            if not 0 <= lo < hi:
+                raise ValueError(f"the guidance interval must be (lo, hi) noise levels sigma/alpha with 0 <= lo < hi, "
+                                 f"got {tuple(interval)!r}")
+            interval = (lo, hi)
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 <= rescale <= 1:
+            raise ValueError(f"rescale (CFG rescale's phi) must be in [0, 1], got {rescale!r}")
+        self.interval, self.rescale = interval, float(rescale)
+        self.apg = None if apg is None else _check_apg(apg)
+        self._momentum, self._last_t = None, None
+
+    def _inside(self, out) -> Tensor | bool:
+        """Whether each sample's noise level sigma/alpha lies in the interval (lo, hi] (True without one)."""
+        if self.interval is None:
+            return True
+        sbar = torch.as_tensor(out.c.sigma / out.c.alpha, dtype=torch.float64)
+        inside = (sbar > self.interval[0]) & (sbar <= self.interval[1])
+        return bool(inside) if inside.ndim == 0 or inside.numel() == 1 else inside.reshape(-1, *[1] * (out.x.ndim - 1))
 
     def __call__(self, x: Tensor, t, y: Tensor | None = None) -> ModelOutput:
-        labels = self.labels(x, y)
-        uncond = self.model(x, t)
-        if self.scale == 0.0:
-            return uncond
-        cond = self.model(x, t, labels)
-        if self.scale == 1.0:
+        labels = self.labels(x, y) if self.labelled else None
+        cond = self.model(x, t, labels) if self.labelled else self.model(x, t)
+        inside = self._inside(cond)
+        if self.scale == 1.0 or inside is False:
             return cond
-        return ModelOutput(x, t, cond.c, torch.lerp(uncond.eps, cond.eps, self.scale), "eps")
+        weak = self.model(x, t) if self.guide is None else (self.guide(x, t, labels) if self.labelled
+                                                              else self.guide(x, t))
+        if self.scale == 0.0 and self.interval is None:
+            return weak
+        if self.apg is not None:
+            x0 = self._apg(cond.x0, weak.x0, t)
+            eps = (x - cond.c.alpha * x0) / cond.c.sigma
+        else:
+            eps = torch.lerp(weak.eps, cond.eps, self.scale)
+        if self.rescale:
+            dims = tuple(range(1, x.ndim))
+            factor = cond.eps.std(dims, keepdim=True) / eps.std(dims, keepdim=True).clamp_min(1e-30)
+            eps = eps * (self.rescale * factor + (1 - self.rescale))
+        if inside is not True:
+            eps = torch.where(inside, eps, cond.eps)
+        return ModelOutput(x, t, cond.c, eps, "eps")
+
+    def _apg(self, strong: Tensor, weak: Tensor, t) -> Tensor:
+        """Adaptive projected guidance on the x0 predictions (Sadat et al. 2024, Alg. 1)."""
+        eta, momentum, threshold = self.apg["eta"], self.apg["momentum"], self.apg["norm_threshold"]
+        diff = strong - weak
+        if momentum:
+            t_now = float(torch.as_tensor(t).max())
+            if self._last_t is None or t_now > self._last_t or self._momentum is None \
+                    or self._momentum.shape != diff.shape:  # a new sampling pass starts at the top
+                self._momentum = torch.zeros_like(diff)
+            self._momentum = diff + momentum * self._momentum
+            self._last_t, diff = t_now, self._momentum
+        dims = tuple(range(1, diff.ndim))
+        if threshold > 0:
+            diff = diff * (threshold / diff.norm(dim=dims, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
+        unit = strong / strong.norm(dim=dims, keepdim=True).clamp_min(1e-30)
+        parallel = (diff * unit).sum(dims, keepdim=True) * unit
+        return strong + (self.scale - 1) * ((diff - parallel) + eta * parallel)
+
+
+def _check_apg(apg) -> dict:
+    allowed = {"eta": 0.0, "momentum": 0.0, "norm_threshold": 0.0}
+    if apg is True:
+        return allowed
+    if not isinstance(apg, dict) or set(apg) - set(allowed):
+        raise ValueError(f"apg must be True or a dict with keys among {sorted(allowed)}, got {apg!r}")
+    out = allowed | {k: float(v) for k, v in apg.items()}
+    if not -1 < out["momentum"] <= 0 or out["norm_threshold"] < 0 or not math.isfinite(out["eta"]):
+        raise ValueError(f"apg needs momentum in (-1, 0] (the paper's beta < 0), norm_threshold >= 0 and a finite eta, "
+                         f"got {out}")
+    return out
 
 
 class NoiseClassifier:
@@ -135,8 +202,41 @@ def guided(model, classifier, y: Tensor | int | None = None, scale: float = 1.0)
     return ClassifierGuided(model, classifier, y, scale)
 
 
-def cfg(model, y: Tensor | int | None = None, scale: float = 1.0) -> ClassifierFree:
+def cfg(model, y: Tensor | int | None = None, scale: float = 1.0, *, interval=None, rescale: float = 0.0,
+        apg=None) -> ClassifierFree:
     """Classifier-free guidance with the diffusers/Imagen scale s (module docstring): s = 0 unconditional,
     s = 1 conditional; Ho & Salimans' w is s - 1. ``model`` must take class labels and, called without
-    them, give its unconditional (null-label) prediction."""
-    return ClassifierFree(model, y, scale)
+    them, give its unconditional (null-label) prediction. Options for high scales, each neutral by default:
+
+    * ``interval=(lo, hi)``: guide only where the noise level sigma/alpha (EDM's sigma) lies in (lo, hi], the
+      conditional model elsewhere (Kynkaanniemi et al. 2024, Sec. 3; EDM2's ImageNet-512 setting is
+      (0.28, 2.9] for their data scale). Covering every level it is plain CFG.
+    * ``rescale=phi``: CFG rescale (Lin et al. 2024, Alg. 2): the guided output is rescaled to the conditional
+      output's per-sample standard deviation and mixed back, eps <- eps (phi std(eps_c)/std(eps) + 1 - phi).
+      Applied to eps as diffusers' ``guidance_rescale`` does; the paper applies it to its v-prediction network's
+      output, which gives other numbers on the same model. phi = 0 is plain CFG.
+    * ``apg``: adaptive projected guidance (Sadat et al. 2024, Alg. 1) on the x0 predictions: the difference
+      D_c - D_u, with momentum (running average diff + beta avg, beta in (-1, 0], reset at each new pass) and a
+      norm threshold r (scaled down to norm r, 0: off), split into parts parallel and orthogonal to D_c, and
+      D = D_c + (s - 1)(orthogonal + eta parallel). ``apg=True`` is eta = 0 without momentum or threshold (the
+      paper's main ablation); a dict sets ``eta``, ``momentum``, ``norm_threshold``. eta = 1 with no momentum or
+      threshold is plain CFG exactly.
+    """
+    return ClassifierFree(model, y, scale, interval=interval, rescale=rescale, apg=apg)
+
+
+def autoguidance(model, guide, y: Tensor | int | None = None, scale: float = 2.0, *, interval=None) -> ClassifierFree:
+    """Autoguidance (Karras et al. 2024): D = D_guide + s (D_model - D_guide), the guide a weaker version of the
+    same model (fewer training steps or a smaller network) with the same conditioning. Unlike CFG it needs no
+    unconditional model and does not trade diversity for fidelity in their experiments. ``guide`` must run on
+    the same process and data shape; for a class-conditional model it gets the same labels. ``interval`` as in
+    ``cfg``. s = 1 is ``model``; s = 0 is ``guide``."""
+    if guide.process.config() != model.process.config():
+        raise ValueError(f"the guide runs on process {guide.process!r}, the model on {model.process!r}: their outputs "
+                         f"belong to other noise levels")
+    gs, ms = getattr(guide, "data_shape", None), getattr(model, "data_shape", None)
+    if gs is not None and ms is not None and tuple(gs) != tuple(ms):
+        raise ValueError(f"the guide takes data of shape {tuple(gs)}, the model {tuple(ms)}")
+    if bool(getattr(guide, "num_classes", 0)) != bool(getattr(model, "num_classes", 0)):
+        raise ValueError("the guide and the model must both take class labels or both not")
+    return ClassifierFree(model, y, scale, guide=guide, interval=interval)
