@@ -330,3 +330,27 @@ def test_high_scale_guidance_bad_input():
         autoguidance(gm.denoiser(p), gm.denoiser(unstir.make_process("ve")))
     with pytest.raises(ValueError, match="both take class labels"):
         autoguidance(model, gm.denoiser(p))
+
+
+def test_the_command_line_reaches_high_scale_guidance_and_autoguidance(tmp_path, capsys):
+    from unstir.cli import main
+
+    run, weak = tmp_path / "run", tmp_path / "weak"
+    assert main(["train", "--data", "moons", "--class-conditional", "--steps", "10", "--out", str(run), "--quiet"]) == 0
+    assert main(["train", "--data", "moons", "--class-conditional", "--steps", "3", "--width", "32", "--out",
+                 str(weak), "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "s.npy"
+    base = ["sample", "--run", str(run), "-n", "32", "--class", "1", "--steps", "5", "--out", str(out), "--force"]
+    for extra in (["--guidance", "3", "--guidance-interval", "0.1", "5", "--cfg-rescale", "0.7"],
+                  ["--guidance", "3", "--apg"], ["--guidance", "2", "--guide", str(weak)]):
+        assert main(base + extra) == 0, extra
+        assert np.isfinite(np.load(out)).all()
+    capsys.readouterr()
+    for extra, text in ((["--apg"], "--apg shapes classifier-free guidance or autoguidance"),
+                        (["--guidance", "2", "--guide", str(weak), "--apg"], "apply to classifier-free guidance"),
+                        (["--guidance", "2", "--guidance-interval", "3", "1"], "0 <= lo < hi"),
+                        (["--guidance", "2", "--cfg-rescale", "2"], "rescale")):
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and text in err, (extra, err)

@@ -28,6 +28,22 @@ def guidance_model(model, args):
     from ..runs import load_classifier
 
     check_strength(args.guidance)
+    high = {k: v for k, v in (("--guidance-interval", args.guidance_interval), ("--cfg-rescale", args.cfg_rescale),
+                              ("--apg", args.apg or None)) if v is not None}
+    if high and (args.guidance is None or args.classifier is not None):
+        raise ValueError(f"{', '.join(high)} shape{'s' if len(high) == 1 else ''} classifier-free guidance or "
+                         f"autoguidance: give --guidance S (without --classifier)")
+    options = {"interval": args.guidance_interval, "rescale": args.cfg_rescale or 0.0, "apg": True if args.apg else None}
+    if args.guide is not None:
+        from ..guidance import autoguidance
+        from ..runs import load_run
+
+        if args.classifier is not None or args.guidance is None:
+            raise ValueError("--guide is autoguidance: give its scale with --guidance S, and no --classifier")
+        if args.cfg_rescale is not None or args.apg:
+            raise ValueError("--cfg-rescale and --apg apply to classifier-free guidance, not to --guide")
+        guide = load_run(args.guide, ema=not args.no_ema, device=args.device)
+        return autoguidance(model, guide, args.label, args.guidance, interval=args.guidance_interval), None
     if args.classifier is not None:
         if args.label is None:
             raise ValueError("--classifier needs --class, the label to guide towards")
@@ -41,7 +57,7 @@ def guidance_model(model, args):
     if args.guidance is not None:
         if args.label is None:
             raise ValueError("--guidance needs --class, the label to guide towards")
-        return cfg_guidance(model, args.label, args.guidance), None
+        return cfg_guidance(model, args.label, args.guidance, **options), None
     return model, args.label
 
 
@@ -358,6 +374,14 @@ def register(sub) -> None:
                  "unconditional, 1 conditional; Ho & Salimans' w = s - 1), or with --classifier the classifier "
                  "gradient's weight (default there: 1 = Bayes' rule)")
     sa.add_argument("--classifier", help="classifier folder from `unstir train-classifier`: classifier guidance")
+    sa.add_argument("--guide", help="autoguidance (Karras et al. 2024): a weaker run of the same data and process "
+                    "(fewer steps, a smaller network) to guide with; --guidance is the scale")
+    sa.add_argument("--guidance-interval", dest="guidance_interval", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="guide only where the noise level sigma/alpha lies in (LO, HI] (Kynkaanniemi et al. 2024)")
+    sa.add_argument("--cfg-rescale", dest="cfg_rescale", type=float, help="CFG rescale's phi in [0, 1] (Lin et al. "
+                    "2024; on eps, as diffusers' guidance_rescale)")
+    sa.add_argument("--apg", action="store_true", help="adaptive projected guidance (Sadat et al. 2024): keep only the "
+                    "part of the guidance orthogonal to the conditional x0 prediction")
     sa.add_argument("--eta", type=float, help="ddim: 0 deterministic ... 1 DDPM (default: 0); euler_ancestral and "
                     "dpm++2m_sde/3m_sde: the noise's share (default: 1)")
     sa.add_argument("--tau", type=float, help="sa_solver: the noise scale in [0, 2] (0: the PF ODE; default 1 for t "
