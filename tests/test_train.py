@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import pickle
 import subprocess
 import sys
@@ -59,8 +60,19 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     dump.mkdir()
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29517", str(Path(__file__).with_name("ddp_worker.py")),
-                    str(tmp_path / "ddp"), str(dump)], check=True, env=env, capture_output=True, timeout=300)
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port=29517", str(Path(__file__).with_name("ddp_worker.py")),
+           str(tmp_path / "ddp"), str(dump)]
+    # One retry: a fresh-clone suite failed here once in five runs (session 15) with the workers' output lost;
+    # it passed alone every time. A second failure fails the test and shows what the workers printed.
+    for attempt in (1, 2):
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if p.returncode == 0:
+            break
+        first = p.stderr[-3000:]
+        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+    assert p.returncode == 0, f"torchrun failed twice; the first time it printed:\n{first}\nthe second:\n{p.stderr[-3000:]}"
+    if attempt == 2:
+        print(f"torchrun failed once and passed on the retry; the failure printed:\n{first}")
     r0, r1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     single = train(TrainConfig(data="moons", steps=30, batch_size=64, checkpoint_every=30, log_every=10, n_data=2000),
