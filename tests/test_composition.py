@@ -49,6 +49,21 @@ def _predicting(kind: str, mixture: GaussianMixture, process, *, detached: bool 
     return Denoiser(net, process, kind, time_dtype=torch.float64, data_shape=(2,))
 
 
+def _preconditioned(mixture: GaussianMixture, process, sigma_data: float = 0.7) -> Denoiser:
+    """EDM's preconditioned network (prediction 'edm') around the exact eps: it sees only c_in x and c_noise."""
+    def net(x_in, c_noise):
+        t = process.t_from_log_snr(-4 * c_noise.to(torch.float64))
+        c = process.coefficients(t).expand_as(x_in)
+        x = x_in * (c.sigma**2 + c.alpha**2 * sigma_data**2).sqrt()  # undo c_in = 1 / r
+        return from_eps("edm", mixture.eps(x, t, process), x, c, sigma_data)
+    net.device = mixture.means.device
+    return Denoiser(net, process, "edm", time_dtype=torch.float64, data_shape=(2,), sigma_data=sigma_data)
+
+
+def _conditional():
+    return GM.class_conditional_denoiser(VP, CLASSES)
+
+
 def _diffusers_model():
     """A diffusers-style UNet call (sample, integer-scale timestep) -> v prediction, from the oracle."""
     def unet(sample, timestep):
@@ -73,6 +88,7 @@ REFERENCES = {
 ROWS = {
     **{f"Denoiser({k})": (lambda k=k: _predicting(k, GM, VP), "mixture", None)
        for k in ("eps", "x0", "v", "score", "velocity")},
+    "Denoiser(edm)": (lambda: _preconditioned(GM, VP), "mixture", None),
     "class-conditional": (lambda: GM.class_conditional_denoiser(VP, CLASSES), "class 1", 1),
     "guided (exact classifier, scale 1)": (
         lambda: unstir.guided(GM.denoiser(VP), GM.classifier(VP, CLASSES), y=1), "class 1", None),
@@ -80,6 +96,13 @@ ROWS = {
                     "class 1", None),
     "cfg (s = 0)": (lambda: unstir.cfg(GM.class_conditional_denoiser(VP, CLASSES), y=1, scale=0.0),
                     "mixture", None),
+    "cfg interval (s = 3, no level inside)": (lambda: unstir.cfg(_conditional(), y=1, scale=3.0, interval=(1e5, 1e6)),
+                                              "class 1", None),
+    "cfg rescale (s = 1, phi = 0.7)": (lambda: unstir.cfg(_conditional(), y=1, scale=1.0, rescale=0.7), "class 1", None),
+    "cfg apg (s = 1)": (lambda: unstir.cfg(_conditional(), y=1, scale=1.0, apg={"eta": 0.0, "momentum": -0.5}),
+                        "class 1", None),
+    "autoguidance (guide = the model, s = 2)": (
+        lambda: unstir.autoguidance(_conditional(), _conditional(), y=1, scale=2.0), "class 1", None),
     "pigdm (Gaussian Jacobian)": (lambda: pigdm(GAUSS.denoiser(VP), GAUSS_M, 0.5), "posterior", None),
     "pigdm (vjp Jacobian)": (lambda: pigdm(GAUSS.denoiser(VP), GAUSS_M, 0.5, jacobian="vjp"),
                              "posterior", None),
@@ -87,6 +110,7 @@ ROWS = {
     "k-diffusion adapter": (lambda: from_karras(to_karras(GM.denoiser(VP)), *KARRAS_SIGMAS, data_shape=(2,)),
                             "mixture (ve)", None),
     "rf (velocity)": (lambda: _predicting("velocity", GM, RF), "mixture (rf)", None),
+    "rf (edm)": (lambda: _preconditioned(GM, RF), "mixture (rf)", None),
     "detached network (eps)": (lambda: _predicting("eps", GM, VP, detached=True), "mixture", None),
     "detached network (x0)": (lambda: _predicting("x0", GM, VP, detached=True), "mixture", None),
 }

@@ -29,7 +29,8 @@ def test_every_conversion_pair_round_trips(name):
     da = ((p.alpha(tp) - p.alpha(tm)) / (tp - tm))[:, None]
     ds = ((p.sigma(tp) - p.sigma(tm)) / (tp - tm))[:, None]
     x = a * x0 + s * eps
-    truth = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s, "velocity": da * x0 + ds * eps}
+    truth = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s, "velocity": da * x0 + ds * eps,
+             "edm": edm_target(x0, x, a, s)}
     for src, dst in itertools.product(PREDICTIONS, PREDICTIONS):
         tol = 1e-4 if "velocity" in (src, dst) else 1e-10  # the finite-difference truth limits velocity
         if name == "ddpm" and "velocity" in (src, dst):
@@ -43,6 +44,29 @@ def test_every_conversion_pair_round_trips(name):
                                rtol=1e-10, atol=1e-10)
 
 
+def edm_target(x0, x, a, s, sd=0.5):
+    """EDM's F as Karras et al. (2022, Table 1 and eq. 7-8) write it, for x / s(t) at sigma~ = sigma / alpha:
+    D(x~) = c_skip x~ + c_out F with x~ = x / alpha, so F = (x0 - c_skip x~) / c_out."""
+    sb = s / a
+    c_skip, c_out = sd**2 / (sb**2 + sd**2), sb * sd / (sb**2 + sd**2).sqrt()
+    return (x0 - c_skip * x / a) / c_out
+
+
+def edm_net(gm, p, sd=0.5):
+    """An EDM-preconditioned network around the oracle's exact x0: it sees only c_in x and c_noise, recovers
+    t and x from them (with EDM's own formulas) and returns F."""
+    def net(x_in, c_noise):
+        t = p.t_from_log_snr(-4 * c_noise.to(torch.float64))
+        a, s = p.alpha(t), p.sigma(t)
+        shape = (-1,) + (1,) * (x_in.dim() - 1)
+        a, s = a.reshape(shape), s.reshape(shape)
+        sb = s / a
+        x = x_in.to(torch.float64) * (sb**2 + sd**2).sqrt() * a  # c_in(sigma~) = 1 / sqrt(sigma~^2 + sd^2) on x / alpha
+        x0 = gm.x0(x, t, p)
+        return edm_target(x0, x, a, s, sd).to(x_in.dtype)
+    return net
+
+
 @pytest.mark.parametrize("kind", PREDICTIONS)
 def test_denoiser_exposes_every_prediction_for_any_prediction(kind):
     """A network that predicts `kind` exactly (from the oracle) yields the oracle's eps, x0, score, v, velocity."""
@@ -53,6 +77,8 @@ def test_denoiser_exposes_every_prediction_for_any_prediction(kind):
     t = 0.3
     ref = exact(x, t)
     net = lambda x, t_in: getattr(gm.denoiser(p)(x, t_in.to(torch.float64)), kind)  # noqa: E731
+    if kind == "edm":
+        net = edm_net(gm, p)
     out = unstir.Denoiser(net, p, kind)(x, t)
     for k in PREDICTIONS:
         torch.testing.assert_close(getattr(out, k), getattr(ref, k), rtol=1e-10, atol=1e-10)

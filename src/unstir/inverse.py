@@ -243,7 +243,7 @@ def dps_step(model, measurement: Measurement, x: Tensor, t: float, s: float, *, 
         out = in_graph(model(xg, t), "dps")
         sq = (measurement.observed(x.shape[0], x) - measurement.A(out.x0)).pow(2).sum(1)
         grad = torch.autograd.grad(sq.sum(), xg)[0]
-    out = ModelOutput(x, t, out.c, out.pred.detach(), out.kind)
+    out = out.like(x, out.pred.detach())
     if s == 0.0:
         x_prime = out.x0
     else:
@@ -404,7 +404,7 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
             quad = (resid * torch.linalg.solve(cov, resid.T).T).sum(1)
         else:
             quad = resid.pow(2).sum(1) / (r2 * (1.0 if m.mask is not None else m.aat) + m.sigma_y**2)
-        out = ModelOutput(x, t, out.c, out.pred.detach(), out.kind)
+        out = out.like(x, out.pred.detach())
         return out, -0.5 * quad, grad.detach()
 
     def mean(eps, x, t, s):
@@ -429,7 +429,7 @@ def twisted_smc(model, measurement: Measurement, n: int, steps: int = 100, *, pa
         index[low] = torch.gather(index[low], 1, pick)
         index = index.flatten().to(x.device)
         low = low.to(x.device)
-        out = ModelOutput(out.x[index], out.t, out.c, out.pred[index], out.kind)
+        out = out.like(out.x[index], out.pred[index])
         groups = groups.clone()
         groups[low] = 0.0
         return x[index], out, logtw[index], grad[index], groups.flatten()

@@ -28,6 +28,10 @@ whatever the network predicts to eps):
                   unstir uses eq. 12 as written (the x0 form). It is ``simple`` at noise levels with SNR <= gamma
                   and gives the
                   low-noise levels, where the eps error is large and says little about the sample, less weight.
+* ``edm``:        lambda_x0 = 1 / c_out^2 on the x0 error (Karras et al. 2022, sec. 5, eq. 8 and Table 1), i.e. unit
+                  weight on the error of EDM's raw output F, mean over dimensions; it is evaluated in F coordinates
+                  (``ModelOutput.edm``, target (sigma x0 - alpha sd^2 eps) / (sd r), r^2 = sigma^2 + alpha^2 sd^2),
+                  for any prediction type, and is EDM's loss with ``prediction='edm'``.
 
 t is uniform on [t_min, T], or uniform over the integer steps on a discrete DDPM process
 (``discrete=True``). With ``time_sampling="logit-normal"`` it is instead t_min + (T - t_min) u with
@@ -36,7 +40,12 @@ among the best rectified-flow variants they compared. It spends the training bat
 where the prediction is hardest; in expectation it is the uniform loss with the extra weight pi(t). On a
 discrete process u is floored to an integer step. The paper draws u on (0, 1) with t = u; here u is mapped
 linearly onto [t_min, T], which on ``rf`` (t_min = 1e-3, T = 1 - 1e-3) differs from it by at most 1e-3 in t.
-It is refused with the ``likelihood`` weighting, which draws t from its own density to estimate the
+With ``time_sampling="log-normal"`` the noise level sigma~ = sigma / alpha = exp(-log_snr) is log-normal, ln
+sigma~ ~ N(P_mean, P_std^2), ``log_normal=(P_mean, P_std)``, (-1.2, 1.2) by default: EDM's training noise
+distribution (Karras et al. 2022, Table 1), for every process through its log-SNR (on VE, sigma~ is EDM's sigma);
+draws outside the process's [sigma~(t_min), sigma~(T)] are clamped to its ends (on 've' with sigma in [0.01, 50],
+0.25 % of the draws). It is refused on discrete DDPM timesteps, which have no continuum of levels to draw from.
+Both are refused with the ``likelihood`` weighting, which draws t from its own density to estimate the
 likelihood bound.
 """
 
@@ -51,8 +60,8 @@ from .processes import DDPM, Process
 
 Tensor = torch.Tensor
 
-WEIGHTINGS = ("simple", "sigma2", "likelihood", "velocity", "min-snr")
-TIME_SAMPLINGS = ("uniform", "logit-normal")
+WEIGHTINGS = ("simple", "sigma2", "likelihood", "velocity", "min-snr", "edm")
+TIME_SAMPLINGS = ("uniform", "logit-normal", "log-normal")
 
 
 class TimeSampler:
@@ -60,13 +69,18 @@ class TimeSampler:
 
     def __init__(self, process: Process, weighting: str = "simple", *, discrete: bool = False,
                  importance: bool = True, table_size: int = 4096, snr_gamma: float = 5.0,
-                 time_sampling: str = "uniform", logit_normal: tuple[float, float] = (0.0, 1.0)):
+                 time_sampling: str = "uniform", logit_normal: tuple[float, float] = (0.0, 1.0),
+                 log_normal: tuple[float, float] = (-1.2, 1.2)):
         check_choice("weighting", weighting, WEIGHTINGS)
         self.snr_gamma = check_positive("snr_gamma", snr_gamma)
         self.time_sampling, self.logit_normal = time_sampling, check_time_sampling(time_sampling, logit_normal,
                                                                                    weighting)
+        self.log_normal = check_logit_normal(log_normal, "log_normal")
         if discrete and not isinstance(process, DDPM):
             raise ValueError(f"discrete=True needs a 'ddpm' process, got {process.name!r}")
+        if discrete and time_sampling == "log-normal":
+            raise ValueError("time_sampling='log-normal' draws a continuous noise level; discrete DDPM timesteps "
+                             "have none between their steps: use time_sampling='uniform' or 'logit-normal'")
         self.process, self.weighting, self.discrete = process, weighting, discrete
         self.importance = importance and weighting == "likelihood"
         if self.importance:
@@ -91,6 +105,12 @@ class TimeSampler:
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(t, w): n times (float64) and the weight of each sample's squared eps error."""
         p = self.process
+        if self.time_sampling == "log-normal":  # ln sigma~ = -log_snr ~ N(P_mean, P_std^2), clamped to [t_min, T]
+            m, s = self.log_normal
+            lo, hi = p.log_snr(p.T).item(), p.log_snr(p.t_min).item()
+            lam = -(m + s * torch.randn(n, generator=generator, dtype=torch.float64))
+            t = p.t_from_log_snr(lam.clamp(lo, hi))
+            return t, self._weights(t)
         if self.time_sampling == "logit-normal":
             m, s = self.logit_normal
             u = torch.sigmoid(m + s * torch.randn(n, generator=generator, dtype=torch.float64))
@@ -109,13 +129,14 @@ class TimeSampler:
             t = p.t_from_timestep(torch.floor(u * p.num_steps).clamp(max=p.num_steps - 1))
         else:
             t = p.t_min + (p.T - p.t_min) * u
+        return t, self._weights(t)
+
+    def _weights(self, t: Tensor) -> Tensor:
         if self.weighting == "likelihood":
-            w = self._w(t)
-        elif self.weighting == "min-snr":  # min(SNR, gamma) / SNR = min(1, gamma / SNR)
-            w = (self.snr_gamma * torch.exp(-2 * p.log_snr(t))).clamp(max=1.0)
-        else:
-            w = torch.ones(n, dtype=torch.float64)
-        return t, w
+            return self._w(t)
+        if self.weighting == "min-snr":  # min(SNR, gamma) / SNR = min(1, gamma / SNR)
+            return (self.snr_gamma * torch.exp(-2 * self.process.log_snr(t))).clamp(max=1.0)
+        return torch.ones(t.shape[0], dtype=torch.float64)
 
 
 def check_time_sampling(time_sampling: str, logit_normal, weighting: str) -> tuple[float, float]:
@@ -127,14 +148,14 @@ def check_time_sampling(time_sampling: str, logit_normal, weighting: str) -> tup
     return check_logit_normal(logit_normal)
 
 
-def check_logit_normal(value) -> tuple[float, float]:
-    """(m, s) of the logit-normal time distribution: a finite mean and a positive standard deviation."""
+def check_logit_normal(value, name: str = "logit_normal") -> tuple[float, float]:
+    """(m, s) of the logit-normal (or log-normal) time distribution: a finite mean and a positive std."""
     try:
         m, s = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"logit_normal must be two numbers (mean, std), got {value!r}") from None
+        raise ValueError(f"{name} must be two numbers (mean, std), got {value!r}") from None
     if not (math.isfinite(m) and math.isfinite(s) and s > 0):
-        raise ValueError(f"logit_normal needs a finite mean and a std > 0, got {value!r}")
+        raise ValueError(f"{name} needs a finite mean and a std > 0, got {value!r}")
     return m, s
 
 
@@ -149,6 +170,10 @@ def dsm_loss(model, x0: Tensor, t: Tensor, w: Tensor, noise: Tensor, weighting: 
     out = model(x_t, t, y=labels)
     if weighting == "velocity":
         err = (out.velocity - (out.c.dalpha * x0 + out.c.dsigma * noise)).square().flatten(1)
+    elif weighting == "edm":  # unit weight on F: (sigma x0 - alpha sd^2 eps) / (sd r), no division by alpha or sigma
+        c, sd = out.c, out.sigma_data
+        r = (c.sigma**2 + c.alpha**2 * sd**2) ** 0.5
+        err = (out.edm - (c.sigma * x0 - (c.alpha * sd**2) * noise) / (sd * r)).square().flatten(1)
     else:
         err = (out.eps - noise).square().flatten(1)
     per_sample = err.sum(1) if weighting == "sigma2" else err.mean(1)

@@ -1,4 +1,4 @@
-"""Model outputs: eps, x0, v, score and velocity are one thing in five coordinates.
+"""Model outputs: eps, x0, v, score, velocity and EDM's F are one thing in six coordinates.
 
 With x = alpha x0 + sigma eps (any process) and the coefficient record c of ``processes.Coefficients``:
 
@@ -10,6 +10,22 @@ With x = alpha x0 + sigma eps (any process) and the coefficient record c of ``pr
                                                       Song et al. 2021 eq. 13: the same vector field)
 
 so eps = (alpha v + sigma x) / (alpha^2 + sigma^2) and eps = (velocity - f x) 2 sigma / g^2.
+
+EDM's preconditioning (Karras et al. 2022, sec. 5 and Table 1) is the sixth coordinate, ``edm``: the raw
+output F of a network that sees c_in x at the noise input c_noise, with
+
+    x0 = c_skip x + c_out F.
+
+EDM writes it for x / s(t) at the noise level sigma~ = sigma / alpha (their s = alpha): c_skip = sd^2 /
+(sigma~^2 + sd^2), c_out = sigma~ sd / sqrt(sigma~^2 + sd^2), c_in = 1 / sqrt(sigma~^2 + sd^2) and c_noise =
+ln(sigma~) / 4, with sd = ``sigma_data``. Folding the 1 / alpha into them gives the general form used here,
+finite for every process including rectified flow's alpha -> 0 end (r^2 = sigma^2 + alpha^2 sd^2, the variance
+of x for data of variance sd^2):
+
+    c_skip = alpha sd^2 / r^2,   c_out = sigma sd / r,   c_in = 1 / r,   c_noise = -log_snr / 4
+
+so that eps = (sigma x / r - alpha sd F) / r, which needs no division by sigma. On VE (alpha = 1) these are
+EDM's own. ``sigma_data`` is a property of the data (0.5 for images in [-1, 1], EDM's choice).
 
 A network predicts one of them; ``Denoiser`` wraps it and exposes all five. Samplers, losses and
 likelihoods talk to a ``Model`` (a ``Denoiser`` or anything with the same call), never to the raw network.
@@ -27,11 +43,28 @@ from .processes import DDPM, Coefficients, Process, coefficients
 
 Tensor = torch.Tensor
 
-PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
+PREDICTIONS = ("eps", "x0", "v", "score", "velocity", "edm")
+SIGMA_DATA = 0.5  # EDM's sigma_data for images scaled to [-1, 1]
 
 
-def to_eps(kind: str, pred: Tensor, x: Tensor, c: Coefficients) -> Tensor:
-    """Convert a prediction of type ``kind`` to eps; the entries of ``c`` broadcast against x."""
+def edm_scalings(c: Coefficients, sigma_data: float = SIGMA_DATA):
+    """(c_skip, c_out, c_in, c_noise) of EDM's preconditioning at the coefficients ``c``, in the general form of
+    the module's docstring (floats for float coefficients, tensors for tensor ones)."""
+    r = (c.sigma**2 + c.alpha**2 * sigma_data**2) ** 0.5
+    return c.alpha * sigma_data**2 / r**2, c.sigma * sigma_data / r, 1 / r, -c.log_snr / 4
+
+
+def check_sigma_data(value) -> float:
+    """EDM's sigma_data: a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+        raise ValueError(f"sigma_data must be a finite number > 0 (the data's standard deviation; 0.5 for images "
+                         f"in [-1, 1]), got {value!r}")
+    return float(value)
+
+
+def to_eps(kind: str, pred: Tensor, x: Tensor, c: Coefficients, sigma_data: float = SIGMA_DATA) -> Tensor:
+    """Convert a prediction of type ``kind`` to eps; the entries of ``c`` broadcast against x. ``sigma_data``
+    enters only the ``edm`` coordinate."""
     if kind == "eps":
         return pred
     if kind == "x0":
@@ -42,10 +75,13 @@ def to_eps(kind: str, pred: Tensor, x: Tensor, c: Coefficients) -> Tensor:
         return -c.sigma * pred
     if kind == "velocity":
         return (pred - c.drift * x) * (2 * c.sigma / c.g2)
+    if kind == "edm":
+        r = (c.sigma**2 + c.alpha**2 * sigma_data**2) ** 0.5
+        return (x * (c.sigma / r) - pred * (c.alpha * sigma_data)) / r
     check_choice("prediction", kind, PREDICTIONS)
 
 
-def from_eps(kind: str, eps: Tensor, x: Tensor, c: Coefficients) -> Tensor:
+def from_eps(kind: str, eps: Tensor, x: Tensor, c: Coefficients, sigma_data: float = SIGMA_DATA) -> Tensor:
     """Convert eps to a prediction of type ``kind``."""
     if kind == "eps":
         return eps
@@ -59,26 +95,34 @@ def from_eps(kind: str, eps: Tensor, x: Tensor, c: Coefficients) -> Tensor:
         if isinstance(c.drift, float):  # one time for the batch: two fused ops
             return torch.add(x * c.drift, eps, alpha=c.g2 / (2 * c.sigma))
         return c.drift * x + (c.g2 / (2 * c.sigma)) * eps
+    if kind == "edm":
+        r = (c.sigma**2 + c.alpha**2 * sigma_data**2) ** 0.5
+        return (x * (c.sigma / r) - eps * r) / (c.alpha * sigma_data)
     check_choice("prediction", kind, PREDICTIONS)
 
 
-def convert(pred: Tensor, src: str, dst: str, x: Tensor, c: Coefficients) -> Tensor:
+def convert(pred: Tensor, src: str, dst: str, x: Tensor, c: Coefficients, sigma_data: float = SIGMA_DATA) -> Tensor:
     """Convert a prediction from type ``src`` to type ``dst`` at the coefficients ``c`` (broadcast to x)."""
     check_choice("prediction", src, PREDICTIONS)
     check_choice("prediction", dst, PREDICTIONS)
     if src == dst:
         return pred
-    return from_eps(dst, to_eps(src, pred, x, c), x, c)
+    return from_eps(dst, to_eps(src, pred, x, c, sigma_data), x, c, sigma_data)
 
 
 class ModelOutput:
     """What the model says about x at time t, in every parametrization (computed on demand).
 
-    ``c`` is the process's coefficient record at t, broadcast against x."""
+    ``c`` is the process's coefficient record at t, broadcast against x; ``sigma_data`` is the data scale of the
+    ``edm`` coordinate (see the module docstring)."""
 
-    def __init__(self, x: Tensor, t, c: Coefficients, pred: Tensor, kind: str):
+    def __init__(self, x: Tensor, t, c: Coefficients, pred: Tensor, kind: str, sigma_data: float = SIGMA_DATA):
         self.x, self.t, self.c = x, t, c
-        self.pred, self.kind = pred, kind
+        self.pred, self.kind, self.sigma_data = pred, kind, sigma_data
+
+    def like(self, x: Tensor, pred: Tensor, c: Coefficients | None = None) -> "ModelOutput":
+        """The same kind of output (its kind, time and data scale) for another x and prediction."""
+        return ModelOutput(x, self.t, self.c if c is None else c, pred, self.kind, self.sigma_data)
 
     @property
     def alpha(self):
@@ -91,11 +135,11 @@ class ModelOutput:
     def _get(self, kind: str) -> Tensor:
         if kind == self.kind:
             return self.pred
-        return from_eps(kind, self.eps, self.x, self.c)
+        return from_eps(kind, self.eps, self.x, self.c, self.sigma_data)
 
     @cached_property
     def eps(self) -> Tensor:
-        return to_eps(self.kind, self.pred, self.x, self.c)
+        return to_eps(self.kind, self.pred, self.x, self.c, self.sigma_data)
 
     @cached_property
     def x0(self) -> Tensor:
@@ -113,6 +157,11 @@ class ModelOutput:
     def velocity(self) -> Tensor:
         """dx/dt of the probability-flow ODE (the flow-matching velocity)."""
         return self._get("velocity")
+
+    @cached_property
+    def edm(self) -> Tensor:
+        """EDM's raw network output F, with x0 = c_skip x + c_out F (see the module docstring)."""
+        return self._get("edm")
 
 
 def in_graph(out: ModelOutput, use: str) -> ModelOutput:
@@ -182,17 +231,23 @@ class Model(Protocol):
 class Denoiser:
     """Wrap ``net(x, t_input[, y]) -> prediction`` for a process: the standard ``Model``.
 
-    ``prediction`` names what the network outputs (eps, x0, v, score or velocity). The network receives t as
-    a tensor of shape (batch,) in x's dtype (or ``time_dtype``): continuous t, or, with
-    ``discrete_labels=True`` on a DDPM process, the integer timestep label (t N - 1). ``data_shape`` is the
+    ``prediction`` names what the network outputs (eps, x0, v, score, velocity or edm). The network receives t
+    as a tensor of shape (batch,) in x's dtype (or ``time_dtype``): continuous t, or, with
+    ``discrete_labels=True`` on a DDPM process, the integer timestep label (t N - 1). With ``prediction="edm"``
+    it is EDM's preconditioned network instead: it receives c_in x and the noise input c_noise = -log_snr / 4,
+    and its output F is mapped to x0 by c_skip x + c_out F (``sigma_data``: the data's scale, module docstring). ``data_shape`` is the
     per-sample shape the network expects (None: any); ``num_classes`` > 0 means the network takes class
     labels ``y`` in [0, num_classes) as a third argument.
     """
 
     def __init__(self, net: Callable[..., Tensor], process: Process, prediction: str = "eps",
                  *, discrete_labels: bool = False, time_dtype: torch.dtype | None = None,
-                 data_shape: tuple[int, ...] | None = None, num_classes: int = 0):
+                 data_shape: tuple[int, ...] | None = None, num_classes: int = 0, sigma_data: float = SIGMA_DATA):
         check_choice("prediction", prediction, PREDICTIONS)
+        self.sigma_data = check_sigma_data(sigma_data)
+        if prediction == "edm" and discrete_labels:
+            raise ValueError("prediction 'edm' feeds the network EDM's noise input c_noise = -log_snr / 4, not DDPM's "
+                             "integer timestep labels: use discrete_labels=False (a 'ddpm' process is fine)")
         if not isinstance(process, Process):
             raise TypeError(f"process must be a unstir Process, got {type(process).__name__}")
         if prediction == "velocity" and not all(hasattr(process, m) for m in ("_dlog_alpha", "_g2")):
@@ -211,16 +266,23 @@ class Denoiser:
     def __call__(self, x: Tensor, t, y: Tensor | None = None) -> ModelOutput:
         """The model's outputs at (x, t); t is a Python float (one time for the batch) or a tensor (batch,).
         ``y`` (class labels) is passed on to the network as a third argument when given."""
+        edm = self.prediction == "edm"
         if isinstance(t, float):
             c = coefficients(self.process, t)
-            label = t * self.process.num_steps - 1 if self.discrete_labels else t
+            label = t * self.process.num_steps - 1 if self.discrete_labels else -c.log_snr / 4 if edm else t
             t_in = torch.full((x.shape[0],), label, dtype=self.time_dtype or x.dtype, device=x.device)
         else:
-            c = self.process.coefficients(t).expand_as(x)
-            t_in = self.process.timestep(t) if self.discrete_labels else torch.as_tensor(t, dtype=torch.float64)
+            c = self.process.coefficients(t)
+            t_in = (self.process.timestep(t) if self.discrete_labels else -c.log_snr / 4 if edm
+                    else torch.as_tensor(t, dtype=torch.float64))
             t_in = t_in.to(dtype=self.time_dtype or x.dtype, device=x.device).expand(x.shape[0])
-        pred = self.net(x, t_in) if y is None else self.net(x, t_in, y)
+            c = c.expand_as(x)
+        x_in = x
+        if edm:
+            c_in = edm_scalings(c, self.sigma_data)[2]
+            x_in = x * (c_in if isinstance(c_in, float) else c_in.to(x.dtype))
+        pred = self.net(x_in, t_in) if y is None else self.net(x_in, t_in, y)
         if pred.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(pred.shape)} for input of shape {tuple(x.shape)}; "
                              f"a {self.prediction} prediction must have the input's shape")
-        return ModelOutput(x, t, c, pred, self.prediction)
+        return ModelOutput(x, t, c, pred, self.prediction, self.sigma_data)

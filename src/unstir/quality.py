@@ -182,11 +182,14 @@ def train_shapes_classifier(steps: int = 1500, batch_size: int = 128, seed: int 
 
 @torch.no_grad()
 def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: Tensor, threshold: float = 0.9,
-                     batch_size: int = 500) -> dict:
+                     batch_size: int = 500, *, resamples: int = 0, level: float = 0.95, seed: int = 0) -> dict:
     """For samples in [-1, 1] (N, 3, 32, 32): ``validity`` (the share the classifier reads as one of the 18
     classes with probability above ``threshold``), ``coverage`` (the share of the 18 classes among the valid
     samples), ``class_tv`` (total variation between the valid samples' class histogram and uniform), and the
-    Frechet distance and precision/recall against ``reference`` (real images) in the classifier's features."""
+    Frechet distance, kernel distance (``kid``) and precision/recall against ``reference`` (real images) in the
+    classifier's features. With ``resamples`` > 0, ``intervals`` maps validity, fd, kid, precision and recall
+    to their percentile bootstrap interval (lo, hi) at ``level`` (``bootstrap``; precision and recall resample
+    points whose copies shrink the k-NN radii, so their intervals are a rough guide)."""
     def run(x):
         feats, probs = [], []
         for i in range(0, len(x), batch_size):
@@ -202,9 +205,19 @@ def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: T
     counts = torch.bincount(label[valid], minlength=INVALID)[:INVALID].double()
     hist = counts / counts.sum().clamp(min=1)
     precision, recall = precision_recall(f_real, f_fake)
-    return {"validity": valid.double().mean().item(), "coverage": (counts > 0).double().mean().item(),
-            "class_tv": 0.5 * (hist - 1 / INVALID).abs().sum().item(),
-            "fd": frechet_distance(f_real, f_fake), "precision": precision, "recall": recall, "n": len(samples)}
+    out = {"validity": valid.double().mean().item(), "coverage": (counts > 0).double().mean().item(),
+           "class_tv": 0.5 * (hist - 1 / INVALID).abs().sum().item(), "fd": frechet_distance(f_real, f_fake),
+           "kid": kernel_distance(f_real, f_fake), "precision": precision, "recall": recall, "n": len(samples)}
+    if resamples:
+        kw = dict(resamples=resamples, level=level, seed=seed)
+        flags = valid.double()[:, None]
+        out["intervals"] = {
+            "validity": bootstrap(lambda a, b: float(b.mean()), flags, flags, **kw)[1:],
+            "fd": bootstrap(frechet_distance, f_real, f_fake, **kw)[1:],
+            "kid": bootstrap(kernel_distance, f_real, f_fake, **kw)[1:],
+            "precision": bootstrap(lambda a, b: precision_recall(a, b)[0], f_real, f_fake, **kw)[1:],
+            "recall": bootstrap(lambda a, b: precision_recall(a, b)[1], f_real, f_fake, **kw)[1:]}
+    return out
 
 
 def inception_features(images: Tensor, weights, batch_size: int = 200, device="cpu") -> Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import nets
 from ._checks import check_device
-from .parametrization import Denoiser
+from .parametrization import SIGMA_DATA, Denoiser
 from .processes import process_from_config
 
 Tensor = torch.Tensor
@@ -36,15 +36,16 @@ Tensor = torch.Tensor
 
 FORMAT = 1  # run.json's format version
 RUN_KEYS = {"format": int, "kind": str, "config": dict, "net": dict, "process": dict, "data_shape": list,
-            "num_classes": int, "levels": (int, type(None)), "accuracy": dict}
+            "num_classes": int, "levels": (int, type(None)), "accuracy": dict, "posthoc": dict}
 _WEIGHTS_NAME = re.compile(r"checkpoint-\d+\.safetensors")
 
 
 LOCK_FILE = ".lock"
 # The names unstir writes in a run folder; everything it deletes there matches one of them.
-RUN_FILES = re.compile(r"run\.json|checkpoint\.json|checkpoint-\d+\.safetensors|log\.jsonl|moments\.safetensors|"
+RUN_FILES = re.compile(r"run\.json|checkpoint\.json|checkpoint-\d+\.safetensors|ema-\d+\.safetensors|log\.jsonl|"
+                       r"moments\.safetensors|"
                        r"grids\.json|report\.html|classifier\.safetensors|\.lock")
-_TEMPORARY = re.compile(r"\.(run|checkpoint|checkpoint-\d+|moments|grids|report|classifier)\.tmp\d+"
+_TEMPORARY = re.compile(r"\.(run|checkpoint|checkpoint-\d+|ema-\d+|moments|grids|report|classifier)\.tmp\d+"
                         r"\.(json|safetensors|html)")
 
 
@@ -203,8 +204,11 @@ def load_moments(run):
 
 
 def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
-                    generator: torch.Generator) -> Path:
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+                    generator: torch.Generator, extra: dict[str, Tensor] | None = None) -> Path:
+    """Write the checkpoint of ``step`` atomically (weights first, then the pointer); ``extra`` tensors (keys with
+    a prefix of their own, e.g. the post-hoc EMA's 'posthoc.') travel with it for an exact resume."""
+    tensors = dict(extra or {})
+    tensors.update({f"model.{k}": v.detach().contiguous().cpu() for k, v in net.state_dict().items()})
     tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
@@ -220,6 +224,13 @@ def save_checkpoint(run: Path, step: int, net: nn.Module, ema: nn.Module, opt: t
     if old and old != weights.name:
         (run / old).unlink(missing_ok=True)
     return weights
+
+
+def checkpoint_tensors(run: Path, prefix: str) -> dict[str, Tensor]:
+    """The tensors of the run's current checkpoint whose keys start with ``prefix``, the prefix removed."""
+    meta = _read_json(Path(run) / "checkpoint.json")
+    tensors = load_tensors(Path(run) / meta["weights"])
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_checkpoint(run: Path, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer | None,
@@ -429,7 +440,11 @@ def load_run(run, *, ema: bool = True, device: str = "cpu") -> Denoiser:
     load_checkpoint(run, net, shadow, None, None)
     chosen = (shadow if ema else net).to(device).eval()
     num_classes = info["num_classes"] if info["config"].get("class_conditional") else 0
-    model = Denoiser(chosen, process, info["config"]["prediction"], discrete_labels=info["config"]["discrete"],
-                     data_shape=tuple(info["data_shape"]), num_classes=num_classes)
+    try:
+        model = Denoiser(chosen, process, info["config"]["prediction"], discrete_labels=info["config"]["discrete"],
+                         data_shape=tuple(info["data_shape"]), num_classes=num_classes,
+                         sigma_data=info["config"].get("sigma_data", SIGMA_DATA))
+    except ValueError as err:
+        raise ValueError(f"{str(run / 'run.json')!r}: {err}") from None
     model.run_info = info
     return model

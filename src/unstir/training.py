@@ -29,12 +29,13 @@ from . import data as data_mod
 from . import nets
 from ._checks import check_choice, check_device, check_positive
 from .distributed import init as init_distributed
+from .ema import PowerEMA, check_sigma_rel, write_snapshot
 from .distributed import rank_world
-from .losses import WEIGHTINGS, TimeSampler, check_time_sampling, dsm_loss
-from .parametrization import PREDICTIONS, Denoiser
+from .losses import WEIGHTINGS, TimeSampler, check_logit_normal, check_time_sampling, dsm_loss
+from .parametrization import PREDICTIONS, Denoiser, check_sigma_data
 from .processes import PROCESSES, make_process
 from .resources import check_memory, training_bytes
-from .runs import (LOCK_FILE, MOMENTS_FILE, _read_json, load_checkpoint, read_run_info, regular_file,
+from .runs import (LOCK_FILE, MOMENTS_FILE, _read_json, checkpoint_tensors, load_checkpoint, read_run_info, regular_file,
                    remove_temporaries, run_lock, save_checkpoint, write_moments, write_run_info)
 
 Tensor = torch.Tensor
@@ -45,10 +46,12 @@ class TrainConfig:
     data: str = "moons"
     process: str = "vp"
     prediction: str = "eps"
-    weighting: str = "auto"  # 'velocity' (flow matching) for a velocity prediction, else 'simple'
+    weighting: str = "auto"  # 'velocity' (flow matching) for a velocity prediction, 'edm' for edm, else 'simple'
     snr_gamma: float = 5.0  # gamma of the 'min-snr' weighting (Hang et al. 2023)
     time_sampling: str = "uniform"  # or 'logit-normal' (Esser et al. 2024): see losses.TimeSampler
     logit_normal: tuple = (0.0, 1.0)  # (mean, std) of logit(u) with time_sampling='logit-normal'
+    log_normal: tuple = (-1.2, 1.2)  # (P_mean, P_std) of ln sigma~ with time_sampling='log-normal' (EDM)
+    sigma_data: float = 0.5  # the data scale of prediction 'edm' (EDM's preconditioning)
     steps: int = 4000
     batch_size: int | None = None  # default by the data (``default_batch_size``): 512 vectors, 128 small images, 32
     lr: float = 2e-3
@@ -57,6 +60,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     ema_decay: float = 0.999
+    # Post-hoc EMA (EDM2; ``unstir.ema``): power-function EMA profiles of these relative lengths, kept during
+    # training and written every ``posthoc_every`` steps (default: a twentieth of the run) as ema-<step>.safetensors.
+    posthoc_ema: tuple = ()
+    posthoc_every: int | None = None
     seed: int = 0
     n_data: int = 20000
     size: int | None = None
@@ -89,8 +96,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.warmup is None and isinstance(self.steps, int):
             self.warmup = min(200, self.steps // 10)
+        if self.posthoc_every is None and self.posthoc_ema and isinstance(self.steps, int):
+            self.posthoc_every = max(1, self.steps // 20)
         if self.weighting == "auto":
-            self.weighting = "velocity" if self.prediction == "velocity" else "simple"
+            self.weighting = {"velocity": "velocity", "edm": "edm"}.get(self.prediction, "simple")
         if isinstance(self.device, torch.device):  # recorded in run.json by its name
             self.device = str(self.device)
 
@@ -106,6 +115,31 @@ class TrainConfig:
                 and self.time_sampling != "logit-normal"):
             raise ValueError(f"logit_normal={tuple(self.logit_normal)} is the (mean, std) of time_sampling="
                              f"'logit-normal'; this run's time_sampling is {self.time_sampling!r}")
+        if (check_logit_normal(self.log_normal, "log_normal") != DEFAULTS.log_normal
+                and self.time_sampling != "log-normal"):
+            raise ValueError(f"log_normal={tuple(self.log_normal)} is the (P_mean, P_std) of time_sampling="
+                             f"'log-normal'; this run's time_sampling is {self.time_sampling!r}")
+        check_sigma_data(self.sigma_data)
+        if not isinstance(self.posthoc_ema, (tuple, list)):
+            raise ValueError(f"posthoc_ema must be a list of relative EMA lengths, got {self.posthoc_ema!r}")
+        for sigma_rel in self.posthoc_ema:
+            check_sigma_rel(sigma_rel)
+        if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
+            raise ValueError(f"posthoc_ema lists a length twice: {tuple(self.posthoc_ema)}")
+        if self.posthoc_every is not None and not self.posthoc_ema:
+            raise ValueError(f"posthoc_every={self.posthoc_every} is the interval of post-hoc EMA snapshots; this run "
+                             f"keeps none (--posthoc-ema)")
+        if self.posthoc_ema and not (isinstance(self.posthoc_every, int) and self.posthoc_every >= 1):
+            raise ValueError(f"posthoc_every must be an integer >= 1, got {self.posthoc_every!r}")
+        if self.sigma_data != DEFAULTS.sigma_data and self.prediction != "edm" and self.weighting != "edm":
+            raise ValueError(f"sigma_data={self.sigma_data} is the data scale of EDM's preconditioning; this run "
+                             f"uses neither prediction 'edm' nor weighting 'edm'")
+        if self.prediction == "edm" and self.discrete:
+            raise ValueError("prediction 'edm' feeds the network EDM's noise input, not DDPM's integer timestep "
+                             "labels: drop --discrete")
+        if self.time_sampling == "log-normal" and self.discrete:
+            raise ValueError("time_sampling 'log-normal' draws a continuous noise level; discrete DDPM timesteps "
+                             "have none between their steps: drop --discrete or use uniform/logit-normal times")
         for name in ("steps", "checkpoint_every", "log_every", "width", "depth") + (
                 ("batch_size",) if self.batch_size is not None else ()):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
@@ -412,8 +446,12 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     start = 0
     if rank == 0 and run.exists():
         remove_temporaries(run)  # left by a process killed inside a write
+    posthoc = PowerEMA(net.parameters(), cfg.posthoc_ema) if cfg.posthoc_ema and rank == 0 else None
+    names = [n for n, _ in net.named_parameters()]
     if resume and (run / "checkpoint.json").exists():
         start = load_checkpoint(run, net, ema, opt, generator, reset_optimizer=reset_optimizer)
+        if posthoc is not None:
+            posthoc.load(names, checkpoint_tensors(run, "posthoc."))
     if rank == 0:
         write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
                              "data_shape": list(dataset.shape), "num_classes": dataset.num_classes,
@@ -426,9 +464,10 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                    f"stays at {cfg.lr:.3g} (constant schedule)") if change else "")
         tqdm.write(f"resuming {str(run)!r} at step {start}{note}")
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    model = Denoiser(_compiled(ddp) if cfg.compile else ddp, process, cfg.prediction, discrete_labels=cfg.discrete)
+    model = Denoiser(_compiled(ddp) if cfg.compile else ddp, process, cfg.prediction, discrete_labels=cfg.discrete,
+                     sigma_data=cfg.sigma_data)
     times = TimeSampler(process, cfg.weighting, discrete=cfg.discrete, snr_gamma=cfg.snr_gamma,
-                        time_sampling=cfg.time_sampling, logit_normal=cfg.logit_normal)
+                        time_sampling=cfg.time_sampling, logit_normal=cfg.logit_normal, log_normal=cfg.log_normal)
     x_all = dataset.x.to(device)
     if rank == 0 and not (run / MOMENTS_FILE).exists():  # for analytical teleportation (sample --nfe)
         write_moments(run, dataset.x)
@@ -501,6 +540,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
             opt.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
+            if posthoc is not None:
+                posthoc.update(step + 1)
         done += 1
         bar.update(1)
         if world == 1:
@@ -522,8 +563,11 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                                       "lr": _lr(cfg, step), "steps_per_s": rate, "elapsed_s": elapsed,
                                       "skipped_nonfinite": skipped}) + "\n")
                 log.flush()
+        if posthoc is not None and ((step + 1) % cfg.posthoc_every == 0 or step + 1 == cfg.steps):
+            write_snapshot(run, step + 1, posthoc, names)
         if save_now:
-            save_checkpoint(run, step + 1, net, ema, opt, generator)
+            save_checkpoint(run, step + 1, net, ema, opt, generator,
+                            extra=None if posthoc is None else {f"posthoc.{k}": v for k, v in posthoc.state(names).items()})
         if interrupted:
             bar.close()
             if rank == 0:

@@ -30,6 +30,7 @@ EXAMPLES = {
     "demo": "unstir demo --out runs/demo",
     "oracle": "unstir oracle --process ve --data ring",
     "train": "unstir train --data moons --out runs/moons",
+    "ema": "unstir ema --run runs/moons --sigma-rel 0.1 --out runs/moons-ema0.1",
     "train-classifier": "unstir train-classifier --data digits --out runs/clf",
     "sample": "unstir sample --run runs/moons --sampler dpm++2m --steps 20 --out samples.png",
     "likelihood": "unstir likelihood --run runs/moons",

@@ -29,6 +29,10 @@ def train_cmd(args) -> int:
 
     if not hasattr(args, "out"):
         args.out = str(Path("runs") / Path(getattr(args, "data", "moons")).stem)
+    if getattr(args, "posthoc_ema", None) == []:  # the bare flag: EDM2's two profiles
+        from ..ema import SIGMA_RELS
+
+        args.posthoc_ema = list(SIGMA_RELS)
     fields = {f for f in TrainConfig.__dataclass_fields__}
     given = {k: v for k, v in vars(args).items() if k in fields}  # only the options on the command line
     resume = getattr(args, "resume", None)
@@ -47,6 +51,22 @@ def train_cmd(args) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run folder: {result.run} (step {result.step})")
     return 128 + result.interrupted if result.interrupted else 0  # the shell's code for the signal: 130, 143, ...
+
+
+def ema_cmd(args) -> int:
+    """Reconstruct the EMA of any relative length from a run's post-hoc EMA snapshots (Karras et al. 2024, EDM2,
+    sec. 3: least squares over the stored power-function profiles) and write it as a new run folder, which
+    samples, encodes and reports like any other. The fit's residual is recorded in its run.json; a length the
+    snapshots cannot reach is refused, naming the range they can."""
+    from ..ema import posthoc_run
+
+    out = posthoc_run(args.run, args.sigma_rel, args.out, args.step)
+    from ..runs import read_run_info
+
+    rec = read_run_info(out)["posthoc"]
+    print(f"EMA sigma_rel {rec['sigma_rel']:g} at step {rec['step']} from {rec['snapshots']} snapshots (profile "
+          f"residual {rec['residual']:.2%}): run folder {out}")
+    return 0
 
 
 def train_classifier_cmd(args) -> int:
@@ -77,18 +97,27 @@ def register(sub) -> None:
                     "runs/<data name>)")
     tr.add_argument("--process", choices=sorted(PROCESSES), help="forward process (default: vp)")
     tr.add_argument("--prediction", choices=list(PREDICTIONS),
-                    help="what the network predicts (default: eps; velocity is flow matching, e.g. with --process rf)")
+                    help="what the network predicts (default: eps; velocity is flow matching, e.g. with --process rf; "
+                         "edm is EDM's preconditioned network, c_skip x + c_out F, for every process)")
     tr.add_argument("--weighting", choices=["auto", *WEIGHTINGS],
                     help="loss weighting: DDPM's simple eps loss, sigma^2 (score_sde), g^2 with importance-"
-                         "sampled t, the flow-matching velocity loss, or Min-SNR-gamma (default: velocity for "
-                         "--prediction velocity, else simple)")
+                         "sampled t, the flow-matching velocity loss, Min-SNR-gamma, or EDM's 1 / c_out^2 (unit "
+                         "weight on F) (default: velocity for --prediction velocity, edm for --prediction edm, "
+                         "else simple)")
     tr.add_argument("--snr-gamma", dest="snr_gamma", type=float,
                     help="gamma of --weighting min-snr: the eps error's weight is min(SNR, gamma) / SNR (default: 5)")
     tr.add_argument("--time-sampling", dest="time_sampling", choices=list(TIME_SAMPLINGS),
-                    help="how training times are drawn: uniform, or logit-normal (Esser et al. 2024: more of the batch "
-                         "at intermediate noise levels; not with --weighting likelihood) (default: uniform)")
+                    help="how training times are drawn: uniform, logit-normal (Esser et al. 2024: more of the batch "
+                         "at intermediate noise levels) or log-normal (EDM's noise levels, see --log-normal); not "
+                         "with --weighting likelihood (default: uniform)")
     tr.add_argument("--logit-normal", dest="logit_normal", type=float, nargs=2, metavar=("MEAN", "STD"),
                     help="with --time-sampling logit-normal: mean and std of logit(u) (default: 0 1)")
+    tr.add_argument("--log-normal", dest="log_normal", type=float, nargs=2, metavar=("P_MEAN", "P_STD"),
+                    help="with --time-sampling log-normal: mean and std of ln(sigma / alpha), EDM's noise levels "
+                         "(default: -1.2 1.2)")
+    tr.add_argument("--sigma-data", dest="sigma_data", type=float,
+                    help="with --prediction edm or --weighting edm: the data's standard deviation in EDM's "
+                         "preconditioning (default: 0.5, EDM's for images in [-1, 1])")
     tr.add_argument("--steps", type=int, help="optimizer steps in total (default: 4000)")
     tr.add_argument("--batch-size", dest="batch_size", type=int,
                     help="global batch size, split across processes (default by the data: 512 for vectors, 128 "
@@ -99,6 +128,12 @@ def register(sub) -> None:
     tr.add_argument("--grad-clip", dest="grad_clip", type=float, help="gradient-norm clipping (default: 1.0)")
     tr.add_argument("--ema-decay", dest="ema_decay", type=float,
                     help="EMA of the weights, used for sampling (default: 0.999)")
+    tr.add_argument("--posthoc-ema", dest="posthoc_ema", type=float, nargs="*", metavar="SIGMA_REL",
+                    help="keep EDM2's power-function EMA profiles of these relative lengths and write them every "
+                         "--posthoc-every steps, so `unstir ema` can choose the EMA length after training (no "
+                         "value: EDM2's 0.05 0.10)")
+    tr.add_argument("--posthoc-every", dest="posthoc_every", type=int,
+                    help="steps between post-hoc EMA snapshots (default: a twentieth of --steps)")
     add_seed(tr, "data, initialisation and noise", default=argparse.SUPPRESS)
     tr.add_argument("--size", type=int, help="resize/crop images to this size (image data only)")
     tr.add_argument("--mode", choices=["L", "RGB"], help="image colour mode (default: L)")
@@ -145,6 +180,15 @@ def register(sub) -> None:
                          "count it in log.jsonl")
     tr.add_argument("--quiet", action="store_true", help="no progress bars (notices and warnings still show)")
     tr.set_defaults(func=train_cmd)
+
+    em = sub.add_parser("ema", help="choose the EMA length after training (EDM2's post-hoc EMA): a new run",
+                        description=ema_cmd.__doc__)
+    em.add_argument("--run", required=True, help="a run trained with --posthoc-ema")
+    em.add_argument("--sigma-rel", dest="sigma_rel", type=float, required=True,
+                    help="the EMA's length relative to the training so far (EDM2: 0.05 to 0.2 are typical)")
+    em.add_argument("--out", required=True, help="the new run folder (new or empty)")
+    em.add_argument("--step", type=int, help="reconstruct the EMA at this step (default: the last snapshot's)")
+    em.set_defaults(func=ema_cmd)
 
     tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
                         description=train_classifier_cmd.__doc__)
