@@ -552,7 +552,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
             interrupted = int(flag.item())
         log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
         save_now = rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or interrupted)
-        if pending and (len(pending) >= SETTLE_EVERY or log_now or save_now or interrupted):
+        snapshot_now = posthoc is not None and ((step + 1) % cfg.posthoc_every == 0 or step + 1 == cfg.steps)
+        if pending and (len(pending) >= SETTLE_EVERY or log_now or save_now or snapshot_now or interrupted):
             _settle(pending, None, run)
         if log_now:
             elapsed = time.perf_counter() - tic
@@ -563,7 +564,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                                       "lr": _lr(cfg, step), "steps_per_s": rate, "elapsed_s": elapsed,
                                       "skipped_nonfinite": skipped}) + "\n")
                 log.flush()
-        if posthoc is not None and ((step + 1) % cfg.posthoc_every == 0 or step + 1 == cfg.steps):
+        if snapshot_now:  # after the finite checks are read: never a snapshot of a step that went bad
             write_snapshot(run, step + 1, posthoc, names)
         if save_now:
             save_checkpoint(run, step + 1, net, ema, opt, generator,
