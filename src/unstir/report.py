@@ -113,6 +113,12 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
     x_T = model.process.prior_sample(shape, g(1), device=device)
     results = {}
     with torch.no_grad():
+        distilled = cfg.get("distill")
+        if distilled:  # the student's own sampler first: DDIM on the grid it was distilled for (unstir.distill)
+            from .distill import sample_grid
+
+            results["distilled ddim"] = sample(model, None, x_T, sampler="ddim", grid=sample_grid(model.process,
+                                                                                                    distilled))
         for name, steps in SAMPLERS_SHOWN.items():
             results[name] = sample(model, None, x_T, sampler=name, steps=steps, generator=g(2))
     if is_image:

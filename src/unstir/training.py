@@ -31,6 +31,7 @@ from ._checks import check_choice, check_device, check_positive
 from .distributed import init as init_distributed
 from .ema import PowerEMA, check_sigma_rel, write_snapshot
 from .distributed import rank_world
+from .distill import progressive_loss
 from .losses import WEIGHTINGS, TimeSampler, check_logit_normal, check_time_sampling, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser, check_sigma_data
 from .processes import PROCESSES, make_process
@@ -90,6 +91,8 @@ class TrainConfig:
     channels_last: bool = False  # images in NHWC memory layout
     compile: bool = False  # torch.compile the network (eager, with a warning, where no compiler works)
     extra: dict = field(default_factory=dict)
+    # Progressive distillation (``unstir.distill``): {"teacher": run, "nfe", "teacher_steps", "grid"}; empty: none.
+    distill: dict = field(default_factory=dict)
     # Recorded when a resumed run changes its length (see ``train``): {"at", "steps", "lr", "previous_steps", "rule"}.
     schedule_changes: list = field(default_factory=list)
 
@@ -166,6 +169,16 @@ class TrainConfig:
             raise ValueError(f"accumulate must be an integer >= 1, got {self.accumulate!r}")
         if self.discrete and self.process != "ddpm":
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
+        if self.distill:
+            from .distill import check_distill
+
+            check_distill(self.distill, self.steps)
+            if self.discrete:
+                raise ValueError("progressive distillation places its grid between DDPM's integer timesteps, which a "
+                                 "network trained with --discrete has never seen: distil a continuous-time run")
+            if self.posthoc_ema:
+                raise ValueError("a distillation keeps one EMA per round (the next round's teacher); post-hoc EMA "
+                                 "profiles (--posthoc-ema) would span rounds of different objectives")
 
 
 # --- threads and signals --------------------------------------------------------------------------
@@ -274,6 +287,15 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 
     After a recorded change of the run's length (``cfg.schedule_changes``) the cosine runs from that
     change's starting learning rate to zero at the new last step."""
+    if cfg.distill:  # each round of a distillation has its own warm-up and decay (``unstir.distill``)
+        from .distill import rounds
+
+        n = rounds(cfg.distill["nfe"], cfg.distill["teacher_steps"])
+        r = max(k for k in range(n) if k * cfg.steps // n <= step)
+        begin, end = r * cfg.steps // n, (r + 1) * cfg.steps // n
+        cfg = dataclasses.replace(cfg, distill={}, schedule_changes=[], steps=end - begin,
+                                  warmup=min(cfg.warmup, (end - begin) // 10))
+        step -= begin
     changes = [c for c in cfg.schedule_changes if c["at"] <= step]
     if changes and cfg.lr_schedule == "cosine":
         c = changes[-1]
@@ -438,6 +460,15 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
                  advice=lambda b: f"use --batch-size {b * world * cfg.accumulate} or less, or keep it and split "
                  f"it into micro-batches with --accumulate {-(-cfg.batch_size // (b * world))}")
     ema = build_net(cfg, dataset, process).to(device, memory_format=layout)
+    distiller = None
+    if cfg.distill:  # the student starts as the teacher: its EMA weights, in net, ema and the frozen teacher copy
+        from .distill import Progressive
+
+        distiller = Progressive(cfg.distill, cfg.steps, process, build_net(cfg, dataset, process).to(device),
+                                lambda n: Denoiser(n, process, cfg.prediction, sigma_data=cfg.sigma_data))
+        teacher = _teacher_weights(cfg, net)
+        net.load_state_dict(teacher)
+        distiller.teacher_net.load_state_dict(teacher)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     # foreach: one multi-tensor update instead of a Python loop over parameters (the default only on GPU).
@@ -452,6 +483,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         start = load_checkpoint(run, net, ema, opt, generator, reset_optimizer=reset_optimizer)
         if posthoc is not None:
             posthoc.load(names, checkpoint_tensors(run, "posthoc."))
+        if distiller is not None:
+            distiller.teacher_net.load_state_dict(checkpoint_tensors(run, "teacher."))
     if rank == 0:
         write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
                              "data_shape": list(dataset.shape), "num_classes": dataset.num_classes,
@@ -496,7 +529,14 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         if stop_after is not None and done >= stop_after:
             break
         idx = torch.randint(len(x_all), (cfg.batch_size,), generator=generator)
-        t, w = times.sample(cfg.batch_size, generator)
+        if distiller is not None:
+            if distiller.begin(step, net, ema, opt) and rank == 0:
+                tqdm.write(f"distillation round {distiller.round(step) + 1} of {distiller.rounds}: "
+                           f"{distiller.spec['teacher_steps'] >> distiller.round(step)} -> "
+                           f"{distiller.spec['teacher_steps'] >> (distiller.round(step) + 1)} steps")
+            t, w = distiller.draw(step, cfg.batch_size, generator), torch.ones(cfg.batch_size)  # t: interval index
+        else:
+            t, w = times.sample(cfg.batch_size, generator)
         noise = torch.randn((cfg.batch_size, *dataset.shape), generator=generator)
         x0, t, w, noise = x_all[idx[mine]], t[mine].to(device), w[mine].to(device), noise[mine].to(device)
         if cfg.channels_last:
@@ -517,8 +557,13 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
             sync = ddp.no_sync() if world > 1 and k < cfg.accumulate - 1 else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    part_loss = dsm_loss(model, x0[part], t[part], w[part], noise[part], cfg.weighting,
-                                         labels=None if y is None else y[part]) / cfg.accumulate
+                    labels = None if y is None else y[part]
+                    if distiller is not None:
+                        part_loss = progressive_loss(model, distiller.teacher, x0[part], t[part].cpu(),
+                                                     distiller.grid(step), noise[part], labels) / cfg.accumulate
+                    else:
+                        part_loss = dsm_loss(model, x0[part], t[part], w[part], noise[part], cfg.weighting,
+                                             labels=labels) / cfg.accumulate
                 part_loss.backward()
             loss = loss + part_loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -539,7 +584,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         if deferred or bool(finite.all()):
             opt.step()
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
+                k = step if distiller is None else distiller.local(step)[0]  # the EMA restarts with each round
+                torch._foreach_lerp_(ema_params, params, 1 - min(cfg.ema_decay, (1 + k) / (10 + k)))
             if posthoc is not None:
                 posthoc.update(step + 1)
         done += 1
@@ -567,8 +613,10 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         if snapshot_now:  # after the finite checks are read: never a snapshot of a step that went bad
             write_snapshot(run, step + 1, posthoc, names)
         if save_now:
-            save_checkpoint(run, step + 1, net, ema, opt, generator,
-                            extra=None if posthoc is None else {f"posthoc.{k}": v for k, v in posthoc.state(names).items()})
+            extra = {} if posthoc is None else {f"posthoc.{k}": v for k, v in posthoc.state(names).items()}
+            if distiller is not None:
+                extra.update({f"teacher.{k}": v.detach().cpu() for k, v in distiller.teacher_net.state_dict().items()})
+            save_checkpoint(run, step + 1, net, ema, opt, generator, extra=extra)
         if interrupted:
             bar.close()
             if rank == 0:
@@ -587,6 +635,22 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(run, net, ema, start + done, interrupted)
+
+
+def _teacher_weights(cfg: TrainConfig, net: nn.Module) -> dict:
+    """The teacher run's EMA weights for the student ``net`` of a distillation, checked against it: the same
+    network, data, process and prediction (``distill`` copies them from the teacher's run.json)."""
+    from .runs import load_run
+
+    teacher = Path(cfg.distill["teacher"])
+    info = read_run_info(teacher)
+    recorded = info["config"]
+    differ = [k for k in ("data", "process", "prediction", "size", "mode", "class_conditional", "sigma_data")
+              if recorded.get(k, getattr(DEFAULTS, k)) != getattr(cfg, k)]
+    if differ or info["net"] != json.loads(json.dumps(net.config)):
+        raise ValueError(f"the teacher {str(teacher)!r} differs from this student in "
+                         f"{', '.join(differ) or 'its network'}; a progressive student is the teacher's network")
+    return load_run(teacher, ema=True).net.state_dict()
 
 
 def classifier_accuracy(net, process, cfg: TrainConfig, device, n: int = 2000) -> dict:

@@ -31,6 +31,7 @@ EXAMPLES = {
     "oracle": "unstir oracle --process ve --data ring",
     "train": "unstir train --data moons --out runs/moons",
     "ema": "unstir ema --run runs/moons --sigma-rel 0.1 --out runs/moons-ema0.1",
+    "distill": "unstir distill --run runs/moons --nfe 2 --out runs/moons-2step",
     "train-classifier": "unstir train-classifier --data digits --out runs/clf",
     "sample": "unstir sample --run runs/moons --sampler dpm++2m --steps 20 --out samples.png",
     "likelihood": "unstir likelihood --run runs/moons",

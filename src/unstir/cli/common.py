@@ -67,7 +67,7 @@ def check_shared(args) -> None:
         raise ValueError(f"--seed must be an integer in [0, {SEED_LIMIT}) (sample i draws from seed * 2^20 + i, "
                          f"32 bits), got {seed}")
     nfe = getattr(args, "nfe", None)
-    if nfe is not None and nfe < NFE_MIN:
+    if nfe is not None and nfe < NFE_MIN and getattr(args, "command", None) != "distill":  # distill: its own check
         raise ValueError(f"--nfe must be an integer >= {NFE_MIN} (a grid with a point to place; fewer evaluations: "
                          f"--steps), got {nfe}")
 
@@ -236,3 +236,14 @@ def evaluation_bar(model, quiet: bool, desc: str):
         handle.remove()
         bar.close()
 
+
+def note_distilled(model) -> None:
+    """A notice where a verb integrates the PF ODE of a distilled run, whose network was trained only at the points
+    of its distillation grid (``unstir.distill``): away from them it is not its teacher's score."""
+    spec = getattr(model, "run_info", {}).get("config", {}).get("distill")
+    if spec:
+        import sys
+
+        print(f"note: this run is distilled to {spec['nfe']} DDIM step(s) on its grid; its network is trained at "
+              f"those points only, so a PF-ODE solve elsewhere is not its teacher's (use the teacher "
+              f"{spec['teacher']!r} for likelihoods and exact encodings)", file=sys.stderr)

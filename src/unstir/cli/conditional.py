@@ -8,7 +8,7 @@ from .. import figures
 from ..samplers import sample
 from .common import (add_class, add_count, add_device, add_out, add_quiet, add_run, add_seed, add_steps,
                      data_bound, evaluation_bar, held_out, npy, output_path, positive, read_png, save,
-                     warn_out_of_range)
+                     note_distilled, warn_out_of_range)
 
 INVERSE_METHODS = ("replacement", "repaint", "dps", "pigdm", "smc")
 
@@ -36,6 +36,7 @@ def inpaint_cmd(args) -> int:
                          f"{args.dps_step}")
     out = output_path(args)
     model = load_run(args.run, device=args.device)
+    note_distilled(model)
     shape = tuple(model.data_shape)
     g = torch.Generator().manual_seed(args.seed)
     image_options = [name for name, given in (("--image", args.image), ("--mask", args.mask),

@@ -9,7 +9,7 @@ import torch
 from .. import figures
 from ..samplers import SAMPLERS
 from .common import (add_class, add_count, add_device, add_held_out, add_out, add_processes, add_quiet, add_run,
-                     add_steps, held_out, npy, output_path, positive, save)
+                     add_steps, held_out, note_distilled, npy, output_path, positive, save)
 
 LATENT_BOUND = 100  # decode refuses latents beyond this many prior standard deviations
 
@@ -38,6 +38,7 @@ def likelihood_cmd(args) -> int:
     rank, world = rank_world()
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     model = load_run(args.run, device=args.device)
+    note_distilled(model)
     d = math.prod(model.data_shape)
     divergence = ("exact" if d <= 64 else "hutchinson") if args.divergence == "auto" else args.divergence
     if args.probes is not None and divergence == "exact":
@@ -102,6 +103,7 @@ def encode_cmd(args) -> int:
     if out.suffix == ".npy" and companion.exists() and not args.force:
         raise ValueError(f"{str(companion)!r} exists; pass --force to replace it or choose another --out")
     model = load_run(args.run, device=args.device)
+    note_distilled(model)
     x, _ = held_out(model, args.data, args.n, args.seed, args.device)
     with torch.no_grad():
         enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact, y=args.label,
@@ -131,6 +133,7 @@ def decode_cmd(args) -> int:
     args.steps = fixed_steps(args)
     out = output_path(args)
     model = load_run(args.run, device=args.device)
+    note_distilled(model)
     z = torch.as_tensor(read_npy(args.latents))
     if z.ndim < 2 or z.shape[0] == 0:
         raise ValueError(f"{args.latents!r} holds no latents (shape {tuple(z.shape)}); it needs shape (n, "
@@ -169,6 +172,7 @@ def interpolate_cmd(args) -> int:
     if min(i, j) < 0 or i == j:
         raise ValueError(f"--pair needs two different indices >= 0 into the held-out data, got {i} {j}")
     model = load_run(args.run, device=args.device)
+    note_distilled(model)
     x, _ = held_out(model, args.data, max(args.pair) + 1, args.seed, args.device)
     if max(i, j) >= x.shape[0]:
         raise ValueError(f"--pair {i} {j}: the held-out data have {x.shape[0]} points (indices 0-{x.shape[0] - 1})")

@@ -69,6 +69,7 @@ def sample_cmd(args) -> int:
     from ..distributed import init, rank_world, sample_sharded, shard
 
     out = sample_output(args)
+    asked_sampler = args.sampler
     args.sampler = args.sampler or default_sampler(args.nfe)
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
     rank, world = rank_world()
@@ -91,6 +92,14 @@ def sample_cmd(args) -> int:
     from ..runs import RunLocked, load_moments
     from ..tuning import load_tuned, nfe_for_steps, pilot_grid, save_tuned, steps_for_nfe, tunable
 
+    distilled = base.run_info["config"].get("distill")
+    if distilled and asked_sampler is None and args.grid is None and args.nfe is None \
+            and args.steps in (None, distilled["nfe"]):  # the sampler and grid the student was distilled for
+        from ..distill import sample_grid
+
+        args.sampler, args.grid, args.steps = "ddim", sample_grid(base.process, distilled), distilled["nfe"]
+        speak and print(f"distilled run: ddim on its {distilled['grid']} distillation grid, {distilled['nfe']} "
+                        f"step(s); --sampler, --steps or --grid choose otherwise", file=sys.stderr)
     if args.nfe is not None:
         if args.steps is not None:
             raise ValueError("give --steps or --nfe, not both")

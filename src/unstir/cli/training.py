@@ -10,6 +10,7 @@ from ..losses import TIME_SAMPLINGS, WEIGHTINGS
 from ..parametrization import PREDICTIONS
 from ..processes import PROCESSES
 from ..data import IMAGE_SETS, TOY_2D
+from ..grids import GRIDS
 from .common import add_device, add_processes, add_quiet, add_seed
 
 def int_list(text: str) -> list:
@@ -67,6 +68,24 @@ def ema_cmd(args) -> int:
     print(f"EMA sigma_rel {rec['sigma_rel']:g} at step {rec['step']} from {rec['snapshots']} snapshots (profile "
           f"residual {rec['residual']:.2%}): run folder {out}")
     return 0
+
+
+def distill_cmd(args) -> int:
+    """Distil a trained run into one that samples in --nfe DDIM steps: progressive distillation (Salimans & Ho
+    2022), halving the teacher's --teacher-steps round by round, each round's student taking one step where its
+    teacher took two. The output is a run like any other (sample, encode, report); `unstir sample` uses the grid it
+    was distilled for. A killed distillation continues with --resume, exactly as training does."""
+    from ..distill import distill
+
+    if not args.resume and (args.run is None or args.nfe is None):
+        raise ValueError("distill needs --run (the teacher) and --nfe (the student's steps), or --resume")
+    result = distill(args.run, args.out, nfe=args.nfe, teacher_steps=args.teacher_steps, grid=args.grid,
+                     steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=getattr(args, "seed", None),
+                     device=getattr(args, "device", None),
+                     checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run folder: {result.run} (step {result.step}); sample it with `unstir sample --run {result.run}`")
+    return 128 + result.interrupted if result.interrupted else 0
 
 
 def train_classifier_cmd(args) -> int:
@@ -189,6 +208,31 @@ def register(sub) -> None:
     em.add_argument("--out", required=True, help="the new run folder (new or empty)")
     em.add_argument("--step", type=int, help="reconstruct the EMA at this step (default: the last snapshot's)")
     em.set_defaults(func=ema_cmd)
+
+    di = sub.add_parser("distill", help="distil a run into one that samples in 1-8 steps (progressive distillation)",
+                        description=distill_cmd.__doc__)
+    di.add_argument("--run", help="the teacher: a trained run (not needed with --resume)")
+    di.add_argument("--nfe", type=int, help="the student's model evaluations (DDIM steps), e.g. 1, 2 or 4")
+    di.add_argument("--out", required=True, help="the student's run folder (new or empty; with --resume, the run "
+                    "to continue)")
+    di.add_argument("--teacher-steps", dest="teacher_steps", type=int,
+                    help="the teacher's DDIM steps in the first round: --nfe times a power of two (default: the "
+                         "smallest such number >= 64)")
+    di.add_argument("--grid", default="log_snr", choices=list(GRIDS),
+                    help="the spacing of the distillation grid (default: log_snr)")
+    di.add_argument("--steps", type=int, help="optimizer steps over all rounds, shared evenly (default: half the "
+                    "teacher's training; a step costs about 1.7 training steps)")
+    di.add_argument("--lr", type=float, help="AdamW peak learning rate of each round (default: half the teacher's)")
+    di.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default: the teacher's)")
+    di.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                    help="data and noise of the distillation (default: the teacher's)")
+    di.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                    help="steps between checkpoints (default: the teacher's)")
+    di.add_argument("--device", default=argparse.SUPPRESS, help="cpu, cuda, ... (default: the teacher's)")
+    di.add_argument("--resume", action="store_true", help="continue the distillation in --out where it stopped")
+    add_processes(di)
+    add_quiet(di)
+    di.set_defaults(func=distill_cmd)
 
     tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
                         description=train_classifier_cmd.__doc__)

@@ -35,7 +35,8 @@ def ddim_update(out, alpha_s: float, sigma_s: float, std_dir: float, std_noise: 
     ODE written in xbar = x / alpha and sbar = sigma / alpha, where it reads d xbar / d sbar = eps:
     xbar_s = xbar_t + (sbar_s - sbar_t) eps (Song et al. 2021a, eq. 14; tested in tests/test_samplers.py).
     """
-    x = alpha_s * out.x0 + math.sqrt(max(sigma_s**2 - std_dir**2, 0.0)) * out.eps
+    sigma_dir = sigma_s if std_dir == 0.0 else math.sqrt(max(sigma_s**2 - std_dir**2, 0.0))  # sigma_s: per sample too
+    x = alpha_s * out.x0 + sigma_dir * out.eps
     return x if std_noise == 0.0 else x + std_noise * z
 
 
