@@ -64,12 +64,34 @@ def factor_classifier(work: Path, device) -> quality.ShapesClassifier:
     return clf.eval().to(device)
 
 
+RESAMPLES = 200  # bootstrap resamples of every row's intervals (unstir.quality.bootstrap)
+FLOOR: dict = {}  # the floor's scores, once measured: every later row says which of its intervals overlap it
+
+
+def scores(x, clf, reference) -> dict:
+    """``quality.shapes32_quality`` with 95 % intervals (KID: bootstrap; the rest: half-sampling)."""
+    return quality.shapes32_quality(x, clf, reference, resamples=RESAMPLES)
+
+
 def fmt_scores(name: str, s: dict) -> str:
-    return (f"{name:28s} {s['validity']:8.3f} {s['coverage']:8.3f} {s['class_tv']:8.3f} {s['fd']:9.1f} "
-            f"{s['precision']:9.3f} {s['recall']:7.3f}")
+    """One row: each figure with its 95 % interval, and which of validity, FD and KID overlap the floor's (the
+    samples cannot be told from held-out real images there, at this n)."""
+    iv = s.get("intervals", {})
+
+    def cell(k, f, scale=1.0):
+        if k not in iv:
+            return f"{scale * s[k]:{f}}"
+        return f"{scale * s[k]:{f}} [{scale * iv[k][0]:{f}}, {scale * iv[k][1]:{f}}]"
+
+    near = [k for k in ("validity", "fd", "kid") if FLOOR and k in iv and s is not FLOOR
+            and quality.overlap((s[k], *iv[k]), (FLOOR[k], *FLOOR["intervals"][k]))]
+    return (f"{name:28s} {cell('validity', '.3f'):>21s} {s['coverage']:8.3f} {s['class_tv']:8.3f} "
+            f"{cell('fd', '.1f'):>20s} {cell('kid', '.2f', 1e3):>20s} {cell('precision', '.3f'):>21s} "
+            f"{cell('recall', '.3f'):>21s}  {','.join(near) or '-'}")
 
 
-HEADER = f"{'':28s} {'validity':>8s} {'coverage':>8s} {'class TV':>8s} {'FD':>9s} {'precision':>9s} {'recall':>7s}"
+HEADER = (f"{'':28s} {'validity [95% CI]':>21s} {'coverage':>8s} {'class TV':>8s} {'FD [95% CI]':>20s} "
+          f"{'KID x1e3 [95% CI]':>20s} {'precision [95% CI]':>21s} {'recall [95% CI]':>21s}  overlaps floor")
 
 
 def judge_check(clf, reference, real: torch.Tensor) -> list[str]:
@@ -84,7 +106,7 @@ def judge_check(clf, reference, real: torch.Tensor) -> list[str]:
                ("  real, colours x 0.95", real * 0.95),
                ("  real, non-black +0.05", real + 0.05 * (real > -1)),
                ("  real, 3x3 binomial blur", blur)]
-    return [fmt_scores(name, quality.shapes32_quality(x, clf, reference)) for name, x in changed]
+    return [fmt_scores(name, scores(x, clf, reference)) for name, x in changed]
 
 
 def parse_spec(spec: str) -> tuple[str, int, dict]:
@@ -103,7 +125,7 @@ def screen(args, model, clf, reference) -> list[str]:
         with torch.no_grad():
             x, nfe = sample_sharded(model, args.n, seed=SCREEN_SEED, batch_size=250, device=args.device,
                                     sampler=name, steps=steps, **opts)
-        s = quality.shapes32_quality(x.to(args.device), clf, reference)
+        s = scores(x.to(args.device), clf, reference)
         lines.append(fmt_scores(f"  {spec} [{SCREEN_SEED}..]", s) + f"   NFE {nfe}, {time.perf_counter() - t0:.0f} s")
         print(lines[-1], flush=True)
         best = max(best or (s["validity"], spec), (s["validity"], spec))
@@ -111,7 +133,7 @@ def screen(args, model, clf, reference) -> list[str]:
     with torch.no_grad():
         x, nfe = sample_sharded(model, args.n, seed=EVAL_SEED, batch_size=250, device=args.device,
                                 sampler=name, steps=steps, **opts)
-    lines.append(fmt_scores(f"  chosen: {best[1]}", quality.shapes32_quality(x.to(args.device), clf, reference)) +
+    lines.append(fmt_scores(f"  chosen: {best[1]}", scores(x.to(args.device), clf, reference)) +
                  f"   NFE {nfe}, seeds {EVAL_SEED}..")
     print(lines[-1], flush=True)
     return lines
@@ -158,7 +180,7 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
         with torch.no_grad():
             x, nfe = sample_sharded(model, args.n, seed=EVAL_SEED, batch_size=250, device=args.device,
                                     sampler="dpm++2m", steps=20)
-        s = quality.shapes32_quality(x.to(args.device), clf, reference)
+        s = scores(x.to(args.device), clf, reference)
         lines.append(fmt_scores(f"step {steps:5d} ({elapsed / 60:4.1f} min)", s) +
                      f"   loss {sum(e['loss'] for e in log[-5:]) / len(log[-5:]) if log else float('nan'):.4f}, "
                      f"{100 * (x.abs() > 1.02).double().mean():.1f}% of values outside [-1, 1]")
@@ -171,7 +193,7 @@ def train_and_score(args, clf, reference) -> tuple[list[str], Path, float]:
         with torch.no_grad():
             xs, _ = sample_sharded(model, args.n, seed=EVAL_SEED, batch_size=250, device=args.device,
                                    sampler="ddpm", steps=args.ddpm_steps)
-        lines.append(fmt_scores(f"  same, ddpm {args.ddpm_steps} steps", quality.shapes32_quality(xs.to(args.device), clf,
+        lines.append(fmt_scores(f"  same, ddpm {args.ddpm_steps} steps", scores(xs.to(args.device), clf,
                                                                                        reference)))
         print(lines[-1], flush=True)
     if args.screen:
@@ -415,8 +437,10 @@ def main():
              f"{args.diffusers_widths if args.net == 'diffusers' else args.widths}, "
              f"batch {args.batch_size}, lr {args.lr} ({args.schedule}), process {args.process}, {args.prediction} prediction, {args.weighting} weighting, {args.time_sampling} t, EMA {args.ema}; "
              f"{args.minutes:g} min of training; {args.n} samples per row; "
-             f"sampling seeds {EVAL_SEED}.. (never used to choose a setting)", "", "```", HEADER,
-             fmt_scores("floor (shapes32-test)", quality.shapes32_quality(real, clf, reference)),
+             f"sampling seeds {EVAL_SEED}.. (never used to choose a setting); 95 % intervals from {RESAMPLES} "
+             f"resamples (KID: bootstrap; the rest: half-sampling, unstir.quality.bootstrap); 'overlaps floor' lists the "
+             f"figures whose interval overlaps the held-out real images' (not told apart at this n)", "", "```", HEADER,
+             fmt_scores("floor (shapes32-test)", FLOOR.update(scores(real, clf, reference)) or FLOOR),
              *judge_check(clf, reference, real)]
     print("\n".join(lines), flush=True)
     curve, run, rate = train_and_score(args, clf, reference)

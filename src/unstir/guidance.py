@@ -152,8 +152,8 @@ class ClassifierFree(_Wrapper):
             self._last_t, diff = t_now, self._momentum
         dims = tuple(range(1, diff.ndim))
         if threshold > 0:
-            diff = diff * (threshold / diff.norm(dim=dims, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
-        unit = strong / strong.norm(dim=dims, keepdim=True).clamp_min(1e-30)
+            diff = diff * (threshold / torch.linalg.vector_norm(diff, dim=dims, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
+        unit = strong / torch.linalg.vector_norm(strong, dim=dims, keepdim=True).clamp_min(1e-30)
         parallel = (diff * unit).sum(dims, keepdim=True) * unit
         return strong + (self.scale - 1) * ((diff - parallel) + eta * parallel)
 
@@ -220,7 +220,9 @@ def cfg(model, y: Tensor | int | None = None, scale: float = 1.0, *, interval=No
       norm threshold r (scaled down to norm r, 0: off), split into parts parallel and orthogonal to D_c, and
       D = D_c + (s - 1)(orthogonal + eta parallel). ``apg=True`` is eta = 0 without momentum or threshold (the
       paper's main ablation); a dict sets ``eta``, ``momentum``, ``norm_threshold``. eta = 1 with no momentum or
-      threshold is plain CFG exactly.
+      threshold is plain CFG exactly. A new pass is detected as t rising between calls, so where t ascends at
+      every call (encoding, the likelihood's ODE) the momentum restarts at each evaluation: APG without momentum
+      there, with eta and the threshold applied as everywhere.
     """
     return ClassifierFree(model, y, scale, interval=interval, rescale=rescale, apg=apg)
 

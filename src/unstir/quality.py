@@ -83,27 +83,44 @@ def kernel_distance(a: Tensor, b: Tensor) -> float:
 
 
 def bootstrap(metric, a, b, *, resamples: int = 200, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """(value, lo, hi): ``metric(a, b)`` and its percentile bootstrap interval at ``level`` (Efron & Tibshirani
-    1993, Ch. 13), resampling both sets with replacement ``resamples`` times from ``seed``. ``metric`` is any
-    two-set statistic (``frechet_distance``, ``precision_recall``'s parts, a validity rate as
-    ``lambda a, b: ...``); for ``kernel_distance`` the resamples are computed from the kernel matrices, leaving
-    out pairs of copies of one point (tests/test_quality.py checks the coverage)."""
+    """(value, lo, hi): ``metric(a, b)`` and an interval at ``level`` for it, from ``resamples`` resamples drawn from
+    ``seed``. ``metric`` is any two-set statistic (``frechet_distance``, ``precision_recall``'s parts, a validity
+    rate as ``lambda a, b: ...``).
+
+    * ``kernel_distance``: the percentile bootstrap (Efron & Tibshirani 1993, Ch. 13), both sets resampled with
+      replacement, computed from the kernel matrices leaving out pairs of copies of one point (KID is unbiased).
+    * Every other metric: half-sampling without replacement (m = n/2 of each set; the m-out-of-n subsampling of
+      Politis & Romano 1994 at the m where the finite-population correction makes the half-sample's variance that
+      of the full sample), the interval being the estimate plus the half-samples' quantiles about their median.
+      Copies of a point, which a with-replacement bootstrap makes, give a k-NN radius of 0 and drag precision and
+      recall down (measured: 23 % coverage of a nominal 90 % interval for precision at n = 150); and a statistic
+      biased at its n (FD, precision, recall) is biased more at n/2, which the re-centring removes. The interval
+      is for the statistic's value at this n, which is what two samplers compared at equal n share.
+
+    tests/test_quality.py checks the coverage of both kinds."""
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 10:
         raise ValueError(f"resamples must be an integer >= 10, got {resamples!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     fa, fb = _features(a), _features(b)
     rng = np.random.default_rng(seed)
-    ia = rng.integers(0, len(fa), (resamples, len(fa)))
-    ib = rng.integers(0, len(fb), (resamples, len(fb)))
+    value = float(metric(a, b))
+    quantiles = [(1 - level) / 2, (1 + level) / 2]
     if metric is kernel_distance:
+        ia = rng.integers(0, len(fa), (resamples, len(fa)))
+        ib = rng.integers(0, len(fb), (resamples, len(fb)))
         count = lambda idx, n: np.stack([np.bincount(r, minlength=n) for r in idx]).astype(np.float64)  # noqa: E731
         stats = _kid_from_counts(_poly_kernel(fa, fa), _poly_kernel(fb, fb), _poly_kernel(fa, fb),
                                  count(ia, len(fa)), count(ib, len(fb)))
-    else:
-        stats = np.array([metric(torch.as_tensor(fa[i]), torch.as_tensor(fb[j])) for i, j in zip(ia, ib)])
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(metric(a, b)), float(lo), float(hi)
+        lo, hi = np.quantile(stats, quantiles)
+        return value, float(lo), float(hi)
+    if min(len(fa), len(fb)) < 8:
+        raise ValueError(f"half-sampling needs at least 8 points per set, got {len(fa)} and {len(fb)}")
+    half = lambda n: rng.permutation(n)[: n // 2]  # noqa: E731
+    stats = np.array([metric(torch.as_tensor(fa[half(len(fa))]), torch.as_tensor(fb[half(len(fb))]))
+                      for _ in range(resamples)])
+    lo, hi = np.quantile(stats, quantiles) - np.median(stats)
+    return value, value + float(lo), value + float(hi)
 
 
 def overlap(x: tuple, y: tuple) -> bool:
@@ -188,8 +205,8 @@ def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: T
     samples), ``class_tv`` (total variation between the valid samples' class histogram and uniform), and the
     Frechet distance, kernel distance (``kid``) and precision/recall against ``reference`` (real images) in the
     classifier's features. With ``resamples`` > 0, ``intervals`` maps validity, fd, kid, precision and recall
-    to their percentile bootstrap interval (lo, hi) at ``level`` (``bootstrap``; precision and recall resample
-    points whose copies shrink the k-NN radii, so their intervals are a rough guide)."""
+    to their interval (lo, hi) at ``level`` (``bootstrap``: KID's percentile bootstrap, half-sampling for the
+    others)."""
     def run(x):
         feats, probs = [], []
         for i in range(0, len(x), batch_size):

@@ -25,10 +25,12 @@ from . import figures
 from .figures import plt
 from .inverse import Measurement, pigdm
 from .metrics import sliced_w2, two_sample_floor
+from .quality import bootstrap, overlap
 from .runs import atomic_write, check_not_locked, load_run, read_log, run_lock
 from .tuning import GRID_LOCK_WAIT
 from .samplers import sample
 
+REPORT_RESAMPLES = 100  # half-samples behind each interval of the samples table
 SAMPLERS_SHOWN = {"ddpm": 50, "ddim": 20, "euler_maruyama": 50, "pc": 25, "dpm++2m": 20, "unipc": 20}
 NFE_CURVE = ("ddim", "ode_heun", "dpm++2m", "unipc", "deis", "ipndm")
 
@@ -127,16 +129,26 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
                                                                           results.items()) + ".",
                      _images(grid, 8))
     else:
-        floors = two_sample_floor(lambda i: _held_out(cfg, model, n, seed + 50 + i)[0], held)
-        rows = [["sampler", "NFE", "sliced-W2"]] + [[k, r.nfe, f"{sliced_w2(r.x, held):.4f}"] for k, r in results.items()]
+        draws = [_held_out(cfg, model, n, seed + 50 + i)[0] for i in range(5)]
+        floors = two_sample_floor(lambda i: draws[i], held)
+        # 95 % intervals by half-sampling (unstir.quality.bootstrap); a sampler whose interval overlaps the floor's
+        # (the first fresh draw's) cannot be told from the true data at this n.
+        interval = lambda x: bootstrap(sliced_w2, held, x, resamples=REPORT_RESAMPLES, seed=seed)  # noqa: E731
+        floor_iv = interval(draws[0])
+        rows = [["sampler", "NFE", "sliced-W2", "95 % interval", "overlaps the floor's"]]
+        for k, r in results.items():
+            iv = interval(r.x)
+            rows.append([k, r.nfe, f"{iv[0]:.4f}", f"{iv[1]:.4f}-{iv[2]:.4f}", "yes" if overlap(iv, floor_iv) else "no"])
         rows.append([f"(two-sample floor: {len(floors)} fresh draws of the true data against the same held-out "
-                     f"points, range {min(floors):.4f}-{max(floors):.4f})", "", f"{sum(floors) / len(floors):.4f}"])
+                     f"points, range {min(floors):.4f}-{max(floors):.4f})", "", f"{sum(floors) / len(floors):.4f}",
+                     f"{floor_iv[1]:.4f}-{floor_iv[2]:.4f} (first draw)", ""])
         panels = {"held-out data": held} | {f"{k} ({r.nfe} NFE)": r.x for k, r in results.items()}
         page.section("Samples", f"{n} samples per sampler against {n} held-out points. The floor is what a "
                      f"perfect sampler scores on average at this n; a sampler's score spreads around it as the "
                      f"floor's draws do, and the samplers here share one noise draw, so they can all land below "
-                     f"it. Sliced-W2 shrinks as n grows: `unstir demo`'s table (2000 samples, other noise) is not "
-                     f"comparable with this one (-n {n}).",
+                     f"it. Intervals: {REPORT_RESAMPLES} half-samples of both sets, about the estimate; overlapping "
+                     f"intervals are not told apart at this n. Sliced-W2 shrinks as n grows: `unstir demo`'s table "
+                     f"(2000 samples, other noise) is not comparable with this one (-n {n}).",
                      _png(lambda buf: figures.scatter_panels(panels, buf, ncol=4)), rows)
     bar.update()
 

@@ -1,0 +1,136 @@
+"""Few steps on a learned image model (issue 32, item 5): every few-step sampler and the distilled students at
+NFE 1-20 on one teacher, beside ddpm at 100 and 200 steps.
+
+1. The teacher: benchmarks/images.py's recipe (rf with velocity, logit-normal times, U-Net 32,64,64, batch 32, lr
+   2e-3 cosine, EMA 0.999) for --steps on --family (cached in --work).
+2. Students: ``unstir.distill.distill`` at its defaults (64 teacher steps, half the teacher's steps, half its lr)
+   for each --distill NFE.
+3. Rows, n samples each on seeds 2424.. (never used to choose a setting; every sampler runs with its defaults and
+   the named grid ``unstir.sample`` picks; ``sample --nfe`` is the CLI's default at that NFE: ipndm on a grid placed
+   by a pilot run, with analytical teleportation from the training data's moments). Scores: validity, FD, KID,
+   precision and recall in the factor classifier's features with 95 % intervals (unstir.quality.bootstrap), and
+   which of them overlap ddpm 100's. Costs: minutes of training or distillation beside the model's rows, and of
+   sampling beside each row.
+
+    .venv/bin/python benchmarks/few_steps_images.py --steps 3000 --out benchmarks/few_steps_images_results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+spec = importlib.util.spec_from_file_location("benchmarks_images", HERE / "images.py")
+images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_spec(spec))
+spec.loader.exec_module(images)
+
+from unstir import data, quality  # noqa: E402
+from unstir.distill import distill, sample_grid  # noqa: E402
+from unstir.distributed import sample_sharded  # noqa: E402
+from unstir.runs import load_moments, load_run  # noqa: E402
+from unstir.training import TrainConfig, train  # noqa: E402
+from unstir.tuning import pilot_grid, steps_for_nfe  # noqa: E402
+
+NFES = (1, 2, 4, 6, 10, 20)
+SAMPLERS = ("ddim", "euler_ancestral", "dpm++2m", "dpm++3m", "ipndm", "unipc", "dpm++2m_sde", "dpm++3m_sde",
+            "sa_solver", "restart", "edm")
+RECIPE = dict(process="rf", prediction="velocity", time_sampling="logit-normal", widths=(32, 64, 64), res_blocks=1,
+              attention=(8,), dropout=0.1, batch_size=32, lr=2e-3, ema_decay=0.999)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="shapes32", choices=["shapes32"])
+    ap.add_argument("--steps", type=int, default=3000, help="the teacher's training steps")
+    ap.add_argument("--distill", type=int, nargs="*", default=[1, 2, 4], help="students' NFE")
+    ap.add_argument("--nfe", type=int, nargs="*", default=list(NFES))
+    ap.add_argument("--samplers", nargs="*", default=list(SAMPLERS))
+    ap.add_argument("-n", type=int, default=500)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    teacher = args.work / f"{args.family}-teacher{args.steps}"
+    minutes = {}
+    if not (teacher / "checkpoint.json").exists():
+        tic = time.perf_counter()
+        train(TrainConfig(data=args.family, steps=args.steps, checkpoint_every=500, **RECIPE), teacher, progress=False)
+        minutes["teacher"] = (time.perf_counter() - tic) / 60
+    students = {}
+    for k in args.distill:
+        out = args.work / f"{args.family}-teacher{args.steps}-student{k}"
+        if not (out / "checkpoint.json").exists():
+            tic = time.perf_counter()
+            distill(teacher, out, nfe=k, progress=False)
+            minutes[f"student{k}"] = (time.perf_counter() - tic) / 60
+        students[k] = out
+    device = torch.device("cpu")
+    clf = images.factor_classifier(args.work, device)
+    reference = data.load(args.family, n=args.n, seed=0).x
+    real = data.load(data.HELD_OUT[args.family], n=args.n, seed=0).x
+    floor = images.scores(real, clf, reference)
+    model = load_run(teacher)
+    moments = load_moments(teacher)
+
+    def row(name, m, cost="", **kw):
+        tic = time.perf_counter()
+        with torch.no_grad():
+            x, nfe = sample_sharded(m, args.n, seed=images.EVAL_SEED, batch_size=250, device="cpu", progress=False,
+                                    **kw)
+        s = images.scores(x, clf, reference)
+        return name, nfe, s, cost, (time.perf_counter() - tic) / 60
+
+    rows = [row("ddpm 100 (reference)", model, sampler="ddpm", steps=100),
+            row("ddpm 200", model, sampler="ddpm", steps=200)]
+    ref = rows[0][2]
+    print(f"reference: validity {ref['validity']:.3f}, FD {ref['fd']:.1f}", flush=True)
+    for k, run in students.items():
+        s_model = load_run(run)
+        rows.append(row(f"student, distilled to {k}", s_model, f"{minutes.get(f'student{k}', float('nan')):.1f}",
+                        sampler="ddim", grid=sample_grid(s_model.process, s_model.run_info["config"]["distill"])))
+        print(rows[-1][0], rows[-1][2]["validity"], flush=True)
+    for nfe in args.nfe:
+        if nfe >= 3:
+            grid = pilot_grid(model, "ipndm", nfe, n=128, teleport=moments)
+            rows.append(row(f"`sample --nfe {nfe}` (ipndm, pilot grid)", model, sampler="ipndm", grid=grid.grid,
+                            teleport=moments if grid.teleport else None))
+        for name in args.samplers:
+            try:
+                steps = steps_for_nfe(name, nfe)
+            except ValueError:
+                continue  # this sampler cannot make this NFE (Heun-type: odd NFE >= 3; restart: >= 13)
+            rows.append(row(f"{name} {nfe}", model, sampler=name, steps=steps))
+            print(f"{rows[-1][0]}: validity {rows[-1][2]['validity']:.3f} FD {rows[-1][2]['fd']:.1f}", flush=True)
+
+    def cells(s):
+        iv = s["intervals"]
+        c = lambda k, f, m=1.0: f"{m * s[k]:{f}} [{m * iv[k][0]:{f}}, {m * iv[k][1]:{f}}]"  # noqa: E731
+        near = [k for k in ("validity", "fd", "kid") if s is not ref
+                and quality.overlap((s[k], *iv[k]), (ref[k], *ref["intervals"][k]))]
+        return (f"{c('validity', '.3f')} | {c('fd', '.1f')} | {c('kid', '.2f', 1e3)} | {c('precision', '.3f')} | "
+                f"{c('recall', '.3f')} | {', '.join(near) or '-'}")
+
+    lines = [f"{args.family}: teacher {args.steps} steps ({minutes.get('teacher', float('nan')):.1f} min on this "
+             f"machine; nan: cached), recipe {RECIPE}; {args.n} samples per row on seeds {images.EVAL_SEED}..; 95 % "
+             f"intervals; KID x 1e3; 'overlaps ddpm 100' lists the figures whose interval overlaps the reference's.",
+             "", "| sampler | NFE | validity | FD | KID | precision | recall | overlaps ddpm 100 | model min | "
+             "sampling min |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| floor (held-out real) | | {cells(floor)} | | |"]
+    for name, nfe, s, cost, sampling in rows:
+        lines.append(f"| {name} | {nfe} | {cells(s)} | {cost} | {sampling:.1f} |")
+    lines += ["", f"total {(time.perf_counter() - t_start) / 60:.1f} min. Reproduce: `.venv/bin/python "
+              f"benchmarks/few_steps_images.py --steps {args.steps}`"]
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
