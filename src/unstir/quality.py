@@ -82,7 +82,8 @@ def kernel_distance(a: Tensor, b: Tensor) -> float:
     return float(_kid_from_counts(_poly_kernel(a, a), _poly_kernel(b, b), _poly_kernel(a, b), ones_a, ones_b)[0])
 
 
-def bootstrap(metric, a, b, *, resamples: int = 200, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap(metric, a, b, *, resamples: int = 200, level: float = 0.95, seed: int = 0,
+              bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[float, float, float]:
     """(value, lo, hi): ``metric(a, b)`` and an interval at ``level`` for it, from ``resamples`` resamples drawn from
     ``seed``. ``metric`` is any two-set statistic (``frechet_distance``, ``precision_recall``'s parts, a validity
     rate as ``lambda a, b: ...``).
@@ -95,7 +96,8 @@ def bootstrap(metric, a, b, *, resamples: int = 200, level: float = 0.95, seed: 
       Copies of a point, which a with-replacement bootstrap makes, give a k-NN radius of 0 and drag precision and
       recall down (measured: 23 % coverage of a nominal 90 % interval for precision at n = 150); and a statistic
       biased at its n (FD, precision, recall) is biased more at n/2, which the re-centring removes. The interval
-      is for the statistic's value at this n, which is what two samplers compared at equal n share.
+      is for the statistic's value at this n, which is what two samplers compared at equal n share. ``bounds``
+      clips the re-centred interval to the statistic's range (a rate's [0, 1], a distance's [0, inf)).
 
     tests/test_quality.py checks the coverage of both kinds."""
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 10:
@@ -119,8 +121,8 @@ def bootstrap(metric, a, b, *, resamples: int = 200, level: float = 0.95, seed: 
     half = lambda n: rng.permutation(n)[: n // 2]  # noqa: E731
     stats = np.array([metric(torch.as_tensor(fa[half(len(fa))]), torch.as_tensor(fb[half(len(fb))]))
                       for _ in range(resamples)])
-    lo, hi = np.quantile(stats, quantiles) - np.median(stats)
-    return value, value + float(lo), value + float(hi)
+    lo, hi = np.clip(value + np.quantile(stats, quantiles) - np.median(stats), *bounds)
+    return value, float(lo), float(hi)
 
 
 def overlap(x: tuple, y: tuple) -> bool:
@@ -228,12 +230,13 @@ def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: T
     if resamples:
         kw = dict(resamples=resamples, level=level, seed=seed)
         flags = valid.double()[:, None]
+        rate, distance = (0.0, 1.0), (0.0, np.inf)
         out["intervals"] = {
-            "validity": bootstrap(lambda a, b: float(b.mean()), flags, flags, **kw)[1:],
-            "fd": bootstrap(frechet_distance, f_real, f_fake, **kw)[1:],
-            "kid": bootstrap(kernel_distance, f_real, f_fake, **kw)[1:],
-            "precision": bootstrap(lambda a, b: precision_recall(a, b)[0], f_real, f_fake, **kw)[1:],
-            "recall": bootstrap(lambda a, b: precision_recall(a, b)[1], f_real, f_fake, **kw)[1:]}
+            "validity": bootstrap(lambda a, b: float(b.mean()), flags, flags, bounds=rate, **kw)[1:],
+            "fd": bootstrap(frechet_distance, f_real, f_fake, bounds=distance, **kw)[1:],
+            "kid": bootstrap(kernel_distance, f_real, f_fake, **kw)[1:],  # unbiased: it can be negative
+            "precision": bootstrap(lambda a, b: precision_recall(a, b)[0], f_real, f_fake, bounds=rate, **kw)[1:],
+            "recall": bootstrap(lambda a, b: precision_recall(a, b)[1], f_real, f_fake, bounds=rate, **kw)[1:]}
     return out
 
 

@@ -133,7 +133,8 @@ def write_report(run, out=None, *, n: int = 1000, seed: int = 0, progress: bool 
         floors = two_sample_floor(lambda i: draws[i], held)
         # 95 % intervals by half-sampling (unstir.quality.bootstrap); a sampler whose interval overlaps the floor's
         # (the first fresh draw's) cannot be told from the true data at this n.
-        interval = lambda x: bootstrap(sliced_w2, held, x, resamples=REPORT_RESAMPLES, seed=seed)  # noqa: E731
+        interval = lambda x: bootstrap(sliced_w2, held, x, resamples=REPORT_RESAMPLES, seed=seed,
+                                         bounds=(0.0, float("inf")))  # noqa: E731
         floor_iv = interval(draws[0])
         rows = [["sampler", "NFE", "sliced-W2", "95 % interval", "overlaps the floor's"]]
         for k, r in results.items():
