@@ -31,6 +31,7 @@ import torch
 import unstir
 from unstir.guidance import autoguidance, cfg
 from unstir.metrics import mode_weights, sliced_w2
+from unstir.quality import bootstrap, overlap
 from unstir.oracle import GaussianMixture, unequal_2d
 from unstir.training import TrainConfig, train
 
@@ -38,6 +39,7 @@ HERE = Path(__file__).parent
 SCALES = (1.0, 2.0, 4.0, 8.0)
 INTERVAL = (0.3, 5.0)
 APG = {"eta": 0.0, "momentum": -0.5, "norm_threshold": 0.0}
+RESAMPLES = 200  # half-samples behind each 95 % interval (unstir.quality.bootstrap)
 
 
 def wrappers(model, guide, scale):
@@ -59,12 +61,17 @@ def oracle_part(n: int) -> list[str]:
     lines = ["## 1. Oracle: class 1 of unequal_2d (own mode weights 0.75 / 0.25 within the class)", "",
              f"n = {n}, dpm++2m, 20 NFE. Mode weights: share of samples in components 0 (the other class), 1 and 2. "
              f"Sliced-W2 floor (fresh class samples): {floor:.4f}.", "",
-             "| guidance | scale | comp. 0 (leak) | comp. 1 | comp. 2 | sliced-W2 |", "|---|---|---|---|---|---|"]
+             "| guidance | scale | comp. 0 (leak) | comp. 1 | comp. 2 | sliced-W2 [95 % interval] | overlaps cfg's |",
+             "|---|---|---|---|---|---|---|"]
     for scale in SCALES:
+        plain = None
         for name, wrapped in wrappers(model, guide, scale).items():
             x = unstir.sample(wrapped, None, x_T, sampler="dpm++2m", steps=20, y=1, dtype=torch.float64).x.detach()
             w = mode_weights(gm, x)
-            lines.append(f"| {name} | {scale:g} | {w[0]:.3f} | {w[1]:.3f} | {w[2]:.3f} | {sliced_w2(x, ref):.4f} |")
+            iv = bootstrap(sliced_w2, ref, x, resamples=RESAMPLES, bounds=(0.0, float("inf")))
+            plain = plain or iv
+            lines.append(f"| {name} | {scale:g} | {w[0]:.3f} | {w[1]:.3f} | {w[2]:.3f} | {iv[0]:.4f} [{iv[1]:.4f}, "
+                         f"{iv[2]:.4f}] | {'' if iv is plain else 'yes' if overlap(iv, plain) else 'no'} |")
             print(lines[-1], flush=True)
     return lines + [""]
 
@@ -89,12 +96,19 @@ def digits_part(steps: int, work: Path) -> list[str]:
     lines = ["## 2. Digits: accuracy and diversity against the scale", "",
              f"{conditional.PER_CLASS} samples per class, dpm++2m, 20 NFE, the same noise in every row; guide for "
              f"autoguidance: the same network after {steps // 5} of the {steps} steps.", "",
-             "| guidance | scale | accuracy | diversity |", "|---|---|---|---|"]
+             "| guidance | scale | accuracy [95 % interval] | accuracy overlaps cfg's | diversity |",
+             "|---|---|---|---|---|"]
     for scale in SCALES:
+        plain = None
         for name, wrapped in wrappers(model, guide, scale).items():
             with torch.no_grad():
                 x = unstir.sample(wrapped, None, x_T, steps=20, y=labels).x
-            lines.append(f"| {name} | {scale:g} | {conditional._accuracy(judge, x, labels):.3f} | "
+            right = torch.as_tensor(judge.predict(((x.clamp(-1, 1) + 1) / 2).flatten(1).numpy())) == labels
+            flags = right.double()[:, None]
+            iv = bootstrap(lambda a, b: float(b.mean()), flags, flags, resamples=RESAMPLES, bounds=(0.0, 1.0))
+            plain = plain or iv
+            lines.append(f"| {name} | {scale:g} | {iv[0]:.3f} [{iv[1]:.3f}, {iv[2]:.3f}] | "
+                         f"{'' if iv is plain else 'yes' if overlap(iv, plain) else 'no'} | "
                          f"{conditional._diversity(x, labels):.3f} |")
             print(lines[-1], flush=True)
     real = unstir.data.load("digits-test")

@@ -161,7 +161,9 @@ def test_killed_distillation_resumes_exactly(teacher, tmp_path):
     distill(teacher, cut, stop_after=170, **kw)
     assert json.loads((cut / "checkpoint.json").read_text())["step"] == 150
     assert any(k.startswith("teacher.") for k in load_tensors(next(cut.glob("checkpoint-*.safetensors"))))
-    distill(None, cut, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"cannot change --nfe 4 \(the run has 2\)"):
+        distill(None, cut, nfe=4, resume=True, progress=False)
+    distill(teacher, cut, nfe=2, resume=True, progress=False)  # the recorded settings, given again, are fine
     a = load_tensors(whole / "checkpoint-240.safetensors")
     b = load_tensors(cut / "checkpoint-240.safetensors")
     assert a.keys() == b.keys()

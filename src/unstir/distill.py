@@ -186,7 +186,7 @@ class Progressive:
         return torch.randint(intervals, (n,), generator=generator)
 
 
-def distill(teacher, out, *, nfe: int | None = None, teacher_steps: int | None = None, grid: str = "log_snr",
+def distill(teacher, out, *, nfe: int | None = None, teacher_steps: int | None = None, grid: str | None = None,
             steps: int | None = None, lr: float | None = None, batch_size: int | None = None, seed: int | None = None,
             device: str | None = None, checkpoint_every: int | None = None, resume: bool = False,
             progress: bool = True, stop_after: int | None = None):
@@ -203,9 +203,20 @@ def distill(teacher, out, *, nfe: int | None = None, teacher_steps: int | None =
 
     out = Path(out)
     if resume:
+        if not (out / "run.json").exists():
+            raise ValueError(f"nothing to resume: {str(out)!r} holds no run (no run.json)")
         recorded = read_run_info(out)["config"]
         if not recorded.get("distill"):
             raise ValueError(f"{str(out)!r} holds a run that is not a distillation; resume it with `unstir train`")
+        given = {"--run": (None if teacher is None else str(teacher), recorded["distill"]["teacher"]),
+                 "--nfe": (nfe, recorded["distill"]["nfe"]), "--grid": (grid, recorded["distill"]["grid"]),
+                 "--teacher-steps": (teacher_steps, recorded["distill"]["teacher_steps"]),
+                 "--lr": (lr, recorded["lr"]), "--batch-size": (batch_size, recorded["batch_size"]),
+                 "--seed": (seed, recorded["seed"])}
+        differ = [f"{k} {a} (the run has {b})" for k, (a, b) in given.items() if a is not None and a != b]
+        if differ:
+            raise ValueError(f"--resume continues the recorded distillation and cannot change {'; '.join(differ)}; "
+                             f"only --steps, --checkpoint-every and --device may change")
         cfg = TrainConfig(**{**recorded, **({"steps": steps} if steps is not None else {}),
                              **({"device": device} if device is not None else {}),
                              **({"checkpoint_every": checkpoint_every} if checkpoint_every is not None else {})})
@@ -221,7 +232,7 @@ def distill(teacher, out, *, nfe: int | None = None, teacher_steps: int | None =
                          f"original teacher {recorded['distill']['teacher']!r} to the steps you want")
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"--nfe must be an integer >= 1, got {nfe!r}")
-    spec = {"teacher": str(teacher), "nfe": nfe, "grid": grid,
+    spec = {"teacher": str(teacher), "nfe": nfe, "grid": grid or "log_snr",
             "teacher_steps": default_teacher_steps(nfe) if teacher_steps is None else teacher_steps}
     defaults = TrainConfig()
     cfg = TrainConfig(**{**recorded, "distill": spec, "posthoc_ema": (), "posthoc_every": None, "schedule_changes": [],

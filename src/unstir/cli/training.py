@@ -218,7 +218,7 @@ def register(sub) -> None:
     di.add_argument("--teacher-steps", dest="teacher_steps", type=int,
                     help="the teacher's DDIM steps in the first round: --nfe times a power of two (default: the "
                          "smallest such number >= 64)")
-    di.add_argument("--grid", default="log_snr", choices=list(GRIDS),
+    di.add_argument("--grid", choices=list(GRIDS),
                     help="the spacing of the distillation grid (default: log_snr)")
     di.add_argument("--steps", type=int, help="optimizer steps over all rounds, shared evenly (default: half the "
                     "teacher's training; a step costs about 1.7 training steps)")
