@@ -161,6 +161,46 @@ def shapes32(n: int, seed: int = 0, *, return_factors: bool = False):
     return data
 
 
+# gratings32's factors: the wave vector (cycles across the 32 pixels in x and y: 0, 45, 90 and 135 degrees, each an
+# exact bin of the 32 x 32 FFT) and the pair of colours the grating runs between.
+GRATING_WAVES = ((4, 0), (3, 3), (0, 4), (3, -3))
+GRATING_PALETTES = (((230, 57, 70), (42, 157, 143)), ((233, 196, 106), (69, 123, 157)), ((20, 20, 20), (240, 240, 240)))
+GRATINGS32_TEST_SEED = 2_000_003  # 'gratings32-test' draws from this seed
+
+
+def grating_basis(wave) -> np.ndarray:
+    """The phase 2 pi (kx x + ky y) / 32 of a wave vector over the 32 x 32 pixel grid (x: column, y: row)."""
+    y, x = np.mgrid[0:32, 0:32]
+    return 2 * np.pi * (wave[0] * x + wave[1] * y) / 32
+
+
+def gratings32(n: int, seed: int = 0, *, return_factors: bool = False):
+    """n procedural 32x32 RGB sinusoidal gratings, every factor drawn from ``seed``:
+
+    * orientation: one of the 4 wave vectors ``GRATING_WAVES`` (0, 45, 90, 135 degrees; periods 8 and 7.5 px);
+    * palette: one of the 3 colour pairs ``GRATING_PALETTES`` (a, b);
+    * phase: uniform in [0, 2 pi).
+
+    pixel = a + (b - a) (1 + cos(phase(x, y) + phase)) / 2, rounded to 8 bits (levels=256). Labels are
+    3 orientation + palette (12 classes). Every factor is readable without a network: on the integer grid the
+    constant, cosine and sine of one wave vector are orthogonal, so ``unstir.quality.grating_fit`` recovers
+    orientation, palette, contrast and phase by least squares in closed form. No download: the set is generated."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    wave, palette = rng.integers(0, len(GRATING_WAVES), n), rng.integers(0, len(GRATING_PALETTES), n)
+    phase = rng.uniform(0, 2 * np.pi, n)
+    basis = np.stack([grating_basis(w) for w in GRATING_WAVES])  # (4, 32, 32)
+    s = (1 + np.cos(basis[wave] + phase[:, None, None])) / 2  # (n, 32, 32) in [0, 1]
+    pal = np.asarray(GRATING_PALETTES, dtype=np.float64)[palette]  # (n, 2, 3)
+    a, b = pal[:, 0, :, None, None], pal[:, 1, :, None, None]
+    out = np.rint(a + (b - a) * s[:, None]).astype(np.uint8)
+    data = Dataset("gratings32", to_unit_range(torch.from_numpy(out)), torch.as_tensor(3 * wave + palette), 256)
+    if return_factors:
+        return data, {"wave": wave, "palette": palette, "phase": phase}
+    return data
+
+
 PATCHES_SPLIT = 480  # of the photographs' 640 columns: training patches lie left of it, held-out ones right
 
 
@@ -190,8 +230,10 @@ def patches32(n: int, seed: int = 0, split: str = "train") -> Dataset:
     return Dataset(name, to_unit_range(out.round()), torch.as_tensor(photo), 256)
 
 
-HELD_OUT = {"digits": "digits-test", "shapes32": "shapes32-test", "patches32": "patches32-test"}
-IMAGE_SETS = ("digits", "digits-test", "shapes32", "shapes32-test", "patches32", "patches32-test")
+HELD_OUT = {"digits": "digits-test", "shapes32": "shapes32-test", "gratings32": "gratings32-test",
+            "patches32": "patches32-test"}
+IMAGE_SETS = ("digits", "digits-test", "shapes32", "shapes32-test", "gratings32", "gratings32-test", "patches32",
+              "patches32-test")
 
 
 def is_builtin(name: str) -> bool:
@@ -378,6 +420,10 @@ def load(spec: str, *, n: int = 20000, size: int | None = None, mode: str = "L",
         return digits("train" if spec == "digits" else "test")
     if spec in ("shapes32", "shapes32-test"):
         data = shapes32(n, seed if spec == "shapes32" else SHAPES32_TEST_SEED + seed)
+        data.name = spec
+        return data
+    if spec in ("gratings32", "gratings32-test"):
+        data = gratings32(n, seed if spec == "gratings32" else GRATINGS32_TEST_SEED + seed)
         data.name = spec
         return data
     if spec in ("patches32", "patches32-test"):

@@ -220,13 +220,19 @@ def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: T
     f_fake, p_fake = run(samples)
     f_real, _ = run(reference)
     conf, label = p_fake.max(1)
-    valid = (conf > threshold) & (label != INVALID)
-    counts = torch.bincount(label[valid], minlength=INVALID)[:INVALID].double()
+    return _scores(f_real, f_fake, (conf > threshold) & (label != INVALID), label, INVALID, resamples, level, seed)
+
+
+def _scores(f_real: Tensor, f_fake: Tensor, valid: Tensor, label: Tensor, classes: int, resamples: int, level: float,
+            seed: int) -> dict:
+    """The scores of a judged family: validity, coverage and class TV from the judge's verdicts, FD, KID and
+    precision/recall in its features, and (``resamples`` > 0) their intervals."""
+    counts = torch.bincount(label[valid], minlength=classes)[:classes].double()
     hist = counts / counts.sum().clamp(min=1)
     precision, recall = precision_recall(f_real, f_fake)
     out = {"validity": valid.double().mean().item(), "coverage": (counts > 0).double().mean().item(),
-           "class_tv": 0.5 * (hist - 1 / INVALID).abs().sum().item(), "fd": frechet_distance(f_real, f_fake),
-           "kid": kernel_distance(f_real, f_fake), "precision": precision, "recall": recall, "n": len(samples)}
+           "class_tv": 0.5 * (hist - 1 / classes).abs().sum().item(), "fd": frechet_distance(f_real, f_fake),
+           "kid": kernel_distance(f_real, f_fake), "precision": precision, "recall": recall, "n": len(f_fake)}
     if resamples:
         kw = dict(resamples=resamples, level=level, seed=seed)
         flags = valid.double()[:, None]
@@ -238,6 +244,62 @@ def shapes32_quality(samples: Tensor, classifier: ShapesClassifier, reference: T
             "precision": bootstrap(lambda a, b: precision_recall(a, b)[0], f_real, f_fake, bounds=rate, **kw)[1:],
             "recall": bootstrap(lambda a, b: precision_recall(a, b)[1], f_real, f_fake, bounds=rate, **kw)[1:]}
     return out
+
+
+GRATING_MAX_RESIDUAL = 0.005  # mean squared residual (images in [-1, 1]) of a valid grating: RMS 0.07, 9 of 255
+GRATING_CONTRAST = (0.4, 0.6)  # the fitted mean and peak-to-peak of the grating's position between its colours
+
+
+def grating_fit(x: Tensor) -> dict:
+    """Closed-form least squares of every gratings32 class to images x in [-1, 1] (N, 3, 32, 32): for palette (a, b)
+    the pixels' position u = <x - a, b - a> / |b - a|^2 between the colours, and for wave vector k its projection on
+    {1, cos, sin} of k (orthogonal on the integer grid, so the projection is the FFT's bin k: u ~ m + 2 Re(A e^(i k.x))).
+    Returns per image and class (N, 12; class 3 orientation + palette) the mean squared residual of the
+    reconstruction a + (b - a) u_fit, the fitted mean m and peak-to-peak 4|A| of u, and the fitted phase arg A."""
+    x = x.detach().double().cpu()
+    pal = torch.tensor(data_mod.GRATING_PALETTES, dtype=torch.float64) / 127.5 - 1  # (3, 2, 3) in [-1, 1]
+    basis = torch.as_tensor(np.stack([data_mod.grating_basis(w) for w in data_mod.GRATING_WAVES]))  # (4, 32, 32)
+    wave = torch.exp(-1j * basis)
+    res, mean, p2p, phase = (torch.empty(len(x), 12, dtype=torch.float64) for _ in range(4))
+    for p, (a, b) in enumerate(pal):
+        d = b - a
+        u = torch.einsum("nchw,c->nhw", x - a[:, None, None], d) / d.dot(d)
+        m = u.mean((1, 2))
+        for o in range(len(data_mod.GRATING_WAVES)):
+            A = (u.to(torch.complex128) * wave[o]).mean((1, 2))
+            fit = m[:, None, None] + 2 * (A[:, None, None] * wave[o].conj()).real
+            recon = a[:, None, None] + d[:, None, None] * fit[:, None]
+            k = 3 * o + p
+            res[:, k] = (x - recon).square().mean((1, 2, 3))
+            mean[:, k], p2p[:, k], phase[:, k] = m, 4 * A.abs(), A.angle()
+    return {"residual": res, "mean": mean, "p2p": p2p, "phase": phase}
+
+
+def grating_judge(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(valid, label, features) of images by ``grating_fit``: the class of least residual; valid where that residual
+    is below ``GRATING_MAX_RESIDUAL`` and the fitted mean and peak-to-peak of u lie in ``GRATING_CONTRAST`` (0.5
+    and 1 for a true grating; a flat image fits any class with no contrast). Features (38 per image): every class's
+    log residual, mean and peak-to-peak, and the cosine and sine of the best class's phase."""
+    fit = grating_fit(x)
+    best = fit["residual"].argmin(1)
+    pick = lambda v: v.gather(1, best[:, None])[:, 0]  # noqa: E731
+    lo, hi = GRATING_CONTRAST
+    valid = ((pick(fit["residual"]) < GRATING_MAX_RESIDUAL) & (pick(fit["mean"]) - 0.5).abs().lt(hi - 0.5)
+             & (pick(fit["p2p"]) > 2 * lo) & (pick(fit["p2p"]) < 2 * hi))
+    phase = pick(fit["phase"])
+    features = torch.cat([fit["residual"].clamp_min(1e-8).log(), fit["mean"], fit["p2p"],
+                          torch.stack([phase.cos(), phase.sin()], 1)], 1)
+    return valid, best, features
+
+
+def gratings32_quality(samples: Tensor, reference: Tensor, *, resamples: int = 0, level: float = 0.95,
+                       seed: int = 0) -> dict:
+    """``shapes32_quality``'s scores for gratings32 samples in [-1, 1], judged in closed form (``grating_judge``):
+    validity, coverage of the 12 classes, class TV, and FD, KID and precision/recall in the judge's 38 features
+    against ``reference`` (real gratings), with intervals when ``resamples`` > 0."""
+    valid, label, f_fake = grating_judge(samples)
+    _, _, f_real = grating_judge(reference)
+    return _scores(f_real, f_fake, valid, label, 12, resamples, level, seed)
 
 
 def inception_features(images: Tensor, weights, batch_size: int = 200, device="cpu") -> Tensor:

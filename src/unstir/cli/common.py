@@ -96,7 +96,7 @@ def add_no_teleport(p: argparse.ArgumentParser) -> None:
 def add_held_out(p: argparse.ArgumentParser) -> None:
     """What the verbs that read held-out data share."""
     add_run(p)
-    p.add_argument("--data", help="held-out data (default: the run's data: a fresh draw, or digits-test, shapes32-test, patches32-test)")
+    p.add_argument("--data", help="held-out data (default: the run's data: a fresh draw, or digits-test, shapes32-test, gratings32-test, patches32-test)")
     add_seed(p)
     add_device(p)
     add_class(p)
@@ -159,7 +159,7 @@ HELD_OUT_CHUNK = 20000  # 2-D held-out data come in fixed chunks, so the first k
 
 def held_out(model, spec: str | None, n: int, seed: int, device="cpu"):
     """Data the run was not trained on, on ``device``: a fresh draw of a 2-D set (chunks of 20000 from seeds seed + 1000,
-    seed + 1001, ...: a fixed sequence, so point i is the same for any n), the held-out set of digits, shapes32 or patches32, or the first n
+    seed + 1001, ...: a fixed sequence, so point i is the same for any n), the held-out set of digits, shapes32, gratings32 or patches32, or the first n
     items of a folder / .npy file. Returns (x, levels)."""
     from .. import data as data_mod
 
