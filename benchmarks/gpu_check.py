@@ -92,6 +92,8 @@ def verbs(runs: dict, quick: bool = True) -> dict:
         "train-classifier": (["train-classifier", "--data", "moons", "--steps", "3", "--batch-size", "16", "--force"],
                              "classifier"),
         "report": (["report", "--run", moons, "-n", "50", "--quiet"], "html"),
+        "distill": (["distill", "--run", moons, "--nfe", "2", "--teacher-steps", "8", "--steps", "4" if quick else "40",
+                     "--batch-size", "64", "--quiet"], "run"),
         "oracle": (["oracle", "-n", "100", "--steps", "4", "--paths", "2", "--quiet"], "oracle"),
     })
     for method in ("replacement", "repaint", "dps", "pigdm", "smc"):
@@ -121,10 +123,12 @@ def read_output(path: Path, kind):
         return np.load(path).astype(np.float64).ravel()
     if kind == "":
         return np.load(path / "samples.npz")["x"].astype(np.float64).ravel()
-    if kind == "classifier":
+    if kind in ("classifier", "run"):
         from safetensors.numpy import load_file
 
-        return np.concatenate([v.astype(np.float64).ravel() for _, v in sorted(load_file(path / "classifier.safetensors").items())])
+        name = "classifier.safetensors" if kind == "classifier" else next(path.glob("checkpoint-*.safetensors")).name
+        return np.concatenate([v.astype(np.float64).ravel() for k, v in sorted(load_file(path / name).items())
+                               if not k.startswith("optim.")])
     return None
 
 

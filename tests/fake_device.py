@@ -5,8 +5,8 @@ Inside ``other_device()``, ``device="cuda"`` is a pretend CUDA device: a tensor 
 ``.device`` says ``cuda:0``. Every torch operation on an ``OnDevice`` tensor checks CUDA's rules before it
 runs, on the CPU:
 
-- all tensor arguments on one device, except 0-dim CPU tensors (which CUDA accepts as scalars) and CPU index
-  tensors of ``t[index]`` (which CUDA moves);
+- all tensor arguments on one device, except 0-dim CPU tensors (which CUDA accepts as scalars), CPU index
+  tensors of ``t[index]`` (which CUDA moves) and the source of ``copy_`` (which CUDA copies across devices);
 - ``.numpy()`` refused (copy to the host first);
 - a CPU ``torch.Generator`` refused for a draw on the device.
 
@@ -82,7 +82,8 @@ class OnDevice(torch.Tensor):
             return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
         # Gradients that backward() accumulates are plain tensors (autograd does not keep the subclass), so the
         # optimizers' and clip_grad_norm_'s fused list kernels, torch's own code, are not checked.
-        if name not in _INSPECT and not name.startswith(("_foreach_", "_fused_")):
+        # copy_ takes its source from any device on CUDA too (load_state_dict copies CPU weights into a model there).
+        if name not in _INSPECT and name != "copy_" and not name.startswith(("_foreach_", "_fused_")):
             host = [t for t in _tensors(args, kwargs) if not isinstance(t, OnDevice) and t.dim() > 0]
             if host and name in ("__getitem__",) and isinstance(args[0], OnDevice):
                 host = [t for t in host if t.dtype not in (torch.long, torch.int, torch.bool, torch.uint8)]

@@ -205,3 +205,23 @@ def test_a_non_finite_training_step_on_the_device_stops_as_on_the_cpu(tmp_path):
             train(TrainConfig(device=device, nonfinite="skip", **cfg), tmp_path / f"skip-{device}", progress=False)
         messages[device] = str(info.value).replace(str(tmp_path / f"skip-{device}"), "RUN")
     assert messages["cuda"] == messages["cpu"]
+
+
+def test_a_distillation_killed_on_the_device_resumes_there_to_the_cpus_weights(tmp_path):
+    """A distillation on the device, stopped inside its first round and resumed there (its checkpoint's weights,
+    optimizer and round teacher copied back onto the device), ends with the weights an uninterrupted CPU
+    distillation gets, to the bit."""
+    from unstir.distill import distill
+    from unstir.training import TrainConfig, train
+
+    train(TrainConfig(data="moons", steps=30, width=16, depth=1, n_data=500, checkpoint_every=30), tmp_path / "t",
+          progress=False)
+    kw = dict(nfe=2, teacher_steps=8, steps=12, checkpoint_every=4, progress=False)
+    distill(tmp_path / "t", tmp_path / "cpu", device="cpu", **kw)
+    with other_device():
+        distill(tmp_path / "t", tmp_path / "dev", device="cuda", stop_after=6, **kw)
+        distill(None, tmp_path / "dev", resume=True, progress=False)
+    a, b = (load_file(tmp_path / d / "checkpoint-12.safetensors") for d in ("cpu", "dev"))
+    assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -466,7 +466,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
 
         distiller = Progressive(cfg.distill, cfg.steps, process, build_net(cfg, dataset, process).to(device),
                                 lambda n: Denoiser(n, process, cfg.prediction, sigma_data=cfg.sigma_data))
-        teacher = _teacher_weights(cfg, net)
+        teacher = {k: v.to(device) for k, v in _teacher_weights(cfg, net).items()}
         net.load_state_dict(teacher)
         distiller.teacher_net.load_state_dict(teacher)
     ema.load_state_dict(net.state_dict())
@@ -484,7 +484,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
         if posthoc is not None:
             posthoc.load(names, checkpoint_tensors(run, "posthoc."))
         if distiller is not None:
-            distiller.teacher_net.load_state_dict(checkpoint_tensors(run, "teacher."))
+            distiller.teacher_net.load_state_dict({k: v.to(device) for k, v in checkpoint_tensors(run, "teacher.").items()})
     if rank == 0:
         write_run_info(run, {"config": dataclasses.asdict(cfg), "net": net.config, "process": process.config(),
                              "data_shape": list(dataset.shape), "num_classes": dataset.num_classes,
