@@ -13,7 +13,8 @@ colour pairs x phase, judged in closed form by unstir.quality.grating_judge; FD,
    the named grid ``unstir.sample`` picks; ``sample --nfe`` is the CLI's default at that NFE: ipndm on a grid placed
    by a pilot run, with analytical teleportation from the training data's moments). Scores: validity, FD, KID,
    precision and recall in the factor classifier's features with 95 % intervals (unstir.quality.bootstrap), and
-   which of them overlap ddpm 100's. Costs: minutes of training or distillation beside the model's rows, and of
+   which of them overlap ddpm 100's. EDM's churn is screened per NFE on seeds 777.. by FD against the training
+   images (``--churn``), and only the chosen value is scored on the evaluation seeds. Costs: minutes of training or distillation beside the model's rows, and of
    sampling beside each row.
 
     .venv/bin/python benchmarks/few_steps_images.py --steps 3000 --out benchmarks/few_steps_images_results.md
@@ -56,6 +57,8 @@ def main():
     ap.add_argument("--distill", type=int, nargs="*", default=[1, 2, 4], help="students' NFE")
     ap.add_argument("--nfe", type=int, nargs="*", default=list(NFES))
     ap.add_argument("--samplers", nargs="*", default=list(SAMPLERS))
+    ap.add_argument("--churn", type=float, nargs="+", default=[0.0, 10.0, 40.0, 80.0],
+                    help="EDM's S_churn values screened (FD against the training images, seeds 777..) per NFE")
     ap.add_argument("-n", type=int, default=500)
     ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
     ap.add_argument("--out", type=Path)
@@ -115,6 +118,18 @@ def main():
                 steps = steps_for_nfe(name, nfe)
             except ValueError:
                 continue  # this sampler cannot make this NFE (Heun-type: odd NFE >= 3; restart: >= 13)
+            if name == "edm":  # EDM's churn, chosen on other seeds against the training images (never the eval seeds)
+                screened = []
+                for churn in args.churn:
+                    tic = time.perf_counter()
+                    with torch.no_grad():
+                        x, _ = sample_sharded(model, args.n, seed=images.SCREEN_SEED, batch_size=250, device="cpu",
+                                              progress=False, sampler="edm", steps=steps, churn=churn)
+                    screened.append((judge(x)["fd"], churn))
+                churn = min(screened)[1]
+                rows.append(row(f"edm {nfe} (churn {churn:g} of {'/'.join(f'{c:g}' for c in args.churn)}, screened)",
+                                model, sampler="edm", steps=steps, churn=churn))
+                continue
             rows.append(row(f"{name} {nfe}", model, sampler=name, steps=steps))
             print(f"{rows[-1][0]}: validity {rows[-1][2]['validity']:.3f} FD {rows[-1][2]['fd']:.1f}", flush=True)
 
