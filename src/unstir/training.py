@@ -31,7 +31,7 @@ from ._checks import check_choice, check_device, check_positive
 from .distributed import init as init_distributed
 from .ema import PowerEMA, check_sigma_rel, write_snapshot
 from .distributed import rank_world
-from .distill import progressive_loss
+from .distill import Progressive, check_distill, progressive_loss, rounds
 from .losses import WEIGHTINGS, TimeSampler, check_logit_normal, check_time_sampling, dsm_loss
 from .parametrization import PREDICTIONS, Denoiser, check_sigma_data
 from .processes import PROCESSES, make_process
@@ -170,8 +170,6 @@ class TrainConfig:
         if self.discrete and self.process != "ddpm":
             raise ValueError(f"discrete timesteps need process 'ddpm', got {self.process!r}")
         if self.distill:
-            from .distill import check_distill
-
             check_distill(self.distill, self.steps)
             if self.discrete:
                 raise ValueError("progressive distillation places its grid between DDPM's integer timesteps, which a "
@@ -288,8 +286,6 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     After a recorded change of the run's length (``cfg.schedule_changes``) the cosine runs from that
     change's starting learning rate to zero at the new last step."""
     if cfg.distill:  # each round of a distillation has its own warm-up and decay (``unstir.distill``)
-        from .distill import rounds
-
         n = rounds(cfg.distill["nfe"], cfg.distill["teacher_steps"])
         r = max(k for k in range(n) if k * cfg.steps // n <= step)
         begin, end = r * cfg.steps // n, (r + 1) * cfg.steps // n
@@ -462,13 +458,12 @@ def _train(cfg: TrainConfig, out, *, resume: bool, progress: bool, stop_after: i
     ema = build_net(cfg, dataset, process).to(device, memory_format=layout)
     distiller = None
     if cfg.distill:  # the student starts as the teacher: its EMA weights, in net, ema and the frozen teacher copy
-        from .distill import Progressive
-
         distiller = Progressive(cfg.distill, cfg.steps, process, build_net(cfg, dataset, process).to(device),
                                 lambda n: Denoiser(n, process, cfg.prediction, sigma_data=cfg.sigma_data))
-        teacher = {k: v.to(device) for k, v in _teacher_weights(cfg, net).items()}
-        net.load_state_dict(teacher)
-        distiller.teacher_net.load_state_dict(teacher)
+        if not (resume and (run / "checkpoint.json").exists()):  # a resumed one has all it needs in its checkpoint
+            teacher = {k: v.to(device) for k, v in _teacher_weights(cfg, net).items()}
+            net.load_state_dict(teacher)
+            distiller.teacher_net.load_state_dict(teacher)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     # foreach: one multi-tensor update instead of a Python loop over parameters (the default only on GPU).
