@@ -148,6 +148,10 @@ def test_distilled_run_samples_in_two_steps_like_its_teacher_in_sixteen(teacher,
     assert main(["sample", "--run", str(out), "-n", "64", "--out", str(tmp_path / "s.npy"), "--quiet"]) == 0
     said = capsys.readouterr()
     assert "distilled run: ddim" in said.err and "with ddim (2 model evaluations)" in said.out
+    assert main(["sample", "--run", str(out), "-n", "8", "--steps", "4", "--out", str(tmp_path / "s4.npy"),
+                 "--quiet"]) == 0  # another step count: the named grid of the default sampler, no notice
+    said = capsys.readouterr()
+    assert "distilled run" not in said.err and "with dpm++2m (4 model evaluations)" in said.out
     assert main(["encode", "--run", str(out), "-n", "16", "--out", str(tmp_path / "z.npy"), "--quiet"]) == 0
     assert "is distilled to 2 DDIM step(s)" in capsys.readouterr().err
 

@@ -69,7 +69,7 @@ def check_shared(args) -> None:
     nfe = getattr(args, "nfe", None)
     if nfe is not None and nfe < NFE_MIN and getattr(args, "command", None) != "distill":  # distill: its own check
         raise ValueError(f"--nfe must be an integer >= {NFE_MIN} (a grid with a point to place; fewer evaluations: "
-                         f"--steps), got {nfe}")
+                         f"--steps; a distilled run samples at its own NFE without either), got {nfe}")
 
 
 def add_class(p: argparse.ArgumentParser, classifier: bool = False) -> None:

@@ -93,11 +93,11 @@ def sample_cmd(args) -> int:
     from ..tuning import load_tuned, nfe_for_steps, pilot_grid, save_tuned, steps_for_nfe, tunable
 
     distilled = base.run_info["config"].get("distill")
-    if distilled and asked_sampler is None and args.grid is None and args.nfe is None \
-            and args.steps in (None, distilled["nfe"]):  # the sampler and grid the student was distilled for
+    if distilled and asked_sampler is None and args.grid is None and (args.nfe is None or args.steps is None) \
+            and {args.nfe, args.steps} <= {None, distilled["nfe"]}:  # the sampler and grid it was distilled for
         from ..distill import sample_grid
 
-        args.sampler, args.grid, args.steps = "ddim", sample_grid(base.process, distilled), distilled["nfe"]
+        args.sampler, args.grid, args.steps, args.nfe = "ddim", sample_grid(base.process, distilled), distilled["nfe"], None
         speak and print(f"distilled run: ddim on its {distilled['grid']} distillation grid, {distilled['nfe']} "
                         f"step(s); --sampler, --steps or --grid choose otherwise", file=sys.stderr)
     if args.nfe is not None:
