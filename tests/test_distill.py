@@ -218,3 +218,17 @@ def test_teachers_it_cannot_distil(tmp_path, capsys):
     distill(continuous, student, nfe=4, teacher_steps=8, steps=2, progress=False)
     with pytest.raises(ValueError, match="is itself distilled"):
         distill(student, tmp_path / "s3", nfe=2, progress=False)
+
+
+def test_each_round_warms_up_and_decays_on_its_own():
+    """The learning rate of a distillation restarts in every round: a linear warm-up over a tenth of the round
+    (at most the configured warm-up), then a cosine to 0 at the round's last step."""
+    from unstir.training import _lr
+
+    cfg = TrainConfig(steps=300, lr=1e-3, warmup=200, distill={"teacher": "t", "nfe": 2, "teacher_steps": 16,
+                                                               "grid": "log_snr"})
+    for begin in (0, 100, 200):  # three rounds of 100 steps
+        assert _lr(cfg, begin) == pytest.approx(1e-4)  # (0 + 1) / 10 of the peak
+        assert _lr(cfg, begin + 9) == pytest.approx(1e-3)
+        assert _lr(cfg, begin + 99) < 1e-6
+        assert _lr(cfg, begin + 55) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
