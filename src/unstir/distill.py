@@ -28,7 +28,9 @@ Where unstir differs from the paper, on purpose:
   close to the paper's uniform-in-t grid), not only uniform t.
 * The student keeps the teacher's prediction type. The paper notes that an eps prediction is unstable at one or
   two steps (x0 = (z - sigma eps) / alpha divides by alpha_T ~ 0): distil x0, v, velocity or edm runs for the
-  fewest steps.
+  fewest steps. Measured on the exact oracle (a 2-D mixture, VP, 16 -> 2 steps, the test's recipe): an eps student
+  lands 0.43 from the exact map, a v student 0.13 (the 16-step teacher: 0.13); `unstir distill` says so for eps
+  and score teachers.
 * The teacher is frozen and evaluated without dropout (``eval`` mode).
 
 A distilled run samples with DDIM on the grid it was distilled for (``sample_grid``); ``unstir sample`` chooses
