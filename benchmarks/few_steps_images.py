@@ -36,7 +36,7 @@ images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_
 spec.loader.exec_module(images)
 
 from unstir import data, quality  # noqa: E402
-from unstir.distill import distill, sample_grid  # noqa: E402
+from unstir.distill import distill, distill_grid, sample_grid  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
 from unstir.training import TrainConfig, train  # noqa: E402
@@ -103,6 +103,9 @@ def main():
             row("ddpm 200", model, sampler="ddpm", steps=200)]
     ref = rows[0][2]
     print(f"reference: validity {ref['validity']:.3f}, FD {ref['fd']:.1f}", flush=True)
+    if students:  # what every student is taught: the teacher's DDIM on the 64-point distillation grid
+        rows.append(row("teacher, DDIM 64 on the distillation grid", model, sampler="ddim",
+                        grid=distill_grid(model.process, 64)))
     for k, run in students.items():
         s_model = load_run(run)
         rows.append(row(f"student, distilled to {k}", s_model, f"{minutes.get(f'student{k}', float('nan')):.1f}",
