@@ -247,6 +247,9 @@ def _scores(f_real: Tensor, f_fake: Tensor, valid: Tensor, label: Tensor, classe
 
 
 GRATING_MAX_RESIDUAL = 0.005  # mean squared residual (images in [-1, 1]) of a valid grating: RMS 0.07, 9 of 255
+# The features' residuals start at this floor (RMS 0.03, 4 of 255): below it a grating is as good as its 8-bit
+# rounding, and a continuous sample is not told from a rounded one by how much smaller its residual is.
+GRATING_RESIDUAL_FLOOR = 1e-3
 GRATING_CONTRAST = (0.4, 0.6)  # the fitted mean and peak-to-peak of the grating's position between its colours
 
 
@@ -279,7 +282,8 @@ def grating_judge(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(valid, label, features) of images by ``grating_fit``: the class of least residual; valid where that residual
     is below ``GRATING_MAX_RESIDUAL`` and the fitted mean and peak-to-peak of u lie in ``GRATING_CONTRAST`` (0.5
     and 1 for a true grating; a flat image fits any class with no contrast). Features (38 per image): every class's
-    log residual, mean and peak-to-peak, and the cosine and sine of the best class's phase."""
+    log residual (from ``GRATING_RESIDUAL_FLOOR``), mean and peak-to-peak, and the cosine and sine of the best class's
+    phase."""
     fit = grating_fit(x)
     best = fit["residual"].argmin(1)
     pick = lambda v: v.gather(1, best[:, None])[:, 0]  # noqa: E731
@@ -287,7 +291,7 @@ def grating_judge(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     valid = ((pick(fit["residual"]) < GRATING_MAX_RESIDUAL) & (pick(fit["mean"]) - 0.5).abs().lt(hi - 0.5)
              & (pick(fit["p2p"]) > 2 * lo) & (pick(fit["p2p"]) < 2 * hi))
     phase = pick(fit["phase"])
-    features = torch.cat([fit["residual"].clamp_min(1e-8).log(), fit["mean"], fit["p2p"],
+    features = torch.cat([(fit["residual"] + GRATING_RESIDUAL_FLOOR).log(), fit["mean"], fit["p2p"],
                           torch.stack([phase.cos(), phase.sin()], 1)], 1)
     return valid, best, features
 
