@@ -91,7 +91,9 @@ def main():
         # the "training set": moments of 10,000 draws (analytical teleportation's Gaussian)
         moments = Moments.of(gm.sample(10000, torch.Generator().manual_seed(SEED_MOMENTS)))
         rows, pilot_cost = {}, []
+        t_case = time.perf_counter()
         for label, (sampler, opts) in SAMPLERS.items():
+            print(f"{cname}: {label} ({time.perf_counter() - t_case:.0f} s)", file=sys.stderr, flush=True)
             for start in ("", "afs", "tele"):
                 afs, tele = start == "afs", moments if start == "tele" else None
                 for nfe in NFES:

@@ -184,7 +184,7 @@ def test_shared_options_have_one_name_and_one_default():
     from unstir.cli.common import check_shared
 
     for verb, parser in sub.choices.items():
-        for option, bad, good in (("--seed", "4096", "4095"), ("--seed", "-1", "0"), ("--nfe", "2", "3")):
+        for option, bad, good in (("--seed", "4096", "4095"), ("--seed", "-1", "0"), ("--nfe", "1", "2")):
             if option in parser._option_string_actions:
                 dest = parser._option_string_actions[option].dest
                 with pytest.raises(ValueError, match=f"{option} must be an integer"):

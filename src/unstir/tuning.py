@@ -184,8 +184,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
                gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs=False, seed: int = 0, y=None,
                dtype=torch.float32, device: str | torch.device | None = None, teleport=None, **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
-    2024, Alg. 1), at a cost of about ``fine`` + 11 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 16
-    ``nfe`` with ``teleport``).
+    2024, Alg. 1), at a cost of at most ``fine`` + 15 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 25
+    ``nfe`` with ``teleport``; paths found twice are run once).
 
     1. Teacher: ``n`` prior samples (``seed``) solved on the ``fine``-step edm grid (deis, order 3); its
        states xbar_i = x_i / alpha_i and eps_i at every point t_i (t_min included) are kept.
@@ -195,7 +195,10 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
        analytic eps_T = (x_T - alpha_T m) / sigma_T (m = 0, or the mean ``afs`` gives), as the sampler will.
     3. Dynamic programming for the path T = t_0 > ... > t_K = t_min over the teacher's points with least
        summed cost, each later step's cost weighted by gamma per step (GITS's coefficient), K + 1 the
-       grid's points before the final denoising step (one more with ``afs``).
+       grid's points before the final denoising step (one more with ``afs``). A second path per gamma ends
+       anywhere: its last point t_K is free and the final denoising from it costs the distance of its x0
+       prediction, xbar_K - sbar_K eps_K, to the teacher's sample (so ``nfe`` = 2, T > t_1 > 0, has a point
+       to place; GITS always ends at t_min).
     4. One grid per gamma in ``gammas``, and every named grid, are run with ``sampler`` on the pilot batch;
        the one nearest the teacher's samples is returned (``error``; ``error_start`` is that of the
        sampler's named default grid, ``start``). So the result is never worse than the named default on
@@ -229,8 +232,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     if not gammas or not all(isinstance(g, (int, float)) and 0 < g < math.inf for g in gammas):
         raise ValueError(f"gammas must be positive numbers, got {gammas!r}")
     steps = steps_for_nfe(sampler, nfe) + (1 if afs else 0)
-    if steps < 3:
-        raise ValueError(f"a grid of {steps} steps has no free point to place: {sampler!r} needs more than "
+    if steps < 2:
+        raise ValueError(f"a grid of {steps} step has no free point to place: {sampler!r} needs more than "
                          f"{nfe} evaluations")
     if fine < 2 * steps:
         raise ValueError(f"fine must be at least twice the grid's {steps} steps, got {fine}")
@@ -256,8 +259,12 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     if afs:
         eps[0] = analytic_first_step(process, x_T.to(torch.float64), mean).eps.flatten(1)
     sbar = [coefficients(process, t).sigma_bar for t in teacher_grid[:-1].tolist()]
-    X = torch.stack(xbar)  # (m, n, d) over the m points T .. t_min
-    cost = euler_costs(X, torch.stack(eps), sbar)
+    X, E = torch.stack(xbar), torch.stack(eps)  # (m, n, d) over the m points T .. t_min
+    cost = euler_costs(X, E, sbar)
+    # the final denoising step from point i: its x0 prediction xbar_i - sigma_bar_i eps_i against the teacher's
+    # sample (0 at t_min, where the teacher's own last step is this one)
+    final = (X - torch.tensor(sbar, dtype=torch.float64, device=X.device)[:, None, None] * E
+             - teacher.x.to(torch.float64).flatten(1)).norm(dim=2).mean(1).cpu().numpy()
 
     def error(g: Tensor) -> float:
         nonlocal spent
@@ -281,8 +288,9 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
             for i, t in enumerate(teacher_grid[1:-1].tolist(), start=1)]))
     for g in gammas:
         for start_cost in starts:
-            path = tuple(_cheapest_path(cost, steps - 1, g, start_cost))
-            candidates.setdefault(path, torch.cat([teacher_grid[list(path)], zero]))
+            for end_cost in (None, final):  # paths through t_min, and paths that denoise from a placed point
+                path = tuple(_cheapest_path(cost, steps - 1, g, start_cost, end_cost))
+                candidates.setdefault(path, torch.cat([teacher_grid[list(path)], zero]))
     errors = {k: error(g) for k, g in candidates.items()}
     start = SAMPLERS[sampler].grid
     best = min(errors, key=errors.get)
@@ -305,14 +313,20 @@ def euler_costs(X: Tensor, E: Tensor, sbar) -> np.ndarray:
     return cost
 
 
-def _cheapest_path(cost: np.ndarray, k: int, gamma: float, start: np.ndarray | None = None) -> list[int]:
+def _cheapest_path(cost: np.ndarray, k: int, gamma: float, start: np.ndarray | None = None,
+                   end: np.ndarray | None = None) -> list[int]:
     """Indices 0 = i_0 < i_1 < ... < i_k = m - 1 minimising sum_s gamma^s cost[i_s, i_{s+1}] (dynamic
     programming over (point, steps left), as GITS). With ``start`` (m,), i_0 is free: the path reaches it at
-    ``start[i_0]`` and its k steps are weighted from gamma^1 on (the teleport is step 0)."""
+    ``start[i_0]`` and its k steps are weighted from gamma^1 on (the teleport is step 0). With ``end`` (m,), i_k
+    is free too: the path leaves it by one more step (the final denoising) of cost ``end[i_k]``, weighted as the
+    step after the k-th (so that a 2-evaluation grid T > t_1 > 0 can place t_1 above t_min)."""
     m = cost.shape[0]
     value = np.full((k + 1, m), np.inf)  # value[r, i]: least cost from point i to the end in r steps
     choice = np.zeros((k + 1, m), dtype=int)
-    value[0, m - 1] = 0.0
+    if end is None:
+        value[0, m - 1] = 0.0
+    else:
+        value[0] = end
     for r in range(1, k + 1):
         for i in range(m - 1):
             total = cost[i, i + 1:] + gamma * value[r - 1, i + 1:]

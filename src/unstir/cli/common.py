@@ -51,7 +51,7 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (notices and warnings still show)")
 
 
-NFE_MIN = 3  # --nfe of sample and tune-grid: a grid with at least one point between T and the end to place
+NFE_MIN = 2  # --nfe of sample and tune-grid: a grid with at least one point between T and the end to place
 
 
 def add_nfe(p: argparse.ArgumentParser, help: str, default: int | None = None) -> None:

@@ -124,7 +124,7 @@ def sample_cmd(args) -> int:
                              or args.sampler == "ddim" and options.get("eta", 0) != 0)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
                 and y is None and not args.no_ema and deterministic:
-            # The pilot costs about 100 + 10 NFE evaluations of its batch: no more samples than asked for, and
+            # The pilot costs at most 100 + 15 NFE evaluations of its batch: no more samples than asked for, and
             # a grid from fewer than PILOT_N is used once, not stored (`tune-grid --method pilot` stores one).
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=afs, device=args.device,
                                teleport=moments, **options)
@@ -326,6 +326,9 @@ def tune_grid_cmd(args) -> int:
     stored = Path(args.run) / GRIDS_FILE
     if args.afs and args.method != "pilot":
         raise ValueError("--afs grids are placed by --method pilot; the Nelder-Mead fit tunes grids without AFS")
+    if args.nfe < 3 and args.method != "pilot":
+        raise ValueError(f"--nfe must be an integer >= 3 for --method nelder-mead (it fits two or more points; "
+                         f"--method pilot places the middle point of a 2-evaluation grid), got {args.nfe}")
     moments = None if (args.method != "pilot" or args.afs or args.no_teleport) else load_moments(args.run)
     if stored.exists() and _key(args.sampler, args.nfe, args.afs, moments is not None) in _read_grids(stored) \
             and not args.force:
