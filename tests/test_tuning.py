@@ -244,6 +244,11 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
                  "--out", str(tmp_path / "two.npy")]) == 0
     err = capsys.readouterr().err
     assert "placed the grid for ipndm at 2 NFE by a pilot run" in err, err
+    # dpm++3m_sde at few steps: a notice (measured divergent on learned image models below 15 steps)
+    for steps, noticed in (("5", True), ("15", False)):
+        assert main(["sample", "--run", str(run), "--sampler", "dpm++3m_sde", "--steps", steps, "-n", "4", "--quiet",
+                     "--out", str(tmp_path / f"s3-{steps}.npy")]) == 0
+        assert ("dpm++2m_sde is the few-step choice" in capsys.readouterr().err) == noticed, steps
     assert main(["sample", "--run", str(run), "--sampler", "dpm++3m", "--form", "taylor", "--out",
                  str(tmp_path / "c.npy")]) == 2
     assert "--form does not apply to sampler 'dpm++3m'; it applies to ['dpm++2m', 'dpm++2m_sde']" in capsys.readouterr().err

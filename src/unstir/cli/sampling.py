@@ -108,6 +108,11 @@ def sample_cmd(args) -> int:
                              "evaluations follow --rtol and --atol): drop --nfe, or choose another --sampler")
         args.steps = steps_for_nfe(args.sampler, args.nfe + (1 if args.afs else 0), **options)  # AFS: a step for free
     args.steps = 20 if args.steps is None else args.steps
+    if args.sampler == "dpm++3m_sde" and args.steps < SDE3M_MIN_STEPS and speak:
+        print(f"note: dpm++3m_sde at {args.steps} steps extrapolates noisy x0 predictions over long steps, which "
+              f"diverges on learned image models below about {SDE3M_MIN_STEPS} (validity 0.00 at 10 steps, 0.99 at 15 "
+              f"on gratings32: benchmarks/few_steps_images_results.md); dpm++2m_sde is the few-step choice",
+              file=sys.stderr)
     grid, teleport = args.grid, None
     # AFS around the training data's stored mean (the unconditional model's; a class's or a guided model's mean
     # differs, and there it stays centred, as in Zhou et al.)
@@ -283,6 +288,7 @@ def write_sample_folder(out: Path, x, seeds) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+SDE3M_MIN_STEPS = 15  # dpm++3m_sde below this: a notice (measured unstable on learned image models)
 PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here (benchmarks/few_steps.py)
 PILOT_N = 128       # pilot samples: 64 left a fitted grid worse than the named one on fresh noise at d = 64
 

@@ -137,6 +137,12 @@ def dpmpp(model, x, grid, *, order: int = 2, form: str = "midpoint", eta: float 
     k-diffusion's Brownian tree) or a fresh draw per step (``noise="fresh"``, as diffusers' sde-dpmsolver++;
     cheaper on a CPU at image size). Where this differs from k-diffusion: the 3M correction uses the full
     D2 above (theirs halves it), and the Brownian time is the process's t, not sigma.
+
+    Measured on learned image models (gratings32, a rf/velocity U-Net, 200 samples, seeds 777..): the 3M SDE
+    diverges at few steps, validity 0.00 at 6 and 10 steps (dpm++2m_sde: 0.51, 0.97), 0.99 at 15 and 1.00 at 20.
+    Its order-3 extrapolation multiplies differences of x0 predictions that carry the injected noise by up to
+    ~1.6 at h_eta ~ 6; neither k-diffusion's halved D2 nor diffusers' lower order at the last steps rescues it
+    (validity <= 0.04 at 10 steps with either or both). ``unstir sample`` prints a notice below 15 steps.
     """
     _check_order(order, (1, 2, 3))
     check_choice("form", form, ("midpoint", "taylor"))
