@@ -642,7 +642,8 @@ def _teacher_weights(cfg: TrainConfig, net: nn.Module) -> dict:
     recorded = info["config"]
     differ = [k for k in ("data", "process", "prediction", "size", "mode", "class_conditional", "sigma_data")
               if recorded.get(k, getattr(DEFAULTS, k)) != getattr(cfg, k)]
-    if differ or info["net"] != json.loads(json.dumps(net.config)):
+    weights = {k: v for k, v in json.loads(json.dumps(net.config)).items() if k != "dropout"}  # no weights of its own
+    if differ or {k: v for k, v in info["net"].items() if k != "dropout"} != weights:
         raise ValueError(f"the teacher {str(teacher)!r} differs from this student in "
                          f"{', '.join(differ) or 'its network'}; a progressive student is the teacher's network")
     return load_run(teacher, ema=True).net.state_dict()
