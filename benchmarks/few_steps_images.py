@@ -112,7 +112,7 @@ def main():
                         sampler="ddim", grid=sample_grid(s_model.process, s_model.run_info["config"]["distill"])))
         print(rows[-1][0], rows[-1][2]["validity"], flush=True)
     for nfe in args.nfe:
-        if nfe >= 3:
+        if nfe >= 2:
             grid = pilot_grid(model, "ipndm", nfe, n=128, teleport=moments)
             rows.append(row(f"`sample --nfe {nfe}` (ipndm, pilot grid)", model, sampler="ipndm", grid=grid.grid,
                             teleport=moments if grid.teleport else None))
