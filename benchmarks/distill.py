@@ -23,8 +23,9 @@ import torch
 from common import endpoint_error, reference, sliced_w2, two_sample_floor
 from unstir import oracle, sample
 from unstir.distill import distill, distill_grid, sample_grid
-from unstir.runs import load_run
+from unstir.runs import load_moments, load_run
 from unstir.training import TrainConfig, train
+from unstir.tuning import pilot_grid
 
 MIXTURES = {"unequal_2d": oracle.unequal_2d, "ring": oracle.ring}
 
@@ -82,6 +83,12 @@ def main() -> None:
                 if k >= 2:
                     row(f"teacher, {name} {k} (named grid)", sample(t_model, x_T=x_T.float(), sampler=name,
                                                                     steps=k).x, k)
+            if k >= 2:  # what `unstir sample --nfe k` does: ipndm on a grid placed by a pilot run (teleportation)
+                moments = load_moments(teacher)
+                tg = pilot_grid(t_model, "ipndm", k, n=128, teleport=moments)
+                row(f"teacher, `sample --nfe {k}` (ipndm, pilot grid)",
+                    sample(t_model, x_T=x_T.float(), sampler="ipndm", grid=tg.grid,
+                           teleport=moments if tg.teleport else None).x, k)
     print(f"\n{args.data}: teacher rf/velocity, {args.steps} steps; {args.n} prior draws (seed 4242); sliced-W2 "
           f"floor {sum(floor) / len(floor):.4f} (range {min(floor):.4f}-{max(floor):.4f})\n")
     print("| sampler | NFE | to the exact map | to the teacher's DDIM 64 | sliced-W2 to exact samples | minutes |")

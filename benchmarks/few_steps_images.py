@@ -7,11 +7,12 @@ colour pairs x phase, judged in closed form by unstir.quality.grating_judge; FD,
 
 1. The teacher: benchmarks/images.py's recipe (rf with velocity, logit-normal times, U-Net 32,64,64, batch 32, lr
    2e-3 cosine, EMA 0.999) for --steps on --family (cached in --work).
-2. Students: ``unstir.distill.distill`` at its defaults (64 teacher steps, half the teacher's steps, half its lr)
-   for each --distill NFE.
+2. Students: ``unstir.distill.distill`` at its defaults (64 teacher steps, half the teacher's steps over the
+   rounds, a quarter of its lr, no dropout) for each --distill NFE.
 3. Rows, n samples each on seeds 2424.. (never used to choose a setting; every sampler runs with its defaults and
    the named grid ``unstir.sample`` picks; ``sample --nfe`` is the CLI's default at that NFE: ipndm on a grid placed
-   by a pilot run, with analytical teleportation from the training data's moments). Scores: validity, FD, KID,
+   by a pilot run, with analytical teleportation from the training data's moments; from 2 NFE, where the named
+   grids are T > t_min > 0 and the pilot places the middle point). Scores: validity, FD, KID,
    precision and recall in the factor classifier's features with 95 % intervals (unstir.quality.bootstrap), and
    which of them overlap ddpm 100's. EDM's churn is screened per NFE on seeds 777.. by FD against the training
    images (``--churn``), and only the chosen value is scored on the evaluation seeds. Costs: minutes of training or distillation beside the model's rows, and of
