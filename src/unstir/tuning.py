@@ -263,8 +263,8 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     cost = euler_costs(X, E, sbar)
     # the final denoising step from point i: its x0 prediction xbar_i - sigma_bar_i eps_i against the teacher's
     # sample (0 at t_min, where the teacher's own last step is this one)
-    final = (X - torch.tensor(sbar, dtype=torch.float64, device=X.device)[:, None, None] * E
-             - teacher.x.to(torch.float64).flatten(1)).norm(dim=2).mean(1).cpu().numpy()
+    x_end = teacher.x.to(torch.float64).flatten(1)
+    final = np.array([(X[i] - sbar[i] * E[i] - x_end).norm(dim=1).mean().item() for i in range(len(sbar))])
 
     def error(g: Tensor) -> float:
         nonlocal spent
