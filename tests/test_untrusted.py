@@ -151,7 +151,8 @@ def _user_errors(run, tmp):
         (["encode", "--run", r, "--data", "digits", "--out", str(tmp / "z.npy")], "per-sample shape"),
         (["decode", "--run", r, "--latents", str(tmp / "missing.npy"), "--out", o], "missing.npy"),
         (["interpolate", "--run", r, "--pair", "0", "3", "--frames", "1", "--out", o], "frames"),
-        (["tune-grid", "--run", r, "--nfe", "2"], "--nfe must be an integer >= 3 (a grid with a point to place"),
+        (["tune-grid", "--run", r, "--nfe", "2"], "--nfe must be an integer >= 3 for --method nelder-mead"),
+        (["sample", "--run", r, "--nfe", "1", "--out", o], "--nfe must be an integer >= 2 (a grid with a point to place"),
         (["tune-grid", "--run", r, "--sampler", "ode_heun", "--nfe", "6"], "NFE is 2 m + 1; got --nfe=6"),
         (["report", "--run", str(tmp)], "is not a run folder"),
         (["oracle", "-n", "0", "--out", str(tmp / "or")], "-n"),
@@ -214,4 +215,4 @@ def test_user_errors_are_one_line_and_write_nothing(good_run, props, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err and text in err, (argv, err)
     assert set(tmp_path.rglob("*")) == before
-    assert len(cases) == 39
+    assert len(cases) == 40
