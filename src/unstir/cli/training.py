@@ -232,7 +232,8 @@ def register(sub) -> None:
                     help="the spacing of the distillation grid (default: log_snr)")
     di.add_argument("--steps", type=int, help="optimizer steps over all rounds, shared evenly (default: half the "
                     "teacher's training; a step costs about 1.7 training steps)")
-    di.add_argument("--lr", type=float, help="AdamW peak learning rate of each round (default: a quarter of the teacher's; the student trains without dropout)")
+    di.add_argument("--lr", type=float, help="AdamW peak learning rate of each round (default: a quarter of the "
+                    "teacher's; the student trains without dropout)")
     di.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default: the teacher's)")
     di.add_argument("--seed", type=int, default=argparse.SUPPRESS,
                     help="data and noise of the distillation (default: the teacher's)")
