@@ -135,6 +135,31 @@ def test_pilot_grid_beats_the_named_default_on_fresh_noise(afs):
     assert placed < 0.5 * named, (placed, named)
 
 
+def test_polished_pilot_grid_is_never_worse_on_its_batch_and_better_on_fresh_noise():
+    """Step 6 of pilot_grid: Nelder-Mead from the pilot's three best candidates, 60 trial grids (3 x 20), on the
+    pilot batch. On the batch it can only gain (the best of all is kept) and spends at most 60 * 4 more
+    evaluations; at d = 16 (random_mixture(16, 5, seed=7), ipndm at 4 NFE) it also cuts the error on 1000 fresh
+    prior samples by at least 20 % (measured: 0.823 -> 0.496); the grid stays a valid 4-evaluation grid."""
+    p = unstir.make_process("vp")
+    model = oracle.random_mixture(16, 5, seed=7).denoiser(p)
+    plain = pilot_grid(model, "ipndm", 4, n=64, seed=0, dtype=torch.float64)
+    polished = pilot_grid(model, "ipndm", 4, n=64, seed=0, dtype=torch.float64, polish=60)
+    assert polished.error <= plain.error and plain.evaluations < polished.evaluations <= plain.evaluations + 60 * 4
+    g = polished.grid
+    assert len(g) == 5 and g[0] == p.T and g[-1] == 0 and (torch.diff(g) < 0).all() and not polished.teleport
+    x_T = p.prior_sample((1000, 16), torch.Generator().manual_seed(99), dtype=torch.float64)
+    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", rtol=1e-9, atol=1e-9,
+                        grid=torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)).x
+
+    def error(grid):
+        r = unstir.sample(model, p, x_T, sampler="ipndm", grid=grid)
+        assert r.nfe == 4
+        return (r.x - ref).norm(dim=1).mean().item()
+
+    before, after = error(plain.grid), error(g)
+    assert after < 0.8 * before, (after, before)
+
+
 def test_pilot_grid_bad_input():
     model = oracle.ring().denoiser(unstir.make_process("vp"))
     with pytest.raises(ValueError, match="sampler 'ddpm'; choose one of"):
@@ -145,6 +170,8 @@ def test_pilot_grid_bad_input():
         pilot_grid(model, "ipndm", 5, fine=8)
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         pilot_grid(model, "ipndm", 5, n=0)
+    with pytest.raises(ValueError, match="polish must be an integer >= 0, got -3"):
+        pilot_grid(model, "ipndm", 5, polish=-3)
     with pytest.raises(ValueError, match="edm draws noise unless churn=0"):
         pilot_grid(model, "edm", 5)
     with pytest.raises(ValueError, match="ddim with eta > 0 draws noise"):

@@ -202,6 +202,9 @@ def _more_user_errors(run, tmp, props):
         (["sample", "--run", str(props / "clf"), "--out", o], "is a classifier folder"),
         (["sample", "--run", r, "--out", str(props / "dir.npy"), "--force"], "is a folder"),
         (["sample", "--run", r, "--steps", "4", "--nfe", "5", "--out", o], "give --steps or --nfe, not both"),
+        (["sample", "--run", r, "--nfe", "5", "--polish", "-1", "--out", o], "--polish must be an integer >= 0"),
+        (["sample", "--run", r, "--steps", "5", "--polish", "30", "--out", o], "and none runs here"),
+        (["tune-grid", "--run", r, "--polish", "30"], "--polish refines a --method pilot grid"),
     ]
 
 
@@ -215,4 +218,4 @@ def test_user_errors_are_one_line_and_write_nothing(good_run, props, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err and text in err, (argv, err)
     assert set(tmp_path.rglob("*")) == before
-    assert len(cases) == 40
+    assert len(cases) == 43

@@ -182,10 +182,11 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
 def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine: int = 100,
                gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs=False, seed: int = 0, y=None,
-               dtype=torch.float32, device: str | torch.device | None = None, teleport=None, **options) -> TunedGrid:
+               dtype=torch.float32, device: str | torch.device | None = None, teleport=None, polish: int = 0,
+               **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
     2024, Alg. 1), at a cost of at most ``fine`` + 15 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 25
-    ``nfe`` with ``teleport``; paths found twice are run once).
+    ``nfe`` with ``teleport``; paths found twice are run once), plus at most ``polish`` * ``nfe`` (step 6).
 
     1. Teacher: ``n`` prior samples (``seed``) solved on the ``fine``-step edm grid (deis, order 3); its
        states xbar_i = x_i / alpha_i and eps_i at every point t_i (t_min included) are kept.
@@ -208,8 +209,18 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
        its mean distance to the teacher's xbar_j, and the dynamic programming chooses t_j with the rest of
        the path. Those grids join step 4's candidates; ``sample(..., grid=result.grid, teleport=moments)``
        runs the winner (``result.teleport`` says whether it starts below T).
+    6. With ``polish`` > 0, Nelder-Mead refines the ``POLISH_STARTS`` (3) best candidates of step 4, each for
+       at most ``polish // 3`` trial grids, on step 4's own objective (the pilot batch's distance to the
+       teacher's samples): the points between T and the final step to 0 move in log-SNR (softmax gaps, as in
+       ``tune_grid``), the last point before 0 is free, and with ``teleport`` so is the first. The best of
+       all is returned, so polishing never loses on the pilot batch. It costs up to ``polish`` * ``nfe`` more
+       evaluations of the batch. Why: the Euler step is a poor proxy for a multistep solver's long steps. At
+       d = 3072 the dynamic programming's best path ends ipndm's 4-6 NFE grids near t = 0.5, while the endpoint
+       error is lowest with a long step down to t ~ 0.02 and a short one after it; the simplex from the pilot's
+       winner alone stays in the first basin, and from its 2nd and 3rd candidates (which end near 0) it finds the
+       second (benchmarks/few_steps_image_results.md).
 
-    Where it differs from the paper: the teacher is deis-3 on the edm grid (they use their own solvers on
+    Where it differs from the paper (Chen et al. 2024 stop at step 3 with one gamma): the teacher is deis-3 on the edm grid (they use their own solvers on
     polynomial grids); the cost is their "l2" metric for every sampler (they also apply the Euler-cost grid
     to iPNDM); and gamma is chosen per model from ``gammas`` by step 4 instead of fixed (their code sweeps it
     for Stable Diffusion only). Step 4 was added because the Euler cost is only a proxy for a multistep
@@ -225,7 +236,7 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
         raise TypeError(f"teleport must be a unstir.teleport.Moments, got {type(teleport).__name__}")
     if teleport is not None:
         teleport.eig()  # a covariance that is not positive semi-definite is refused before the teacher runs
-    for name, value, low in (("nfe", nfe, 2), ("n", n, 1), ("fine", fine, 8)):
+    for name, value, low in (("nfe", nfe, 2), ("n", n, 1), ("fine", fine, 8), ("polish", polish, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     gammas = tuple(gammas)
@@ -294,9 +305,54 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     errors = {k: error(g) for k, g in candidates.items()}
     start = SAMPLERS[sampler].grid
     best = min(errors, key=errors.get)
-    return TunedGrid(sampler, nfe, candidates[best].tolist(), start, errors[start], errors[best], spent,
-                     time.perf_counter() - t0, n, seed, dict(options), "pilot", afs,
-                     bool(candidates[best][0] < process.T))
+    grid, err = candidates[best], errors[best]
+    if polish:
+        ranked = sorted(errors, key=errors.get)[:min(POLISH_STARTS, polish)]
+        for k in ranked:
+            g, e = _polish(process, candidates[k], errors[k], error, polish // len(ranked),
+                           free_start=teleport is not None)
+            if e < err:
+                grid, err = g, e
+    return TunedGrid(sampler, nfe, grid.tolist(), start, errors[start], err, spent,
+                     time.perf_counter() - t0, n, seed, dict(options), "pilot", afs, bool(grid[0] < process.T))
+
+
+POLISH_STARTS = 3
+
+
+def _polish(process, grid: Tensor, err: float, error, budget: int, free_start: bool) -> tuple[Tensor, float]:
+    """Nelder-Mead from ``grid`` (error ``err``) on the pilot's own objective ``error``, for at most ``budget``
+    evaluations of it. The points between T (free too with ``free_start``: a teleport) and the final denoising
+    step to 0 move in log-SNR, parametrised as in ``tune_grid`` (softmax gaps between lambda(T) and
+    lambda(t_min), so every parameter is a strictly ordered grid); the end point is free as in the free-end
+    paths. Returns the better of the start and the polished grid."""
+    from scipy.optimize import minimize
+
+    lam_T, lam_min = float(process.log_snr(process.T)), float(process.log_snr(process.t_min))
+    head = [] if free_start else [process.T]
+    inner = grid[len(head):-1]  # the free points, decreasing in t
+    lam = np.array([float(process.log_snr(float(t))) for t in inner])
+    lam = np.clip(lam, lam_T, lam_min)
+    gaps = np.diff(np.concatenate([[lam_T], lam, [lam_min]]))
+    gaps = np.maximum(gaps, 1e-3 * (lam_min - lam_T))  # a point on T or t_min starts just inside
+    theta0 = np.log(gaps / gaps[0])[1:]
+
+    def grid_of(theta: np.ndarray) -> Tensor:
+        logits = np.concatenate([[0.0], theta])
+        w = np.exp(logits - logits.max())
+        points = lam_T + (lam_min - lam_T) * np.cumsum(w / w.sum())[:-1]
+        t = process.t_from_log_snr(torch.tensor(points, dtype=torch.float64))
+        return torch.cat([torch.tensor(head, dtype=torch.float64), t, t.new_zeros(1)])
+
+    def objective(theta):
+        g = grid_of(theta)
+        return error(g) if (torch.diff(g) < 0).all() else math.inf
+
+    simplex = np.vstack([theta0, theta0 + 0.5 * np.eye(theta0.size)])
+    res = minimize(objective, theta0, method="Nelder-Mead",
+                   options={"maxfev": budget, "adaptive": theta0.size > 4, "xatol": 1e-3, "fatol": 0.0,
+                            "initial_simplex": simplex})
+    return (grid_of(res.x), float(res.fun)) if res.fun < err else (grid, err)
 
 
 def euler_costs(X: Tensor, E: Tensor, sbar) -> np.ndarray:

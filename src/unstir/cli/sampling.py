@@ -113,7 +113,10 @@ def sample_cmd(args) -> int:
               f"diverges on learned image models below about {SDE3M_MIN_STEPS} (validity 0.00 at 10 steps, 0.99 at 15 "
               f"on gratings32: benchmarks/few_steps_images_results.md); dpm++2m_sde is the few-step choice",
               file=sys.stderr)
-    grid, teleport = args.grid, None
+    grid, teleport, piloted = args.grid, None, False
+    if args.polish is not None and args.polish < 0:
+        raise ValueError(f"--polish must be an integer >= 0 (trial grids; 0: the pilot's placement only), got "
+                         f"{args.polish}")
     # AFS around the training data's stored mean (the unconditional model's; a class's or a guided model's mean
     # differs, and there it stays centred, as in Zhou et al.)
     afs = (load_moments(args.run) if y is None and args.guidance is None else None) or True if args.afs else False
@@ -129,10 +132,17 @@ def sample_cmd(args) -> int:
                              or args.sampler == "ddim" and options.get("eta", 0) != 0)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
                 and y is None and not args.no_ema and deterministic:
-            # The pilot costs at most 100 + 15 NFE evaluations of its batch: no more samples than asked for, and
-            # a grid from fewer than PILOT_N is used once, not stored (`tune-grid --method pilot` stores one).
+            # The pilot costs at most 100 + 25 NFE evaluations of its batch and the polish --polish NFE more: no
+            # more samples than asked for, and a grid from fewer than PILOT_N is used once, not stored
+            # (`tune-grid --method pilot` stores one).
+            polish = POLISH if args.polish is None else args.polish
+            speak and not args.quiet and print(
+                f"placing the grid for {args.sampler} at {nfe} NFE by a pilot run of {min(PILOT_N, args.n)} samples "
+                f"(at most {100 + 25 * nfe + polish * nfe} evaluations of them, once per run: --polish 0 for "
+                f"{100 + 25 * nfe} at most)", file=sys.stderr)
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=afs, device=args.device,
-                               teleport=moments, **options)
+                               teleport=moments, polish=polish, **options)
+            piloted = True
             stored = tuned.n == PILOT_N  # every rank places the same grid (a fixed pilot seed); rank 0 stores it
             where = f"in {args.run}/grids.json" if stored else "for this call only"
             why = f"fewer than {PILOT_N} samples; `unstir tune-grid --method pilot` stores one"
@@ -160,6 +170,11 @@ def sample_cmd(args) -> int:
             speak and print(f"using the grid {how} for {args.sampler} at {nfe} NFE{given} {where} (its "
                   f"error {tuned.error:.3g} against {tuned.error_start:.3g} on the named {tuned.start!r} grid, on "
                   f"{tuned.n} prior samples); --grid overrides it", file=sys.stderr)
+    if args.polish is not None and not piloted:
+        raise ValueError(f"--polish refines the grid that `sample --nfe N` places by a pilot run (N <= {PILOT_MAX_NFE}, a "
+                         f"deterministic sampler, no --grid, --guidance, --class or --no-ema), and none runs here"
+                         + ("; the grid stored in the run is used: `unstir tune-grid --method pilot --polish N "
+                            "--force` replaces it" if grid is not None and args.grid is None else ""))
     if args.sampler == "pc" and args.n > args.batch_size * world and speak:
         print("note: pc's Langevin step averages norms over the batch (score_sde's rule), so its samples depend on "
               "how the batches are split (--batch-size, processes); every other sampler's do not", file=sys.stderr)
@@ -291,6 +306,8 @@ def write_sample_folder(out: Path, x, seeds) -> None:
 SDE3M_MIN_STEPS = 15  # dpm++3m_sde below this: a notice (measured unstable on learned image models)
 PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here (benchmarks/few_steps.py)
 PILOT_N = 128       # pilot samples: 64 left a fitted grid worse than the named one on fresh noise at d = 64
+POLISH = 180        # Nelder-Mead trial grids after the pilot (tuning.pilot_grid step 6): chosen on
+                    # oracle.image_mixture(seed=11), where 90 -> 180 cut ipndm's error 10-20 % at NFE 4 and 6
 
 SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol", "noise", "interval", "restarts",
                    "restart_steps", "tau", "predictor_order", "corrector_order")
@@ -335,6 +352,11 @@ def tune_grid_cmd(args) -> int:
     if args.nfe < 3 and args.method != "pilot":
         raise ValueError(f"--nfe must be an integer >= 3 for --method nelder-mead (it fits two or more points; "
                          f"--method pilot places the middle point of a 2-evaluation grid), got {args.nfe}")
+    if args.polish is not None and args.method != "pilot":
+        raise ValueError("--polish refines a --method pilot grid; --max-evals bounds the Nelder-Mead fit")
+    if args.polish is not None and args.polish < 0:
+        raise ValueError(f"--polish must be an integer >= 0 (trial grids; 0: the pilot's placement only), got "
+                         f"{args.polish}")
     moments = None if (args.method != "pilot" or args.afs or args.no_teleport) else load_moments(args.run)
     if stored.exists() and _key(args.sampler, args.nfe, args.afs, moments is not None) in _read_grids(stored) \
             and not args.force:
@@ -344,8 +366,8 @@ def tune_grid_cmd(args) -> int:
     check_not_locked(args.run, "tune-grid")  # a training run changes the model the grid would be fitted to
     if args.method == "pilot":
         tuned = pilot_grid(model, args.sampler, args.nfe, n=args.n, afs=(load_moments(args.run) or True) if args.afs
-                           else False, seed=args.seed, device=args.device,
-                           teleport=moments, **options)
+                           else False, seed=args.seed, device=args.device, teleport=moments,
+                           polish=POLISH if args.polish is None else args.polish, **options)
     else:
         tuned = tune_grid(model, args.sampler, args.nfe, n=args.n, max_evals=args.max_evals, seed=args.seed,
                           progress=not args.quiet, **options)
@@ -360,6 +382,12 @@ def tune_grid_cmd(args) -> int:
     print("times: " + " ".join(f"{t:.5g}" for t in tuned.times)
           + (" (teleported from T to the first: the training data's Gaussian)" if tuned.teleport else ""))
     return 0
+
+
+def add_polish(p) -> None:
+    p.add_argument("--polish", type=int, help="after the pilot run, Nelder-Mead trial grids (each NFE evaluations of "
+                   f"the pilot batch) refining its 3 best grids; 0: the pilot's placement only (default: {POLISH}; it "
+                   "cut ipndm's error at d = 3072 1.3-3.5x: benchmarks/few_steps_image_results.md)")
 
 
 def register(sub) -> None:
@@ -379,6 +407,7 @@ def register(sub) -> None:
                     "replaced by (x_T - alpha_T m) / sigma_T, m the training data's stored mean (0 for a class or "
                     "guidance), one evaluation fewer (fixed-grid samplers)")
     add_no_teleport(sa)
+    add_polish(sa)
     add_count(sa, 1000, "number of samples")
     add_out(sa, "samples.png (image grid, clipped to 0-255, or scatter plot), samples.npy (the model's "
             "coordinates, unclipped: images in [-1, 1] up to the sampler's overshoot) or a folder (a name without a "
@@ -441,6 +470,7 @@ def register(sub) -> None:
                     "100-step pilot run, GITS (cheap; what `unstir sample --nfe` does) (default: nelder-mead)")
     tg.add_argument("--afs", action="store_true", help="place the grid for sampling with --afs (--method pilot)")
     add_no_teleport(tg)
+    add_polish(tg)
     add_count(tg, 256, "prior samples the grid is fitted on")
     tg.add_argument("--max-evals", type=int, default=300, help="bound on the optimiser's trial grids, each costing "
                     "NFE evaluations on the batch (default: 300)")
