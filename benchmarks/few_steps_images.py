@@ -41,6 +41,7 @@ from unstir.distill import distill, distill_grid, sample_grid  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
 from unstir.training import TrainConfig, train  # noqa: E402
+from unstir.cli.sampling import PILOT_N, POLISH  # noqa: E402
 from unstir.tuning import pilot_grid, steps_for_nfe  # noqa: E402
 
 NFES = (1, 2, 4, 6, 10, 20)
@@ -60,6 +61,8 @@ def main():
     ap.add_argument("--samplers", nargs="*", default=list(SAMPLERS))
     ap.add_argument("--churn", type=float, nargs="+", default=[0.0, 10.0, 40.0, 80.0],
                     help="EDM's S_churn values screened (FD against the training images, seeds 777..) per NFE")
+    ap.add_argument("--no-polish", dest="polish", action="store_false", help="the `sample --nfe` rows without "
+                    "the polish (by default both: --polish 0 and the CLI's default)")
     ap.add_argument("-n", type=int, default=500)
     ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
     ap.add_argument("--out", type=Path)
@@ -114,9 +117,13 @@ def main():
         print(rows[-1][0], rows[-1][2]["validity"], flush=True)
     for nfe in args.nfe:
         if nfe >= 2:
-            grid = pilot_grid(model, "ipndm", nfe, n=128, teleport=moments)
-            rows.append(row(f"`sample --nfe {nfe}` (ipndm, pilot grid)", model, sampler="ipndm", grid=grid.grid,
-                            teleport=moments if grid.teleport else None))
+            for polish in (0, POLISH) if args.polish else (0,):
+                tic = time.perf_counter()
+                grid = pilot_grid(model, "ipndm", nfe, n=PILOT_N, teleport=moments, polish=polish)
+                label = "`sample --nfe {}` (ipndm, pilot grid{})".format(
+                    nfe, f", polish {polish}" if polish else ", --polish 0" if args.polish else "")
+                rows.append(row(label, model, f"{(time.perf_counter() - tic) / 60:.1f} (placing)", sampler="ipndm",
+                                grid=grid.grid, teleport=moments if grid.teleport else None))
         for name in args.samplers:
             try:
                 steps = steps_for_nfe(name, nfe)

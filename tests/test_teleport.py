@@ -161,6 +161,12 @@ def test_a_run_stores_its_moments_and_sample_teleports_by_default(tmp_path, caps
     stored = json.loads((run / "grids.json").read_text())
     assert list(stored) == ["ipndm@4+tele"]
     process = unstir.load_run(run).process
+    # polished by default (POLISH trial grids of 4 evaluations on the same pilot batch): never worse than the pilot
+    from unstir.cli.sampling import POLISH
+    from unstir.tuning import pilot_grid
+    plain = pilot_grid(unstir.load_run(run), "ipndm", 4, n=128, teleport=mom)
+    polished = stored["ipndm@4+tele"]
+    assert polished["error"] <= plain.error and plain.evaluations < polished["evaluations"] <= plain.evaluations + 4 * POLISH
     times = [0.5, 0.2, 0.05, process.t_min, 0.0]
     stored["ipndm@4+tele"].update(times=times, teleport=True)
     (run / "grids.json").write_text(json.dumps(stored))

@@ -400,7 +400,7 @@ def register(sub) -> None:
               "cost is set by --rtol/--atol")
     add_nfe(sa, "model evaluations instead of --steps (fixed-grid samplers). A grid stored for this sampler and "
             "NFE (`unstir tune-grid`) is used, also with --no-ema; up to 10 NFE without one, the grid is placed by a "
-            "pilot run of 128 samples (fewer if -n is smaller: then not stored) and stored (no pilot with "
+            "pilot run of 128 samples (fewer if -n is smaller: then not stored), polished (--polish) and stored (no pilot with "
             "--guidance, --class or --no-ema: the named grid is used there)")
     sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
