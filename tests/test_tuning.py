@@ -88,6 +88,21 @@ def test_cheapest_path_with_a_free_end_is_the_least_over_all_paths():
             assert tuple(_cheapest_path(cost, k, gamma, first, end)) == best[1], (k, gamma, first is None)
 
 
+def fresh_error(model, nfe, dim, afs=False):
+    """The endpoint error of ipndm at ``nfe`` evaluations on a grid, against a tight solve, on 1000 fresh prior
+    samples (seed 99) that no pilot saw."""
+    p = model.process
+    x_T = p.prior_sample((1000, dim), torch.Generator().manual_seed(99), dtype=torch.float64)
+    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", rtol=1e-9, atol=1e-9,
+                        grid=torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)).x
+
+    def error(grid):
+        r = unstir.sample(model, p, x_T, sampler="ipndm", steps=nfe + afs, grid=grid, afs=afs)
+        assert r.nfe == nfe
+        return (r.x - ref).norm(dim=1).mean().item()
+    return error
+
+
 def test_pilot_grid_places_the_middle_point_of_a_two_evaluation_grid():
     """At 2 evaluations the named grids are T > t_min > 0: one step and a denoising at t_min. The pilot places
     the middle point (its final denoising from a free point, tests above), and on 1000 fresh prior samples its
@@ -97,15 +112,7 @@ def test_pilot_grid_places_the_middle_point_of_a_two_evaluation_grid():
     pilot = pilot_grid(model, "ipndm", 2, n=64, seed=0, dtype=torch.float64)
     g = pilot.grid
     assert len(g) == 3 and g[0] == p.T and g[1] > 10 * p.t_min and g[-1] == 0, g
-    x_T = p.prior_sample((1000, 2), torch.Generator().manual_seed(99), dtype=torch.float64)
-    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", rtol=1e-9, atol=1e-9,
-                        grid=torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)).x
-
-    def error(grid):
-        r = unstir.sample(model, p, x_T, sampler="ipndm", grid=grid)
-        assert r.nfe == 2
-        return (r.x - ref).norm(dim=1).mean().item()
-
+    error = fresh_error(model, 2, 2)
     named = min(error(unstir.time_grid(p, 2, name)) for name in unstir.grids.GRIDS)
     assert error(g) < 0.8 * named, (error(g), named)
 
@@ -122,15 +129,7 @@ def test_pilot_grid_beats_the_named_default_on_fresh_noise(afs):
     assert pilot.method == "pilot" and pilot.afs == afs and pilot.evaluations <= 100 + 15 * 5
     g = pilot.grid
     assert len(g) == 6 + afs and g[0] == p.T and g[-2] >= p.t_min and g[-1] == 0 and (torch.diff(g) < 0).all()
-    x_T = p.prior_sample((1000, 2), torch.Generator().manual_seed(99), dtype=torch.float64)
-    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", rtol=1e-9, atol=1e-9,
-                        grid=torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)).x
-
-    def error(grid):
-        r = unstir.sample(model, p, x_T, sampler="ipndm", steps=5 + afs, grid=grid, afs=afs)
-        assert r.nfe == 5
-        return (r.x - ref).norm(dim=1).mean().item()
-
+    error = fresh_error(model, 5, 2, afs)
     named, placed = error(None), error(g)
     assert placed < 0.5 * named, (placed, named)
 
@@ -147,15 +146,7 @@ def test_polished_pilot_grid_is_never_worse_on_its_batch_and_better_on_fresh_noi
     assert polished.error <= plain.error and plain.evaluations < polished.evaluations <= plain.evaluations + 60 * 4
     g = polished.grid
     assert len(g) == 5 and g[0] == p.T and g[-1] == 0 and (torch.diff(g) < 0).all() and not polished.teleport
-    x_T = p.prior_sample((1000, 16), torch.Generator().manual_seed(99), dtype=torch.float64)
-    ref = unstir.sample(model, p, x_T, sampler="ode_rk45", rtol=1e-9, atol=1e-9,
-                        grid=torch.tensor([p.T, p.t_min, 0.0], dtype=torch.float64)).x
-
-    def error(grid):
-        r = unstir.sample(model, p, x_T, sampler="ipndm", grid=grid)
-        assert r.nfe == 4
-        return (r.x - ref).norm(dim=1).mean().item()
-
+    error = fresh_error(model, 4, 16)
     before, after = error(plain.grid), error(g)
     assert after < 0.8 * before, (after, before)
 
