@@ -253,7 +253,8 @@ def training_speed(device, size: int, widths, batch: int, quick: bool, work: Pat
         folder = work / f"train-{size}-{batch}-{k}"
         shutil.rmtree(folder, ignore_errors=True)
         cfg = TrainConfig(data=images, mode="RGB", size=None if size == 32 else size, steps=k, batch_size=batch,
-                          widths=tuple(widths), device=str(device), warmup=1, checkpoint_every=10**6)
+                          widths=tuple(widths), device=str(device), warmup=1, checkpoint_every=10**6,
+                          n_data=256 if quick else 20000)
         t0 = time.perf_counter()
         train(cfg, folder, progress=False)
         if device.type == "cuda":

@@ -212,11 +212,11 @@ def _mode_weight_z(post, x, n):
 def test_twisted_smc_starts_from_its_twist_on_ve():
     """Wu et al. (2023), Alg. 1 weights the initial particles by p~_T(y | x_T). On VE with sigma_max = 1 the
     prior is far from flat in x0_hat, so starting at weight 1 (which divides the telescoped weights by p~_T)
-    misses the posterior's mode weights by 9.8 standard errors (measured); from the twist they are within 3.5.
-    Initial particles from the exact p_T, 2000 outputs x 128 particles."""
+    misses the posterior's mode weights by 11.7 standard errors (measured); from the twist they are within 3.5
+    (1.6 measured). Initial particles from the exact p_T, 2000 outputs x 64 particles."""
     from unstir.inverse import twisted_smc
 
-    gm, p, n, k = unequal_2d(), unstir.make_process("ve", sigma_max=1.0), 2000, 128
+    gm, p, n, k = unequal_2d(), unstir.make_process("ve", sigma_max=1.0), 2000, 64
     A, y, sigma_y = torch.tensor([[1.0, 0.0]]), torch.tensor([0.2]), 0.2
     post = gm.posterior_given(A, y, sigma_y)
     g = torch.Generator().manual_seed(7)

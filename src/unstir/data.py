@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import functools
 import math
 import os
 
@@ -119,6 +120,33 @@ COLOURS = ((230, 57, 70), (42, 157, 143), (233, 196, 106), (69, 123, 157), (244,
 SHAPES32_TEST_SEED = 1_000_003  # 'shapes32-test' draws from this seed; training sets use small seeds
 
 
+def _shapes32_pixels(shape, colour, r, cx, cy) -> np.ndarray:
+    """shapes32's 8-bit pixels (n, 3, 32, 32): each image's covered fraction of 4 x 4 subpixels times its colour,
+    computed for each shape only on the images of that shape."""
+    sub = 4
+    grid = (np.arange(32 * sub) + 0.5) / sub
+    X, Y = grid[None, None, :], grid[None, :, None]
+    out = np.empty((len(shape), 3, 32, 32), dtype=np.uint8)
+    for kind in range(len(SHAPES)):
+        rows = np.flatnonzero(shape == kind)
+        for i in range(0, len(rows), 256):
+            k = rows[i:i + 256]
+            c_x, c_y, rr = cx[k, None, None], cy[k, None, None], r[k, None, None]
+            if kind == 0:
+                mask = (X - c_x) ** 2 + (Y - c_y) ** 2 <= rr ** 2
+            elif kind == 1:
+                half = 0.8863 * rr  # square of area pi r^2: side r sqrt(pi)
+                mask = (np.abs(X - c_x) <= half) & (np.abs(Y - c_y) <= half)
+            else:
+                h = 2.3329 * rr  # triangle of area pi r^2: side a = r sqrt(4 pi / sqrt 3), height sqrt(3)/2 a
+                depth = Y - (c_y - 2 * h / 3)  # below the apex; the centroid sits 2h/3 below it
+                mask = (depth >= 0) & (depth <= h) & (np.abs(X - c_x) <= depth / np.sqrt(3))
+            cover = mask.reshape(-1, 32, sub, 32, sub).mean((2, 4))
+            rgb = np.asarray(COLOURS, dtype=np.float64)[colour[k]]
+            out[k] = np.rint(cover[:, None] * rgb[:, :, None, None]).astype(np.uint8)
+    return out
+
+
 def shapes32(n: int, seed: int = 0, *, return_factors: bool = False):
     """n procedural 32x32 RGB images, one filled shape each on black, every factor drawn from ``seed``:
 
@@ -133,32 +161,24 @@ def shapes32(n: int, seed: int = 0, *, return_factors: bool = False):
     sample's validity can be measured. No download: the set is generated (issue 20)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    out, factors = _shapes32_arrays(n, seed)
+    data = Dataset("shapes32", to_unit_range(torch.from_numpy(out.copy())),
+                   torch.as_tensor(6 * factors["shape"] + factors["colour"]), 256)
+    if return_factors:
+        return data, {k: v.copy() for k, v in factors.items()}
+    return data
+
+
+@functools.lru_cache(maxsize=2)
+def _shapes32_arrays(n: int, seed: int) -> tuple[np.ndarray, dict]:
+    """shapes32's pixels and factors, kept for the last two (n, seed): a process that trains, samples and judges
+    draws the same set several times (callers get copies)."""
     rng = np.random.default_rng(seed)
     shape, colour = rng.integers(0, len(SHAPES), n), rng.integers(0, len(COLOURS), n)
     r = rng.uniform(4.0, 9.0, n)
     reach = np.where(shape == 2, 1.5551 * r, np.where(shape == 1, 0.8863 * r, r)) + 0.5  # furthest extent
     cx, cy = (reach + rng.uniform(0, 1, (2, n)) * (32 - 2 * reach))
-    sub = 4
-    grid = (np.arange(32 * sub) + 0.5) / sub
-    X, Y = grid[None, None, :], grid[None, :, None]
-    out = np.empty((n, 3, 32, 32), dtype=np.uint8)
-    for i in range(0, n, 256):
-        k = slice(i, min(i + 256, n))
-        c_x, c_y, rr, sh = cx[k, None, None], cy[k, None, None], r[k, None, None], shape[k, None, None]
-        circle = (X - c_x) ** 2 + (Y - c_y) ** 2 <= rr ** 2
-        half = 0.8863 * rr  # square of area pi r^2: side r sqrt(pi)
-        square = (np.abs(X - c_x) <= half) & (np.abs(Y - c_y) <= half)
-        h = 2.3329 * rr  # triangle of area pi r^2: side a = r sqrt(4 pi / sqrt 3), height sqrt(3)/2 a
-        depth = Y - (c_y - 2 * h / 3)  # below the apex; the centroid sits 2h/3 below it
-        triangle = (depth >= 0) & (depth <= h) & (np.abs(X - c_x) <= depth / np.sqrt(3))
-        mask = np.where(sh == 0, circle, np.where(sh == 1, square, triangle))
-        cover = mask.reshape(-1, 32, sub, 32, sub).mean((2, 4))
-        rgb = np.asarray(COLOURS, dtype=np.float64)[colour[k]]
-        out[k] = np.rint(cover[:, None] * rgb[:, :, None, None]).astype(np.uint8)
-    data = Dataset("shapes32", to_unit_range(torch.from_numpy(out)), torch.as_tensor(6 * shape + colour), 256)
-    if return_factors:
-        return data, {"shape": shape, "colour": colour, "r": r, "cx": cx, "cy": cy}
-    return data
+    return _shapes32_pixels(shape, colour, r, cx, cy), {"shape": shape, "colour": colour, "r": r, "cx": cx, "cy": cy}
 
 
 # gratings32's factors: the wave vector (cycles across the 32 pixels in x and y: 0, 45, 90 and 135 degrees, each an

@@ -188,11 +188,26 @@ def write_moments(run: Path, x: Tensor) -> None:
 
 def load_moments(run):
     """The run's training-data ``Moments``, or None (a run trained before they were stored, or too large)."""
-    from .teleport import Moments
-
     path = Path(run) / MOMENTS_FILE
     if not path.exists():
         return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _MOMENTS_SEEN:
+        _MOMENTS_SEEN.clear()  # one run's at a time
+        _MOMENTS_SEEN[key] = _read_moments(path)
+    return _MOMENTS_SEEN[key]
+
+
+# The moments last read, by file identity: the same Moments object (its eigendecomposition, seconds for a 32x32
+# colour run on a CPU, computed once) serves every later verb on that run in this process. A rewritten file (a new
+# inode or mtime: writes are atomic renames) is read again.
+_MOMENTS_SEEN: dict = {}
+
+
+def _read_moments(path: Path):
+    from .teleport import Moments
+
     t = load_tensors(path)
     if set(t) != {"mean", "cov"}:
         raise ValueError(f"{str(path)!r} must hold the tensors 'mean' and 'cov' (the training data's moments), got "

@@ -105,7 +105,6 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
     labels a conditional model's batch. ``options`` go to the sampler (``order``, ``form``, ``churn=0`` for ``edm``).
     Judge the result on noise it was not fitted on (``benchmarks/samplers.py`` does).
     """
-    from scipy.optimize import minimize
     from tqdm import tqdm
 
     check_deterministic(sampler, options)
@@ -143,20 +142,11 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
     starts = {g: error(time_grid(process, steps, g)) for g in GRIDS}
     start = min(starts, key=starts.get)
-    lam_T, lam_min = float(process.log_snr(process.T)), float(process.log_snr(process.t_min))
-
-    def grid_of(theta: np.ndarray) -> Tensor:
-        logits = np.concatenate([[0.0], theta])
-        w = np.exp(logits - logits.max())
-        lam = lam_T + (lam_min - lam_T) * np.cumsum(w / w.sum())[:-1]
-        inner = process.t_from_log_snr(torch.tensor(lam, dtype=torch.float64))
-        return torch.cat([torch.tensor([process.T], dtype=torch.float64), inner,
-                          torch.tensor([process.t_min, 0.0], dtype=torch.float64)])
-
-    # Start from the best named grid's log-SNR increments.
-    g0 = time_grid(process, steps, start)[:-1]
-    inc = np.diff(np.array([float(process.log_snr(float(t))) for t in g0]))
-    theta0 = np.log(np.maximum(inc, 1e-12) / max(inc[0], 1e-12))[1:]
+    tail = torch.tensor([process.t_min, 0.0], dtype=torch.float64)
+    grid_of = lambda theta: torch.cat([torch.tensor([process.T], dtype=torch.float64),  # noqa: E731
+                                       log_snr_points(process, theta), tail])
+    # Start from the best named grid's log-SNR gaps.
+    theta0 = log_snr_params(process, time_grid(process, steps, start)[1:-2])
     bar = tqdm(total=max_evals, disable=not progress, desc=f"tune {sampler} grid ({nfe} NFE)", unit="eval")
 
     def objective(theta):
@@ -166,14 +156,9 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
 
     best_theta, best = theta0, starts[start]
     if max_evals > 0:
-        # scipy's default first simplex moves a zero coordinate by 2.5e-4 only (a uniform start is all
-        # zeros); a step of 0.5 in the logits moves a point by about a quarter of its interval.
-        simplex = np.vstack([theta0, theta0 + 0.5 * np.eye(theta0.size)])
-        res = minimize(objective, theta0, method="Nelder-Mead",
-                       options={"maxfev": max_evals, "adaptive": theta0.size > 4, "xatol": 1e-3, "fatol": 0.0,
-                                "initial_simplex": simplex})
-        if res.fun < best:
-            best_theta, best = res.x, float(res.fun)
+        theta, value = _nelder_mead(objective, theta0, max_evals)
+        if value < best:
+            best_theta, best = theta, value
     bar.close()
     grid = grid_of(best_theta) if best < starts[start] else time_grid(process, steps, start)
     return TunedGrid(sampler, nfe, grid.tolist(), start, starts[start], best, spent,
@@ -326,33 +311,50 @@ def _polish(process, grid: Tensor, err: float, error, budget: int, free_start: b
     step to 0 move in log-SNR, parametrised as in ``tune_grid`` (softmax gaps between lambda(T) and
     lambda(t_min), so every parameter is a strictly ordered grid); the end point is free as in the free-end
     paths. Returns the better of the start and the polished grid."""
-    from scipy.optimize import minimize
-
-    lam_T, lam_min = float(process.log_snr(process.T)), float(process.log_snr(process.t_min))
     head = [] if free_start else [process.T]
-    inner = grid[len(head):-1]  # the free points, decreasing in t
-    lam = np.array([float(process.log_snr(float(t))) for t in inner])
-    lam = np.clip(lam, lam_T, lam_min)
-    gaps = np.diff(np.concatenate([[lam_T], lam, [lam_min]]))
-    gaps = np.maximum(gaps, 1e-3 * (lam_min - lam_T))  # a point on T or t_min starts just inside
-    theta0 = np.log(gaps / gaps[0])[1:]
-
-    def grid_of(theta: np.ndarray) -> Tensor:
-        logits = np.concatenate([[0.0], theta])
-        w = np.exp(logits - logits.max())
-        points = lam_T + (lam_min - lam_T) * np.cumsum(w / w.sum())[:-1]
-        t = process.t_from_log_snr(torch.tensor(points, dtype=torch.float64))
-        return torch.cat([torch.tensor(head, dtype=torch.float64), t, t.new_zeros(1)])
+    theta0 = log_snr_params(process, grid[len(head):-1])  # the free points, decreasing in t
+    grid_of = lambda theta: torch.cat([torch.tensor(head, dtype=torch.float64),  # noqa: E731
+                                       log_snr_points(process, theta), torch.zeros(1, dtype=torch.float64)])
 
     def objective(theta):
         g = grid_of(theta)
         return error(g) if (torch.diff(g) < 0).all() else math.inf
 
+    theta, value = _nelder_mead(objective, theta0, budget)
+    return (grid_of(theta), value) if value < err else (grid, err)
+
+
+def log_snr_points(process, theta: np.ndarray) -> Tensor:
+    """len(theta) times strictly between T and t_min, decreasing: the log-SNR range lambda(T)..lambda(t_min) cut
+    into len(theta) + 1 gaps in the proportions softmax([0, theta]), every point but the last end (so every
+    theta is a strictly ordered grid). The parametrisation of ``tune_grid`` and of the pilot's polish."""
+    lam_T, lam_min = float(process.log_snr(process.T)), float(process.log_snr(process.t_min))
+    logits = np.concatenate([[0.0], theta])
+    w = np.exp(logits - logits.max())
+    points = lam_T + (lam_min - lam_T) * np.cumsum(w / w.sum())[:-1]
+    return process.t_from_log_snr(torch.tensor(points, dtype=torch.float64))
+
+
+def log_snr_params(process, points) -> np.ndarray:
+    """The theta that ``log_snr_points`` maps to ``points`` (times decreasing in [t_min, T]); a point on T or
+    t_min, or two on one another, start a thousandth of the range apart."""
+    lam_T, lam_min = float(process.log_snr(process.T)), float(process.log_snr(process.t_min))
+    lam = np.clip([float(process.log_snr(float(t))) for t in points], lam_T, lam_min)
+    gaps = np.maximum(np.diff(np.concatenate([[lam_T], lam, [lam_min]])), 1e-3 * (lam_min - lam_T))
+    return np.log(gaps / gaps[0])[1:]
+
+
+def _nelder_mead(objective, theta0: np.ndarray, budget: int) -> tuple[np.ndarray, float]:
+    """scipy's Nelder-Mead from ``theta0`` for at most ``budget`` evaluations: (best theta, its value). scipy's
+    default first simplex moves a zero coordinate by 2.5e-4 only (a uniform start is all zeros); a step of 0.5
+    in the logits moves a point by about a quarter of its interval."""
+    from scipy.optimize import minimize
+
     simplex = np.vstack([theta0, theta0 + 0.5 * np.eye(theta0.size)])
     res = minimize(objective, theta0, method="Nelder-Mead",
                    options={"maxfev": budget, "adaptive": theta0.size > 4, "xatol": 1e-3, "fatol": 0.0,
                             "initial_simplex": simplex})
-    return (grid_of(res.x), float(res.fun)) if res.fun < err else (grid, err)
+    return res.x, float(res.fun)
 
 
 def euler_costs(X: Tensor, E: Tensor, sbar) -> np.ndarray:
