@@ -89,6 +89,7 @@ from .parametrization import in_graph
 from .pf_ode import divergence as divergence_of
 from .pf_ode import draw_probes
 from .processes import coefficients
+from .teleport import GaussianReference
 
 Tensor = torch.Tensor
 DIVERGENCES = ("auto", "exact", "hutchinson")
@@ -182,36 +183,6 @@ def log_likelihood(model, x: Tensor, *, y: Tensor | int | None = None, divergenc
                             levels)
 
 
-class _Reference:
-    """The reference Gaussian N(m, C), C = U diag(l) U^T, whose PF-ODE flow the solve is taken relative to
-    (module docstring). Isotropic N(0, I) without moments: then U = I and no rotation is done."""
-
-    def __init__(self, moments, d, device):
-        if moments is None:
-            self.mean, self.evals, self.evecs = None, torch.ones(d, dtype=torch.float64, device=device), None
-        else:  # checked against d by log_likelihood
-            evals, evecs = moments.eig()
-            self.mean, self.evals, self.evecs = (v.to(device) for v in (moments.mean, evals, evecs))
-
-    def scale(self, rho: Tensor) -> Tensor:
-        """s_k = sqrt(l_k + rho^2), shape (batch, d), rho = sigma/alpha of shape (batch,)."""
-        return (self.evals + rho[:, None] ** 2).sqrt()
-
-    def rotate(self, v: Tensor) -> Tensor:  # U^T v for rows v
-        return v if self.evecs is None else v @ self.evecs
-
-    def unrotate(self, z: Tensor) -> Tensor:  # U z for rows z
-        return z if self.evecs is None else z @ self.evecs.T
-
-    def whiten(self, xbar: Tensor, rho: Tensor) -> Tensor:
-        """w = U^T (xbar - m) / s(rho), rows."""
-        return self.rotate(xbar if self.mean is None else xbar - self.mean) / self.scale(rho)
-
-    def unwhiten(self, w: Tensor, rho: Tensor) -> Tensor:
-        z = self.unrotate(self.scale(rho) * w)
-        return z if self.mean is None else z + self.mean
-
-
 _METHOD = None
 
 
@@ -246,7 +217,7 @@ def _solve(model, x, y, probes, rtol, atol, per_step, prior_logp, moments, progr
     batch, shape, d = x.shape[0], x.shape[1:], x[0].numel()
     c0, cT = coefficients(process, process.t_min), coefficients(process, process.T)
     lam0, lamT = c0.log_snr, cT.log_snr
-    ref = _Reference(moments, d, x.device)
+    ref = GaussianReference(moments, d, x.device)
     bar = tqdm(total=1000, disable=not progress, desc="likelihood (of the log-SNR range, slowest sample)",
                unit="", bar_format="{l_bar}{bar}| {elapsed} {postfix}", mininterval=0.5)
     calls = 0

@@ -94,3 +94,35 @@ class Moments:
         scale = ((ct.alpha ** 2 * evals + ct.sigma ** 2) / (cs.alpha ** 2 * evals + cs.sigma ** 2)).sqrt()
         y = ((flat.to(torch.float64) - cs.alpha * mean) @ evecs) * scale
         return (ct.alpha * mean + y @ evecs.T).to(x.dtype).reshape(x.shape)
+
+
+class GaussianReference:
+    """The reference Gaussian N(m, C), C = U diag(l) U^T, of ``moments`` on ``device``, in the coordinates in which
+    its PF-ODE flow is a scaling per direction: the likelihood's solve is taken relative to it
+    (``unstir.likelihood``) and ``deis_gauss`` integrates around it. Isotropic N(0, I) without moments: then
+    U = I and no rotation is done."""
+
+    def __init__(self, moments, d, device):
+        if moments is None:
+            self.mean, self.evals, self.evecs = None, torch.ones(d, dtype=torch.float64, device=device), None
+        else:  # checked against d by log_likelihood
+            evals, evecs = moments.eig()
+            self.mean, self.evals, self.evecs = (v.to(device) for v in (moments.mean, evals, evecs))
+
+    def scale(self, rho: Tensor) -> Tensor:
+        """s_k = sqrt(l_k + rho^2), shape (batch, d), rho = sigma/alpha of shape (batch,)."""
+        return (self.evals + rho[:, None] ** 2).sqrt()
+
+    def rotate(self, v: Tensor) -> Tensor:  # U^T v for rows v
+        return v if self.evecs is None else v @ self.evecs
+
+    def unrotate(self, z: Tensor) -> Tensor:  # U z for rows z
+        return z if self.evecs is None else z @ self.evecs.T
+
+    def whiten(self, xbar: Tensor, rho: Tensor) -> Tensor:
+        """w = U^T (xbar - m) / s(rho), rows."""
+        return self.rotate(xbar if self.mean is None else xbar - self.mean) / self.scale(rho)
+
+    def unwhiten(self, w: Tensor, rho: Tensor) -> Tensor:
+        z = self.unrotate(self.scale(rho) * w)
+        return z if self.mean is None else z + self.mean

@@ -42,6 +42,18 @@ def tunable() -> list[str]:
     return sorted(k for k, v in SAMPLERS.items() if not v.stochastic and k != "ode_rk45") + ["edm"]
 
 
+def gaussian_reference(sampler: str, options: dict, teleport=None) -> dict:
+    """``deis_gauss``'s reference Gaussian, taken out of ``options`` (a tuned grid stores its options, and moments
+    are not an option to store): {"moments": the ``moments`` option, else ``teleport``}, or {} for other samplers."""
+    moments = options.pop("moments", None)
+    if not SAMPLERS[sampler].gaussian:
+        if moments is not None:
+            raise ValueError(f"moments= is an option of the samplers {sorted(k for k, v in SAMPLERS.items() if v.gaussian)}, "
+                             f"not of {sampler!r}")
+        return {}
+    return {"moments": teleport if moments is None else moments}
+
+
 def check_deterministic(sampler: str, options: dict) -> None:
     """A grid is fitted to a deterministic fixed-grid sampler: refuse a stochastic one or its noisy options."""
     check_choice("sampler", sampler, tunable())
@@ -121,6 +133,7 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
     if shape is None:
         raise ValueError("the model must declare its data_shape to be tuned on prior samples")
     t0 = time.perf_counter()
+    gaussian = gaussian_reference(sampler, options)
     x_T = process.prior_sample((n, *shape), torch.Generator().manual_seed(seed), dtype=dtype,
                                device=model_device(model) if device is None else device)
     labels = check_labels(model, y, n, x_T.device)
@@ -133,7 +146,7 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
         nonlocal spent
         try:
             with torch.no_grad():
-                r = run_sampler(model, x_T, grid, sampler, y=labels, **options)
+                r = run_sampler(model, x_T, grid, sampler, y=labels, **gaussian, **options)
         except FloatingPointError:  # the sampler diverged on this grid
             spent += nfe  # at most; it stopped where it diverged
             return math.inf
@@ -213,6 +226,7 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
     Judge it on fresh noise (``benchmarks/few_steps.py`` does).
     """
     check_deterministic(sampler, options)
+    gaussian = gaussian_reference(sampler, options, teleport)
     afs_arg, mean = afs, afs_mean(afs)  # mean None: no AFS; 0.0: centred; a tensor: around the data's mean
     afs = mean is not None
     if teleport is not None and afs:
@@ -267,7 +281,7 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
         with torch.no_grad():
             try:
                 x = teleport.flow(process, x_T, process.T, float(g[0])) if g[0] < process.T else x_T
-                r = run_sampler(model, x, g, sampler, y=labels, afs=afs_arg, **options)
+                r = run_sampler(model, x, g, sampler, y=labels, afs=afs_arg, **gaussian, **options)
             except FloatingPointError:
                 spent += nfe
                 return math.inf

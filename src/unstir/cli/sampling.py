@@ -114,6 +114,8 @@ def sample_cmd(args) -> int:
               f"on gratings32: benchmarks/few_steps_images_results.md); dpm++2m_sde is the few-step choice",
               file=sys.stderr)
     grid, teleport, piloted = args.grid, None, False
+    if SAMPLERS[args.sampler].gaussian:  # deis_gauss integrates around the training data's Gaussian (N(0, I) without)
+        options["moments"] = load_moments(args.run)
     if args.polish is not None and args.polish < 0:
         raise ValueError(f"--polish must be an integer >= 0 (trial grids; 0: the pilot's placement only), got "
                          f"{args.polish}")
@@ -362,6 +364,8 @@ def tune_grid_cmd(args) -> int:
             and not args.force:
         raise ValueError(f"{str(stored)!r} already holds a grid for {args.sampler} at {args.nfe} NFE; pass --force to "
                          f"replace it (the new one is stored only if it beats the best named grid)")
+    if SAMPLERS[args.sampler].gaussian:  # the reference Gaussian sample will use: the run's moments
+        options["moments"] = load_moments(args.run)
     model = load_run(args.run, ema=not args.no_ema, device=args.device)
     check_not_locked(args.run, "tune-grid")  # a training run changes the model the grid would be fitted to
     if args.method == "pilot":

@@ -16,7 +16,7 @@ from .._checks import check_choice
 from ..grids import GRIDS, check_grid, time_grid
 from ..parametrization import Denoiser, Model, ModelOutput, model_device
 from ..processes import VE, Process, coefficients
-from .ode import deis, dpmpp, ipndm, ode_euler, ode_heun, ode_rk45, unipc
+from .ode import deis, deis_gauss, dpmpp, ipndm, ode_euler, ode_heun, ode_rk45, unipc
 from .stochastic import PREDICTORS, annealed_langevin, ddim, ddpm, edm, euler_maruyama, pc, restart, reverse_diffusion, sa_solver
 
 Tensor = torch.Tensor
@@ -35,6 +35,7 @@ class Sampler:
     doc: str = field(default="", compare=False)
     evals: int = 1
     extra: Callable[[dict], int] | None = field(default=None, compare=False)  # evaluations beyond the grid's
+    gaussian: bool = False  # takes the data's moments (``sample``'s teleport) as its reference Gaussian
 
     def nfe(self, steps: int, **options) -> int:
         """Model evaluations over a denoising grid of ``steps`` intervals with ``options`` (restart's restarts
@@ -59,6 +60,8 @@ SAMPLERS: dict[str, Sampler] = {
     "deis": Sampler(deis, "quadratic", False, doc="DEIS rho-AB, order 3"),
     "ipndm": Sampler(ipndm, "quadratic", False, doc="iPNDM, Adams-Bashforth in sigma/alpha, order 4 (3 up to 10 steps)"),
     "unipc": Sampler(unipc, "cubic", False, doc="UniPC, order 3 predictor + corrector"),
+    "deis_gauss": Sampler(deis_gauss, "log_snr", False, gaussian=True,
+                          doc="DEIS around the data's Gaussian (its exact flow + Adams-Bashforth on the rest)"),
     "edm": Sampler(edm, "uniform", True, doc="EDM Heun with churn", evals=2),
     # Few-step stochastic samplers (default grids: k-diffusion's usual choices, not yet measured here)
     "euler_ancestral": Sampler(functools.partial(ddim, eta=1.0), "edm", True,
@@ -192,6 +195,8 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     x = _initial(model, process, x_T, generator, dtype, model_device(model) if device is None else device)
     if teleport is not None and times[0] < process.T:
         x = teleport.flow(process, x, process.T, float(times[0]))
+    if spec.gaussian and teleport is not None:
+        options.setdefault("moments", teleport)
     return run_sampler(model, x, times, sampler, y=check_labels(model, y, x.shape[0], x.device),
                        generator=generator, callback=callback, project=project, afs=afs, **options)
 
@@ -251,5 +256,5 @@ def _initial(model, process: Process, x_T, generator, dtype, device) -> Tensor:
 
 
 __all__ = ["SAMPLERS", "check_labels", "run_sampler", "PREDICTORS", "Sampler", "SampleResult", "sample", "ddpm", "ddim", "euler_maruyama",
-           "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "ipndm", "unipc",
+           "reverse_diffusion", "pc", "annealed_langevin", "ode_euler", "ode_heun", "ode_rk45", "dpmpp", "deis", "deis_gauss", "ipndm", "unipc",
            "edm", "restart", "sa_solver"]

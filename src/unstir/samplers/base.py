@@ -22,8 +22,9 @@ Tensor = torch.Tensor
 Step = Callable[[Tensor, float, float], "tuple[Tensor, ModelOutput]"]
 
 
-def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tensor:
-    """Apply ``step`` over consecutive grid points; the interval to a final 0 returns the x0 prediction.
+def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None, denoise_last: bool = True) -> Tensor:
+    """Apply ``step`` over consecutive grid points; the interval to a final 0 returns the x0 prediction
+    (``denoise_last``; otherwise ``step`` takes that interval too, with s = 0).
 
     ``callback``, if given, receives a dict with the step index ``i``, the time ``t``, the state ``x``
     at t and the model's prediction ``x0`` there. A ``project(model, x, s)`` attribute of the model (set by
@@ -33,7 +34,7 @@ def integrate(model, x: Tensor, grid: Tensor, step: Step, callback=None) -> Tens
     project = getattr(model, "project", None)  # a constraint applied after every step (inpainting)
     watch = FiniteWatch(x)
     for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
-        if s == 0.0:
+        if s == 0.0 and denoise_last:
             out = model(x, t)
             x_next = out.x0
         else:
