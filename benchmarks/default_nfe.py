@@ -1,10 +1,10 @@
-"""What `unstir sample --nfe N` does by default (ipndm; a pilot run of 128 samples places the grid, with analytical
-teleportation from the data's moments, and Nelder-Mead polishes it, ``POLISH`` trial grids), against the same
-pilot unpolished and diffusers' best configuration per NFE, in one run (issue 32's goal: at most 0.5x diffusers'
-best at NFE 4-10). The oracle stands in for the model, so the endpoint error against a tight solve of the same
+"""What `unstir sample --nfe N` does by default (deis_gauss where the run stores its data's moments; a pilot run of
+128 samples places the grid, with analytical teleportation from those moments, and Nelder-Mead polishes it,
+``POLISH`` trial grids), against the previous default (ipndm, the same pilot and polish) and diffusers' best
+configuration per NFE, in one run (issue 32's goal: at most 0.5x diffusers' best at NFE 4-10). The oracle stands in for the model, so the endpoint error against a tight solve of the same
 noise is exact. Cases: the image-dimension mixture of benchmarks/few_steps.py (``--cases image``, d = 3072, 256
 samples) and its five vector cases (``--cases vectors``, 1000 samples); none of them chose ``POLISH`` (that was
-``oracle.image_mixture(seed=11)``), and "diffusers best" is chosen per NFE on the evaluation noise itself (an
+``oracle.image_mixture(seed=11)``, nor the default sampler), and "diffusers best" is chosen per NFE on the evaluation noise itself (an
 optimistic selection for the peer).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/default_nfe.py --cases image vectors
@@ -57,8 +57,8 @@ def main():
 
     print(f"unstir {unstir.__version__} vs diffusers {diffusers.__version__}, torch {torch.__version__}; pilot "
           f"{PILOT_N} samples (seed 0), polish {args.polish}; endpoint error on fresh noise (seed {SEED_NOISE})\n")
-    print("| case | NFE | pilot | pilot + polish (the default) | diffusers best | default / diffusers | "
-          "default's cost (evaluations x 128, seconds) |")
+    print("| case | NFE | ipndm, pilot + polish (the previous default) | deis_gauss, pilot + polish (the default) | "
+          "diffusers best | default / diffusers | default's cost (evaluations x 128, seconds) |")
     print("|---|---|---|---|---|---|---|")
     cases = ([image_case()] if "image" in args.cases else []) + (fresh_cases() if "vectors" in args.cases else [])
     for cname, gm in cases:
@@ -69,21 +69,25 @@ def main():
         ref = reference(model, PROCESS, x_T)
         moments = Moments.of(gm.sample(10000, torch.Generator().manual_seed(SEED_MOMENTS)))
 
-        def error(tuned):
-            x = moments.flow(PROCESS, x_T, PROCESS.T, float(tuned.grid[0])) if tuned.teleport else x_T
-            r = unstir.sample(model, PROCESS, x, sampler="ipndm", grid=tuned.grid)
+        def error(tuned, sampler):
+            gaussian = {"moments": moments} if sampler == "deis_gauss" else {}  # its reference, teleport or not
+            r = unstir.sample(model, PROCESS, x_T, sampler=sampler, grid=tuned.grid,
+                              teleport=moments if tuned.teleport else None, **gaussian)
             return endpoint_error(r.x, ref)
 
-        for nfe in NFES:
-            plain = pilot_grid(model, "ipndm", nfe, n=PILOT_N, teleport=moments, dtype=torch.float64)
+        def placed(sampler, nfe):
             tic = time.perf_counter()
-            polished = pilot_grid(model, "ipndm", nfe, n=PILOT_N, teleport=moments, dtype=torch.float64,
-                                  polish=args.polish)
-            seconds = time.perf_counter() - tic
+            tuned = pilot_grid(model, sampler, nfe, n=PILOT_N, teleport=moments, dtype=torch.float64,
+                               polish=args.polish)
+            return tuned, time.perf_counter() - tic
+
+        for nfe in NFES:
+            before, _ = placed("ipndm", nfe)
+            tuned, seconds = placed("deis_gauss", nfe)
             d, dname = diffusers_best(gm, z, ref, nfe)
-            e = error(polished)
-            print(f"| {cname} | {nfe} | {error(plain):.3g} | {e:.3g} | {d:.3g} ({dname}) | {e / d:.2f} | "
-                  f"{polished.evaluations}, {seconds:.0f} s |", flush=True)
+            e = error(tuned, "deis_gauss")
+            print(f"| {cname} | {nfe} | {error(before, 'ipndm'):.3g} | {e:.3g} | {d:.3g} ({dname}) | {e / d:.2f} | "
+                  f"{tuned.evaluations}, {seconds:.0f} s |", flush=True)
 
 
 if __name__ == "__main__":

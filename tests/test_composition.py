@@ -144,6 +144,8 @@ MOMENTS = Moments(torch.tensor([0.3, -0.2]), torch.tensor([[1.0, 0.4], [0.4, 0.8
 # use name -> use(model, labels) -> the numbers it produces
 USES = {
     **{f"sample {s}": _sample(s) for s in DETERMINISTIC},
+    "sample deis_gauss": lambda m, y: unstir.sample(m, None, _x_T(m), sampler="deis_gauss", steps=6, y=y,
+                                                    teleport=MOMENTS).x,
     "sample ddpm": _sample("ddpm"),
     "log_likelihood exact": lambda m, y: unstir.log_likelihood(m, _data(), y=y).nats,
     "log_likelihood hutchinson": lambda m, y: unstir.log_likelihood(m, _data(), y=y, divergence="hutchinson",

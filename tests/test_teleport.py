@@ -264,6 +264,11 @@ def test_sample_deis_gauss_integrates_around_the_runs_moments(tmp_path, capsys):
                  "--out", str(tmp_path / "p.npy")]) == 0
     assert "placed the grid for deis_gauss at 3 NFE by a pilot run" in capsys.readouterr().err
     assert list(json.loads((run / "grids.json").read_text())) == ["deis_gauss@3+tele"]
+    # the default sampler up to GAUSS_MAX_NFE = 5 where the run has moments and teleports; ipndm above, or without
+    for extra, nfe, sampler in (([], "5", "deis_gauss"), ([], "6", "ipndm"), (["--no-teleport"], "4", "ipndm")):
+        assert main(["sample", "--run", str(run), "--nfe", nfe, "-n", "16", "--polish", "0", *extra,
+                     "--out", str(tmp_path / "d.npy"), "--force"]) == 0
+        assert f"placed the grid for {sampler} at {nfe} NFE" in capsys.readouterr().err, (extra, nfe)
     (run / "moments.safetensors").unlink()
     assert main(argv + ["--out", str(tmp_path / "b.npy")]) == 0
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")

@@ -70,7 +70,7 @@ def sample_cmd(args) -> int:
 
     out = sample_output(args)
     asked_sampler = args.sampler
-    args.sampler = args.sampler or default_sampler(args.nfe)
+    args.sampler = args.sampler or default_sampler(args.nfe, args)
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
     rank, world = rank_world()
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
@@ -307,6 +307,7 @@ def write_sample_folder(out: Path, x, seeds) -> None:
 
 SDE3M_MIN_STEPS = 15  # dpm++3m_sde below this: a notice (measured unstable on learned image models)
 PILOT_MAX_NFE = 10  # `sample --nfe N` places the grid by a pilot run up to here (benchmarks/few_steps.py)
+GAUSS_MAX_NFE = 5   # `sample --nfe N` defaults to deis_gauss up to here where the run has moments (default_sampler)
 PILOT_N = 128       # pilot samples: 64 left a fitted grid worse than the named one on fresh noise at d = 64
 POLISH = 180        # Nelder-Mead trial grids after the pilot (tuning.pilot_grid step 6): chosen on
                     # oracle.image_mixture(seed=11), where 90 -> 180 cut ipndm's error 10-20 % at NFE 4 and 6
@@ -315,10 +316,23 @@ SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol", "nois
                    "restart_steps", "tau", "predictor_order", "corrector_order")
 
 
-def default_sampler(nfe: int | None) -> str:
-    """ipndm for 10 evaluations or fewer (with the pilot grid and teleportation, the only configuration within
-    half of diffusers' best error at NFE 4-6 up to d = 64: benchmarks/RESULTS.md), else dpm++2m."""
-    return "ipndm" if nfe is not None and nfe <= PILOT_MAX_NFE else "dpm++2m"
+def default_sampler(nfe: int | None, args=None) -> str:
+    """For 10 evaluations or fewer, with the pilot grid: up to GAUSS_MAX_NFE, deis_gauss where the run stores its
+    training data's moments and sampling would teleport with them (an unconditional, unguided model, no --afs or
+    --no-teleport), else ipndm (teleported, within half of diffusers' best error at NFE 4-6 up to d = 64:
+    benchmarks/RESULTS.md). dpm++2m above 10. Chosen on oracle.image_mixture(seed=11) (d = 3072, polished pilot
+    grids, 256 fresh samples): deis_gauss against ipndm 1.78 / 3.19 at NFE 4, 1.23 / 2.27 at 5, 1.23 / 1.06 at 6
+    and 0.62 / 0.66 at 10, so it takes over where it halves the error and not where the two tie."""
+    if nfe is None or nfe > PILOT_MAX_NFE:
+        return "dpm++2m"
+    if nfe > GAUSS_MAX_NFE:
+        return "ipndm"
+    from ..runs import MOMENTS_FILE
+
+    gaussian = args is not None and (Path(args.run) / MOMENTS_FILE).exists() and not (
+        getattr(args, "afs", False) or getattr(args, "no_teleport", False) or getattr(args, "label", None) is not None
+        or getattr(args, "guidance", None) is not None)
+    return "deis_gauss" if gaussian else "ipndm"
 
 
 def sampler_options(args) -> dict:
@@ -344,7 +358,7 @@ def tune_grid_cmd(args) -> int:
     from ..runs import check_not_locked, load_moments, load_run
     from ..tuning import GRIDS_FILE, _key, _read_grids, pilot_grid, save_tuned, tune_grid
 
-    args.sampler = args.sampler or default_sampler(args.nfe)
+    args.sampler = args.sampler or default_sampler(args.nfe, args)
     options = sampler_options(args)
     if args.sampler == "edm":
         options["churn"] = 0.0
@@ -399,7 +413,8 @@ def register(sub) -> None:
     sa = sub.add_parser("sample", help="sample from a trained run", description=sample_cmd.__doc__)
     add_run(sa)
     sa.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                    help="see `unstir list` (default: dpm++2m; ipndm with --nfe 10 or fewer)")
+                    help="see `unstir list` (default: dpm++2m; ipndm with --nfe 10 or fewer, and with --nfe 5 or fewer "
+                    "deis_gauss where the run stores its data's moments and teleports)")
     add_steps(sa, None, "grid intervals; the model evaluations are reported. For ode_rk45 only the output grid: its "
               "cost is set by --rtol/--atol")
     add_nfe(sa, "model evaluations instead of --steps (fixed-grid samplers). A grid stored for this sampler and "
@@ -446,7 +461,8 @@ def register(sub) -> None:
     sa.add_argument("--restarts", type=int, help="restart: how many times (default: 2)")
     sa.add_argument("--restart-steps", dest="restart_steps", type=int, help="restart: Heun steps back down "
                     "(default: 3)")
-    sa.add_argument("--order", type=int, help="deis (1-4, default 3), ipndm (1-4, default 4), unipc (1-3, default 3)")
+    sa.add_argument("--order", type=int, help="deis and deis_gauss (1-4, default 3), ipndm (1-4, default 4), unipc "
+                    "(1-3, default 3)")
     sa.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's (and dpm++2m_sde's) second-order term: Lu et al. "
                     "Algorithm 2 (midpoint, default) or the phi_2 integral (taylor)")
     sa.add_argument("--snr", type=float, help="pc: Langevin corrector signal-to-noise ratio (default: 0.075)")
@@ -466,8 +482,8 @@ def register(sub) -> None:
                         description=tune_grid_cmd.__doc__)
     add_run(tg)
     tg.add_argument("--sampler", default=None, choices=sorted(set(deterministic) - {"ode_rk45"} | {"edm"}),
-                    help="deterministic fixed-grid sampler (edm runs with churn 0) (default: as for sample: ipndm for "
-                    "--nfe 10 or fewer, else dpm++2m)")
+                    help="deterministic fixed-grid sampler (edm runs with churn 0) (default: as for sample: deis_gauss "
+                    "or ipndm for --nfe 10 or fewer, else dpm++2m)")
     add_nfe(tg, "model evaluations of the grid", default=8)
     tg.add_argument("--method", choices=["nelder-mead", "pilot"], default="nelder-mead",
                     help="nelder-mead: fit the points to a tight solve (costly); pilot: dynamic programming over a "
@@ -478,7 +494,7 @@ def register(sub) -> None:
     add_count(tg, 256, "prior samples the grid is fitted on")
     tg.add_argument("--max-evals", type=int, default=300, help="bound on the optimiser's trial grids, each costing "
                     "NFE evaluations on the batch (default: 300)")
-    tg.add_argument("--order", type=int, help="deis, ipndm, unipc order (default: the sampler's)")
+    tg.add_argument("--order", type=int, help="deis, deis_gauss, ipndm, unipc order (default: the sampler's)")
     tg.add_argument("--form", choices=["midpoint", "taylor"], help="dpm++2m's second-order term (default: midpoint)")
     add_seed(tg, "the fitting batch")
     tg.add_argument("--no-ema", action="store_true", help="tune for the raw weights instead of the EMA")

@@ -164,6 +164,8 @@ def sample(model, process: Process | None = None, x_T: Tensor | tuple | list | N
     ``unstir.teleport.Moments`` of the data being sampled) with a grid that starts below T carries x_T from T to
     the grid's first point by the exact PF-ODE flow of the Gaussian with those moments (analytical
     teleportation, Wang & Vastola 2024), at no evaluation; ``pilot_grid(..., teleport=)`` places that point.
+    ``deis_gauss`` integrates around that Gaussian at every step (N(0, I) without ``teleport``; its ``moments``
+    option names another).
     """
     check_choice("sampler", sampler, SAMPLERS)
     if not isinstance(model, Model):
