@@ -216,10 +216,14 @@ def test_tune_grid_command_stores_the_grid_and_sample_uses_it(tmp_path, capsys):
     assert "using the grid tuned for dpm++2m at 5 NFE" in notice and "on the named" in notice
     assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--nfe", "5", "-n", "50", "--out", str(tmp_path / "a2.npy")]) == 0
     assert "using the grid tuned for dpm++2m at 5 NFE" in capsys.readouterr().err
-    # Without --sampler, 10 NFE or fewer means ipndm (benchmarks/RESULTS.md), placed by its own pilot run.
+    # Without --sampler, 5 NFE or fewer on a run that stores its moments means deis_gauss
+    # (benchmarks/default_nfe_results.md), placed by its own pilot run; 6 to 10 means ipndm.
     assert main(["sample", "--run", str(run), "--nfe", "5", "-n", "20", "--out", str(tmp_path / "i.npy")]) == 0
     out, err = capsys.readouterr()
-    assert "20 samples with ipndm (5 model evaluations)" in out and "placed the grid for ipndm at 5 NFE" in err
+    assert "20 samples with deis_gauss (5 model evaluations)" in out and "placed the grid for deis_gauss at 5 NFE" in err
+    assert main(["sample", "--run", str(run), "--nfe", "6", "-n", "20", "--out", str(tmp_path / "i6.npy")]) == 0
+    out, err = capsys.readouterr()
+    assert "20 samples with ipndm (6 model evaluations)" in out and "placed the grid for ipndm at 6 NFE" in err
     assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--steps", "6", "-n", "50", "--out", str(tmp_path / "b.npy")]) == 0
     assert "using the grid tuned" not in capsys.readouterr().err
     # --afs buys a grid step for free: --nfe 5 runs 6 steps for 5 evaluations. The tuned grid was fitted
