@@ -64,6 +64,7 @@ def main():
                     help="EDM's S_churn values screened (FD against the training images, seeds 777..) per NFE")
     ap.add_argument("--no-polish", dest="polish", action="store_false", help="the `sample --nfe` rows without "
                     "the polish (by default both: --polish 0 and the CLI's default)")
+    ap.add_argument("--ddpm", type=int, nargs="*", default=[200], help="ddpm rows beside the reference (ddpm 100)")
     ap.add_argument("-n", type=int, default=500)
     ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
     ap.add_argument("--out", type=Path)
@@ -104,8 +105,8 @@ def main():
         s = judge(x)
         return name, nfe, s, cost, (time.perf_counter() - tic) / 60
 
-    rows = [row("ddpm 100 (reference)", model, sampler="ddpm", steps=100),
-            row("ddpm 200", model, sampler="ddpm", steps=200)]
+    rows = [row("ddpm 100 (reference)", model, sampler="ddpm", steps=100)]
+    rows += [row(f"ddpm {k}", model, sampler="ddpm", steps=k) for k in args.ddpm if k != 100]
     ref = rows[0][2]
     print(f"reference: validity {ref['validity']:.3f}, FD {ref['fd']:.1f}", flush=True)
     if students:  # what every student is taught: the teacher's DDIM on the 64-point distillation grid
