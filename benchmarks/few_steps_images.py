@@ -10,10 +10,10 @@ colour pairs x phase, judged in closed form by unstir.quality.grating_judge; FD,
 2. Students: ``unstir.distill.distill`` at its defaults (64 teacher steps, half the teacher's steps over the
    rounds, a quarter of its lr, no dropout) for each --distill NFE.
 3. Rows, n samples each on seeds 2424.. (never used to choose a setting; every sampler runs with its defaults and
-   the named grid ``unstir.sample`` picks; ``sample --nfe`` is the CLI's default at that NFE: deis_gauss up to 5 NFE, then
-   ipndm (both rows up to 5), on a grid placed by a pilot run, with analytical teleportation from the training
-   data's moments; from 2 NFE, where the named
-   grids are T > t_min > 0 and the pilot places the middle point). Scores: validity, FD, KID,
+   the named grid ``unstir.sample`` picks; ``sample --nfe`` is the CLI's default at that NFE: deis_gauss
+   up to 5 NFE, then ipndm (both rows up to 5), on a grid placed by a pilot run, with analytical teleportation
+   from the training data's moments; from 2 NFE, where the named grids are T > t_min > 0 and the pilot places the
+   middle point). Scores: validity, FD, KID,
    precision and recall in the factor classifier's features with 95 % intervals (unstir.quality.bootstrap), and
    which of them overlap ddpm 100's. EDM's churn is screened per NFE on seeds 777.. by FD against the training
    images (``--churn``), and only the chosen value is scored on the evaluation seeds. Costs: minutes of training or distillation beside the model's rows, and of
@@ -42,7 +42,7 @@ from unstir.distill import distill, distill_grid, sample_grid  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
 from unstir.training import TrainConfig, train  # noqa: E402
-from unstir.cli.sampling import GAUSS_MAX_NFE, PILOT_N, POLISH  # noqa: E402
+from unstir.cli.sampling import PILOT_N, POLISH, default_sampler  # noqa: E402
 from unstir.tuning import pilot_grid, steps_for_nfe  # noqa: E402
 
 NFES = (1, 2, 4, 6, 10, 20)
@@ -118,18 +118,18 @@ def main():
                         sampler="ddim", grid=sample_grid(s_model.process, s_model.run_info["config"]["distill"])))
         print(rows[-1][0], rows[-1][2]["validity"], flush=True)
     for nfe in args.nfe:
-        if nfe >= 2:  # the CLI's default sampler at this NFE first (deis_gauss up to GAUSS_MAX_NFE), ipndm beside it
-            for name in dict.fromkeys(["deis_gauss" if nfe <= GAUSS_MAX_NFE else "ipndm", "ipndm"]):
+        if nfe >= 2:  # the CLI's default sampler at this NFE first (deis_gauss up to 5, with moments), ipndm beside it
+            default = default_sampler(nfe, argparse.Namespace(run=teacher))
+            for name in dict.fromkeys([default, "ipndm"]):
+                gauss = {"moments": moments} if name == "deis_gauss" else {}
                 for polish in (0, POLISH) if args.polish else (0,):
                     tic = time.perf_counter()
-                    grid = pilot_grid(model, name, nfe, n=PILOT_N, teleport=moments, polish=polish,
-                                      **({"moments": moments} if name == "deis_gauss" else {}))
+                    grid = pilot_grid(model, name, nfe, n=PILOT_N, teleport=moments, polish=polish, **gauss)
                     label = "`sample --nfe {}`{} ({}, pilot grid{})".format(
-                        nfe, "" if name == ("deis_gauss" if nfe <= GAUSS_MAX_NFE else "ipndm") else " --sampler",
-                        name, f", polish {polish}" if polish else ", --polish 0" if args.polish else "")
+                        nfe, "" if name == default else " --sampler", name,
+                        f", polish {polish}" if polish else ", --polish 0" if args.polish else "")
                     rows.append(row(label, model, f"{(time.perf_counter() - tic) / 60:.1f} (placing)", sampler=name,
-                                    grid=grid.grid, teleport=moments if grid.teleport else None,
-                                    **({"moments": moments} if name == "deis_gauss" else {})))
+                                    grid=grid.grid, teleport=moments if grid.teleport else None, **gauss))
                     print(f"{label}: validity {rows[-1][2]['validity']:.3f} FD {rows[-1][2]['fd']:.1f}", flush=True)
         for name in args.samplers:
             try:
