@@ -26,7 +26,7 @@ import unstir  # noqa: E402
 from common import endpoint_error, reference  # noqa: E402
 from few_steps import SEED_MOMENTS, SEED_NOISE, fresh_cases, image_case  # noqa: E402
 from samplers import PROCESS, diffusers_configs, exact_eps_for_diffusers, run_diffusers  # noqa: E402
-from unstir.cli.sampling import GAUSS_MAX_NFE, PILOT_N, POLISH  # noqa: E402
+from unstir.cli.sampling import PILOT_N, POLISH, default_sampler  # noqa: E402
 from unstir.teleport import Moments  # noqa: E402
 from unstir.tuning import pilot_grid  # noqa: E402
 
@@ -84,7 +84,7 @@ def main():
         for nfe in NFES:
             placements = {s: placed(s, nfe) for s in ("ipndm", "deis_gauss")}
             errors = {s: error(tuned, s) for s, (tuned, _) in placements.items()}
-            default = "deis_gauss" if nfe <= GAUSS_MAX_NFE else "ipndm"
+            default = default_sampler(nfe, moments=True)
             d, dname = diffusers_best(gm, z, ref, nfe)
             tuned, seconds = placements[default]
             print(f"| {cname} | {nfe} | {errors['ipndm']:.3g} | {errors['deis_gauss']:.3g} | {default} | {d:.3g} "

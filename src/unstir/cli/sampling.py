@@ -316,9 +316,9 @@ SAMPLER_OPTIONS = ("eta", "order", "form", "snr", "churn", "rtol", "atol", "nois
                    "restart_steps", "tau", "predictor_order", "corrector_order")
 
 
-def default_sampler(nfe: int | None, args=None) -> str:
+def default_sampler(nfe: int | None, args=None, *, moments: bool | None = None) -> str:
     """For 10 evaluations or fewer, with the pilot grid: up to GAUSS_MAX_NFE, deis_gauss where the run stores its
-    training data's moments and sampling would teleport with them (an unconditional, unguided model, no --afs or
+    training data's moments (or ``moments=True`` says so, for a model that is not a run) and sampling would teleport with them (an unconditional, unguided model, no --afs or
     --no-teleport), else ipndm (teleported, within half of diffusers' best error at NFE 4-6 up to d = 64:
     benchmarks/RESULTS.md). dpm++2m above 10. Chosen on oracle.image_mixture(seed=11) (d = 3072, polished pilot
     grids, 256 fresh samples): deis_gauss against ipndm 1.78 / 3.19 at NFE 4, 1.23 / 2.27 at 5, 1.23 / 1.06 at 6
@@ -329,7 +329,9 @@ def default_sampler(nfe: int | None, args=None) -> str:
         return "ipndm"
     from ..runs import MOMENTS_FILE
 
-    gaussian = args is not None and (Path(args.run) / MOMENTS_FILE).exists() and not (
+    if moments is None:  # does the run store its training data's moments?
+        moments = args is not None and (Path(args.run) / MOMENTS_FILE).exists()
+    gaussian = moments and not (  # args=None: no such option given
         getattr(args, "afs", False) or getattr(args, "no_teleport", False) or getattr(args, "label", None) is not None
         or getattr(args, "guidance", None) is not None)
     return "deis_gauss" if gaussian else "ipndm"
