@@ -1,0 +1,71 @@
+"""Screen the default's polish per NFE on the screening seeds (777..), never the evaluation seeds (2424..) of
+benchmarks/few_steps_images.py: for each NFE, the CLI's default sampler on its pilot grid with teleportation,
+placed with each --polish value, then --n samples judged as in that benchmark (validity and FD; the pilot batch's
+distance to the 100-step PF-ODE solution is what the polish minimises). Uses the cached teachers of
+few_steps_images.py (--work).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/polish_screen.py --family shapes32 --steps 11000 --nfe 4 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+spec = importlib.util.spec_from_file_location("benchmarks_images", HERE / "images.py")
+images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_spec(spec))
+spec.loader.exec_module(images)
+
+from unstir import data, quality  # noqa: E402
+from unstir.cli.sampling import PILOT_N, POLISH, default_sampler  # noqa: E402
+from unstir.distributed import sample_sharded  # noqa: E402
+from unstir.runs import load_moments, load_run  # noqa: E402
+from unstir.tuning import pilot_grid  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="shapes32", choices=["shapes32", "gratings32"])
+    ap.add_argument("--steps", type=int, required=True, help="the cached teacher's training steps")
+    ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6])
+    ap.add_argument("--polish", type=int, nargs="+", default=[0, POLISH])
+    ap.add_argument("-n", type=int, default=300)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
+    args = ap.parse_args()
+    teacher = args.work / f"{args.family}-teacher{args.steps}"
+    if not (teacher / "checkpoint.json").exists():
+        sys.exit(f"no teacher in {teacher}: run benchmarks/few_steps_images.py --family {args.family} --steps "
+                 f"{args.steps} --work {args.work} first")
+    reference = data.load(args.family, n=500, seed=0).x
+    if args.family == "shapes32":
+        clf = images.factor_classifier(args.work, torch.device("cpu"))
+        judge = lambda x: images.scores(x, clf, reference)  # noqa: E731
+    else:
+        judge = lambda x: quality.gratings32_quality(x, reference, resamples=50)  # noqa: E731
+    model, moments = load_run(teacher), load_moments(teacher)
+    for nfe in args.nfe:
+        name = default_sampler(nfe, moments=True)
+        gauss = {"moments": moments} if name == "deis_gauss" else {}
+        for polish in args.polish:
+            tic = time.perf_counter()
+            g = pilot_grid(model, name, nfe, n=PILOT_N, teleport=moments, polish=polish, **gauss)
+            minutes = (time.perf_counter() - tic) / 60
+            with torch.no_grad():
+                x, _ = sample_sharded(model, args.n, seed=images.SCREEN_SEED, batch_size=250, device="cpu",
+                                      sampler=name, grid=g.grid, teleport=moments if g.teleport else None, **gauss)
+            s = judge(x)
+            print(json.dumps(dict(family=args.family, nfe=nfe, sampler=name, polish=polish, seed=images.SCREEN_SEED,
+                                  validity=round(s["validity"], 3), fd=round(s["fd"], 1),
+                                  pilot_error=round(g.error, 4), grid=[round(v, 4) for v in g.times],
+                                  minutes=round(minutes, 1))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
