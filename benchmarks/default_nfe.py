@@ -52,6 +52,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", choices=["image", "vectors"], default=["image"])
     ap.add_argument("--polish", type=int, default=POLISH, help=f"trial grids (default: the CLI's, {POLISH})")
+    ap.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help=f"default: {' '.join(map(str, NFES))}")
     args = ap.parse_args()
     import diffusers
 
@@ -81,7 +82,7 @@ def main():
                                polish=args.polish)
             return tuned, time.perf_counter() - tic
 
-        for nfe in NFES:
+        for nfe in args.nfe:
             placements = {s: placed(s, nfe) for s in ("ipndm", "deis_gauss")}
             errors = {s: error(tuned, s) for s, (tuned, _) in placements.items()}
             default = default_sampler(nfe, moments=True)
