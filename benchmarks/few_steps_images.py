@@ -13,7 +13,7 @@ colour pairs x phase, judged in closed form by unstir.quality.grating_judge; FD,
    the named grid ``unstir.sample`` picks; ``sample --nfe`` is the CLI's default at that NFE: deis_gauss
    up to 5 NFE, then ipndm (both rows up to 5), on a grid placed by a pilot run, with analytical teleportation
    from the training data's moments; from 2 NFE, where the named grids are T > t_min > 0 and the pilot places the
-   middle point). Scores: validity, FD, KID,
+   middle point, to 10; above 10 it is dpm++2m on its named grid, the plain dpm++2m row). Scores: validity, FD, KID,
    precision and recall in the factor classifier's features with 95 % intervals (unstir.quality.bootstrap), and
    which of them overlap ddpm 100's. EDM's churn is screened per NFE on seeds 777.. by FD against the training
    images (``--churn``), and only the chosen value is scored on the evaluation seeds. Costs: minutes of training or distillation beside the model's rows, and of
@@ -42,7 +42,7 @@ from unstir.distill import distill, distill_grid, sample_grid  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
 from unstir.training import TrainConfig, train  # noqa: E402
-from unstir.cli.sampling import PILOT_N, POLISH, default_sampler  # noqa: E402
+from unstir.cli.sampling import PILOT_MAX_NFE, PILOT_N, POLISH, default_sampler  # noqa: E402
 from unstir.tuning import pilot_grid, steps_for_nfe  # noqa: E402
 
 NFES = (1, 2, 4, 6, 10, 20)
@@ -118,7 +118,8 @@ def main():
                         sampler="ddim", grid=sample_grid(s_model.process, s_model.run_info["config"]["distill"])))
         print(rows[-1][0], rows[-1][2]["validity"], flush=True)
     for nfe in args.nfe:
-        if nfe >= 2:  # the CLI's default sampler at this NFE first (deis_gauss up to 5, with moments), ipndm beside it
+        if 2 <= nfe <= PILOT_MAX_NFE:  # the CLI's default at this NFE first (deis_gauss up to 5, with moments), ipndm
+            # beside it; above PILOT_MAX_NFE `sample --nfe` is dpm++2m on its named grid: the plain rows below
             default = default_sampler(nfe, argparse.Namespace(run=teacher))
             for name in dict.fromkeys([default, "ipndm"]):
                 gauss = {"moments": moments} if name == "deis_gauss" else {}
