@@ -1,6 +1,6 @@
 """Screen the default's polish per NFE on the screening seeds (777..), never the evaluation seeds (2424..) of
 benchmarks/few_steps_images.py: for each NFE, the CLI's default sampler on its pilot grid with teleportation,
-placed with each --polish value, then --n samples judged as in that benchmark (validity and FD; the pilot batch's
+placed with each --polish value (and with --named, on the sampler's named grid too, no pilot), then --n samples judged as in that benchmark (validity and FD; the pilot batch's
 distance to the 100-step PF-ODE solution is what the polish minimises). Uses the cached teachers of
 few_steps_images.py (--work).
 
@@ -27,7 +27,7 @@ from unstir import data, quality  # noqa: E402
 from unstir.cli.sampling import PILOT_N, POLISH, default_sampler  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
-from unstir.tuning import pilot_grid  # noqa: E402
+from unstir.tuning import pilot_grid, steps_for_nfe  # noqa: E402
 
 
 def main():
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--steps", type=int, required=True, help="the cached teacher's training steps")
     ap.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6])
     ap.add_argument("--polish", type=int, nargs="+", default=[0, POLISH])
+    ap.add_argument("--named", action="store_true", help="also the sampler on its named grid, without a pilot")
     ap.add_argument("-n", type=int, default=300)
     ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
     args = ap.parse_args()
@@ -50,21 +51,25 @@ def main():
     else:
         judge = lambda x: quality.gratings32_quality(x, reference, resamples=50)  # noqa: E731
     model, moments = load_run(teacher), load_moments(teacher)
+    def screen(nfe, name, placing, minutes=0.0, **options):
+        with torch.no_grad():
+            x, _ = sample_sharded(model, args.n, seed=images.SCREEN_SEED, batch_size=250, device="cpu",
+                                  sampler=name, **options)
+        s = judge(x)
+        print(json.dumps(dict(family=args.family, nfe=nfe, sampler=name, seed=images.SCREEN_SEED, **placing,
+                              validity=round(s["validity"], 3), fd=round(s["fd"], 1),
+                              minutes=round(minutes, 1))), flush=True)
+
     for nfe in args.nfe:
         name = default_sampler(nfe, moments=True)
         gauss = {"moments": moments} if name == "deis_gauss" else {}
+        if args.named:
+            screen(nfe, name, {"grid": "named"}, steps=steps_for_nfe(name, nfe), **gauss)
         for polish in args.polish:
             tic = time.perf_counter()
             g = pilot_grid(model, name, nfe, n=PILOT_N, teleport=moments, polish=polish, **gauss)
-            minutes = (time.perf_counter() - tic) / 60
-            with torch.no_grad():
-                x, _ = sample_sharded(model, args.n, seed=images.SCREEN_SEED, batch_size=250, device="cpu",
-                                      sampler=name, grid=g.grid, teleport=moments if g.teleport else None, **gauss)
-            s = judge(x)
-            print(json.dumps(dict(family=args.family, nfe=nfe, sampler=name, polish=polish, seed=images.SCREEN_SEED,
-                                  validity=round(s["validity"], 3), fd=round(s["fd"], 1),
-                                  pilot_error=round(g.error, 4), grid=[round(v, 4) for v in g.times],
-                                  minutes=round(minutes, 1))), flush=True)
+            screen(nfe, name, dict(polish=polish, pilot_error=round(g.error, 4), grid=[round(v, 4) for v in g.times]),
+                   (time.perf_counter() - tic) / 60, grid=g.grid, teleport=moments if g.teleport else None, **gauss)
 
 
 if __name__ == "__main__":
