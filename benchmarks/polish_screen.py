@@ -1,8 +1,8 @@
 """Screen the default's polish per NFE on the screening seeds (777..), never the evaluation seeds (2424..) of
 benchmarks/few_steps_images.py: for each NFE, the CLI's default sampler on its pilot grid with teleportation,
-placed with each --polish value (and with --named, on the sampler's named grid too, no pilot), then --n samples judged as in that benchmark (validity and FD; the pilot batch's
-distance to the 100-step PF-ODE solution is what the polish minimises). Uses the cached teachers of
-few_steps_images.py (--work).
+placed with each --polish value (and with --named, on the sampler's named grid too, no pilot), then --n samples
+judged as in that benchmark (validity and FD; the pilot batch's distance to the 100-step PF-ODE solution is what
+the polish minimises). Uses the cached teachers of few_steps_images.py (--work).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/polish_screen.py --family shapes32 --steps 11000 --nfe 4 5
 """
@@ -51,6 +51,7 @@ def main():
     else:
         judge = lambda x: quality.gratings32_quality(x, reference, resamples=50)  # noqa: E731
     model, moments = load_run(teacher), load_moments(teacher)
+
     def screen(nfe, name, placing, minutes=0.0, **options):
         with torch.no_grad():
             x, _ = sample_sharded(model, args.n, seed=images.SCREEN_SEED, batch_size=250, device="cpu",
