@@ -88,11 +88,7 @@ def main():
     device = torch.device("cpu")
     reference = data.load(args.family, n=args.n, seed=0).x
     real = data.load(data.HELD_OUT[args.family], n=args.n, seed=0).x
-    if args.family == "shapes32":
-        clf = images.factor_classifier(args.work, device)
-        judge = lambda x: images.scores(x, clf, reference)  # noqa: E731
-    else:
-        judge = lambda x: quality.gratings32_quality(x, reference, resamples=images.RESAMPLES)  # noqa: E731
+    judge = images.family_judge(args.family, args.work, device, reference)
     floor = judge(real)
     model = load_run(teacher)
     moments = load_moments(teacher)

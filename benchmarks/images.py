@@ -73,6 +73,15 @@ def scores(x, clf, reference) -> dict:
     return quality.shapes32_quality(x, clf, reference, resamples=RESAMPLES)
 
 
+def family_judge(family: str, work: Path, device, reference):
+    """Scores of samples of a 32x32 family against ``reference`` images, with RESAMPLES intervals: shapes32 by the
+    factor classifier (trained once, cached in ``work``), gratings32 in closed form (unstir.quality)."""
+    if family == "shapes32":
+        clf = factor_classifier(work, device)
+        return lambda x: scores(x, clf, reference)
+    return lambda x: quality.gratings32_quality(x, reference, resamples=RESAMPLES)
+
+
 def fmt_scores(name: str, s: dict) -> str:
     """One row: each figure with its 95 % interval, and which of validity, FD and KID overlap the floor's (the
     samples cannot be told from held-out real images there, at this n)."""

@@ -23,7 +23,7 @@ spec = importlib.util.spec_from_file_location("benchmarks_images", HERE / "image
 images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_spec(spec))
 spec.loader.exec_module(images)
 
-from unstir import data, quality  # noqa: E402
+from unstir import data  # noqa: E402
 from unstir.cli.sampling import PILOT_N, POLISH, default_sampler  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
@@ -45,11 +45,7 @@ def main():
         sys.exit(f"no teacher in {teacher}: run benchmarks/few_steps_images.py --family {args.family} --steps "
                  f"{args.steps} --work {args.work} first")
     reference = data.load(args.family, n=500, seed=0).x
-    if args.family == "shapes32":
-        clf = images.factor_classifier(args.work, torch.device("cpu"))
-        judge = lambda x: images.scores(x, clf, reference)  # noqa: E731
-    else:
-        judge = lambda x: quality.gratings32_quality(x, reference, resamples=50)  # noqa: E731
+    judge = images.family_judge(args.family, args.work, torch.device("cpu"), reference)
     model, moments = load_run(teacher), load_moments(teacher)
 
     def screen(nfe, name, placing, minutes=0.0, **options):
