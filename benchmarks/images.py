@@ -119,9 +119,17 @@ def judge_check(clf, reference, real: torch.Tensor) -> list[str]:
 
 
 def parse_spec(spec: str) -> tuple[str, int, dict]:
-    """'name:steps[:key=value...]', e.g. 'edm:50:churn=40', as (sampler, steps, options)."""
+    """'name:steps[:key=value...]', e.g. 'edm:50:churn=40' or 'ipndm:10:grid=edm', as (sampler, steps, options):
+    a value that reads as a number is one, any other (a grid name) stays a string."""
     name, steps, *kv = spec.split(":")
-    return name, int(steps), {k: float(v) for k, v in (item.split("=") for item in kv)}
+
+    def value(v: str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    return name, int(steps), {k: value(v) for k, v in (item.split("=") for item in kv)}
 
 
 def screen(args, model, clf, reference) -> list[str]:

@@ -1,0 +1,64 @@
+"""Screen sampler settings on a cached teacher of benchmarks/few_steps_images.py, on the screening seeds (777..)
+by default, or on the evaluation seeds (2424..) with --evaluate once a setting has been chosen on the screening
+ones. Each spec is images.parse_spec's 'name:steps[:key=value...]', e.g. 'dpm++2m_sde:10:eta=0.5' or
+'ipndm:10:grid=edm'; one JSON line per spec (validity and FD with their 95 % intervals, NFE, seconds).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampler_screen.py --family shapes32 --steps 11000 \\
+        --work /tmp/fsi dpm++2m_sde:10:eta=0.5 ipndm:10
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+spec = importlib.util.spec_from_file_location("benchmarks_images", HERE / "images.py")
+images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_spec(spec))
+spec.loader.exec_module(images)
+
+from unstir import data  # noqa: E402
+from unstir.distributed import sample_sharded  # noqa: E402
+from unstir.runs import load_run  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("specs", nargs="+", help="name:steps[:key=value...]")
+    ap.add_argument("--family", default="shapes32", choices=["shapes32", "gratings32"])
+    ap.add_argument("--steps", type=int, required=True, help="the cached teacher's training steps")
+    ap.add_argument("--evaluate", action="store_true", help=f"the evaluation seeds {images.EVAL_SEED}.. instead "
+                    f"of the screening seeds {images.SCREEN_SEED}..")
+    ap.add_argument("-n", type=int, default=300)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
+    args = ap.parse_args()
+    teacher = args.work / f"{args.family}-teacher{args.steps}"
+    if not (teacher / "checkpoint.json").exists():
+        sys.exit(f"no teacher in {teacher}: run benchmarks/few_steps_images.py --family {args.family} --steps "
+                 f"{args.steps} --work {args.work} first")
+    specs = [images.parse_spec(s) for s in args.specs]  # a malformed spec fails here, before any work
+    reference = data.load(args.family, n=500, seed=0).x
+    judge = images.family_judge(args.family, args.work, torch.device("cpu"), reference)
+    model = load_run(teacher)
+    seed = images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
+    for text, (name, steps, options) in zip(args.specs, specs):
+        tic = time.perf_counter()
+        with torch.no_grad():
+            x, nfe = sample_sharded(model, args.n, seed=seed, batch_size=250, device="cpu", sampler=name,
+                                    steps=steps, **options)
+        s = judge(x)
+        iv = s["intervals"]
+        print(json.dumps(dict(family=args.family, spec=text, nfe=nfe, seed=seed, n=args.n,
+                              validity=round(s["validity"], 3), validity_ci=[round(v, 3) for v in iv["validity"]],
+                              fd=round(s["fd"], 1), fd_ci=[round(v, 1) for v in iv["fd"]],
+                              seconds=round(time.perf_counter() - tic))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
