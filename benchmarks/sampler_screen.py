@@ -1,7 +1,8 @@
 """Screen sampler settings on a cached teacher of benchmarks/few_steps_images.py, on the screening seeds (777..)
 by default, or on the evaluation seeds (2424..) with --evaluate once a setting has been chosen on the screening
 ones. Each spec is images.parse_spec's 'name:steps[:key=value...]', e.g. 'dpm++2m_sde:10:eta=0.5' or
-'ipndm:10:grid=edm'; one JSON line per spec (validity and FD with their 95 % intervals, NFE, seconds).
+'ipndm:10:grid=edm'; one JSON line per spec (validity and FD with their 95 % intervals, class TV, precision, recall,
+NFE, seconds).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampler_screen.py --family shapes32 --steps 11000 \\
         --work /tmp/fsi dpm++2m_sde:10:eta=0.5 ipndm:10
@@ -57,6 +58,8 @@ def main():
         print(json.dumps(dict(family=args.family, spec=text, nfe=nfe, seed=seed, n=args.n,
                               validity=round(s["validity"], 3), validity_ci=[round(v, 3) for v in iv["validity"]],
                               fd=round(s["fd"], 1), fd_ci=[round(v, 1) for v in iv["fd"]],
+                              class_tv=round(s["class_tv"], 3), precision=round(s["precision"], 3),
+                              recall=round(s["recall"], 3),
                               seconds=round(time.perf_counter() - tic))), flush=True)
 
 
