@@ -66,12 +66,12 @@ def main():
                     "the polish (by default both: --polish 0 and the CLI's default)")
     ap.add_argument("--ddpm", type=int, nargs="*", default=[200], help="ddpm rows beside the reference (ddpm 100)")
     ap.add_argument("-n", type=int, default=500)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
+    ap.add_argument("--work", type=Path, default=images.WORK)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    teacher = args.work / f"{args.family}-teacher{args.steps}"
+    teacher = images.teacher_dir(args.work, args.family, args.steps)
     minutes = {}
     if not (teacher / "checkpoint.json").exists():
         tic = time.perf_counter()

@@ -82,6 +82,33 @@ def family_judge(family: str, work: Path, device, reference):
     return lambda x: quality.gratings32_quality(x, reference, resamples=RESAMPLES)
 
 
+WORK = Path("/tmp/unstir_few_steps_images")  # where few_steps_images.py caches its teachers by default
+
+
+def teacher_dir(work: Path, family: str, steps: int) -> Path:
+    """The teacher of ``family`` that benchmarks/few_steps_images.py trains for ``steps`` steps and caches."""
+    return work / f"{family}-teacher{steps}"
+
+
+def add_cached_teacher_args(ap: argparse.ArgumentParser, n: int = 300) -> None:
+    """--family, --steps, -n and --work of the scripts that screen on a cached teacher."""
+    ap.add_argument("--family", default="shapes32", choices=["shapes32", "gratings32"])
+    ap.add_argument("--steps", type=int, required=True, help="the cached teacher's training steps")
+    ap.add_argument("-n", type=int, default=n)
+    ap.add_argument("--work", type=Path, default=WORK)
+
+
+def cached_teacher(args) -> tuple[Path, object]:
+    """(the cached teacher's run folder, the judge of its family) for ``add_cached_teacher_args``' arguments;
+    exits with the command that makes the teacher when there is none."""
+    teacher = teacher_dir(args.work, args.family, args.steps)
+    if not (teacher / "checkpoint.json").exists():
+        raise SystemExit(f"no teacher in {teacher}: run benchmarks/few_steps_images.py --family {args.family} "
+                         f"--steps {args.steps} --work {args.work} first")
+    reference = data.load(args.family, n=500, seed=0).x
+    return teacher, family_judge(args.family, args.work, torch.device("cpu"), reference)
+
+
 def fmt_scores(name: str, s: dict) -> str:
     """One row: each figure with its 95 % interval, and which of validity, FD and KID overlap the floor's (the
     samples cannot be told from held-out real images there, at this n)."""

@@ -24,7 +24,6 @@ spec = importlib.util.spec_from_file_location("benchmarks_images", HERE / "image
 images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_spec(spec))
 spec.loader.exec_module(images)
 
-from unstir import data  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_run  # noqa: E402
 
@@ -32,20 +31,12 @@ from unstir.runs import load_run  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="+", help="name:steps[:key=value...]")
-    ap.add_argument("--family", default="shapes32", choices=["shapes32", "gratings32"])
-    ap.add_argument("--steps", type=int, required=True, help="the cached teacher's training steps")
+    images.add_cached_teacher_args(ap)
     ap.add_argument("--evaluate", action="store_true", help=f"the evaluation seeds {images.EVAL_SEED}.. instead "
                     f"of the screening seeds {images.SCREEN_SEED}..")
-    ap.add_argument("-n", type=int, default=300)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/unstir_few_steps_images"))
     args = ap.parse_args()
-    teacher = args.work / f"{args.family}-teacher{args.steps}"
-    if not (teacher / "checkpoint.json").exists():
-        sys.exit(f"no teacher in {teacher}: run benchmarks/few_steps_images.py --family {args.family} --steps "
-                 f"{args.steps} --work {args.work} first")
     specs = [images.parse_spec(s) for s in args.specs]  # a malformed spec fails here, before any work
-    reference = data.load(args.family, n=500, seed=0).x
-    judge = images.family_judge(args.family, args.work, torch.device("cpu"), reference)
+    teacher, judge = images.cached_teacher(args)
     model = load_run(teacher)
     seed = images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
     for text, (name, steps, options) in zip(args.specs, specs):
