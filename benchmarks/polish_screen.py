@@ -10,7 +10,6 @@ the polish minimises). Uses the cached teachers of few_steps_images.py (--work).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -18,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
-spec = importlib.util.spec_from_file_location("benchmarks_images", HERE / "images.py")
-images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(images)
+sys.path.insert(0, str(Path(__file__).parent))
+import images  # noqa: E402  (benchmarks/images.py)
 
 from unstir.cli.sampling import PILOT_N, POLISH, default_sampler  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402

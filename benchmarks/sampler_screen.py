@@ -11,7 +11,6 @@ NFE, seconds).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -19,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
-spec = importlib.util.spec_from_file_location("benchmarks_images", HERE / "images.py")
-images = sys.modules.setdefault("benchmarks_images", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(images)
+sys.path.insert(0, str(Path(__file__).parent))
+import images  # noqa: E402  (benchmarks/images.py)
 
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.runs import load_run  # noqa: E402
