@@ -35,7 +35,8 @@ def grids(process) -> dict[str, list[float]]:
 
     def log_snr_from(t_top: float) -> list[float]:  # T, then uniform in log-SNR from t_top to t_min, then 0
         a, b = math.log((1 - t_top) / t_top), math.log((1 - process.t_min) / process.t_min)
-        return [named["log_snr"][0]] + [1 / (1 + math.exp(a + (b - a) * i / (STEPS - 2))) for i in range(STEPS - 1)] + [0.0]
+        inner = [1 / (1 + math.exp(a + (b - a) * i / (STEPS - 2))) for i in range(STEPS - 1)]
+        return [named["log_snr"][0]] + inner + [0.0]
 
     out = {f"{k}+log_snr": [(u + v) / 2 for u, v in zip(named[k], named["log_snr"])] for k in ("uniform", "quadratic")}
     out.update({"log_snr from 0.95": log_snr_from(0.95), "log_snr from 0.9": log_snr_from(0.9)}, **named)
