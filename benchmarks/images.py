@@ -147,10 +147,12 @@ def judge_check(clf, reference, real: torch.Tensor) -> list[str]:
 
 def parse_spec(spec: str) -> tuple[str, int, dict]:
     """'name:steps[:key=value...]', e.g. 'edm:50:churn=40' or 'ipndm:10:grid=edm', as (sampler, steps, options):
-    a value that reads as a number is one, any other (a grid name) stays a string."""
+    a value that reads as a number is one, true/false a bool (e.g. 'afs=true'), any other (a grid name) a string."""
     name, steps, *kv = spec.split(":")
 
     def value(v: str):
+        if v.lower() in ("true", "false"):
+            return v.lower() == "true"
         try:
             return float(v)
         except ValueError:

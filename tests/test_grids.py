@@ -48,22 +48,22 @@ def test_grid_spacings(name):
     sbar = torch.exp(-p.log_snr(e)) ** (1 / 7)
     torch.testing.assert_close(torch.diff(sbar), torch.full((n,), torch.diff(sbar).mean().item(), dtype=torch.float64),
                                rtol=1e-6, atol=1e-8)
-    b = unstir.time_grid(p, n, "blend", denoise=False)
-    torch.testing.assert_close(b, 0.5 * (t + unstir.time_grid(p, n, "log_snr", denoise=False)), rtol=0, atol=1e-15)
+    s = torch.sigmoid(-p.log_snr(unstir.time_grid(p, n, "blend", denoise=False)))  # sigma / (alpha + sigma)
+    s_lam = torch.sigmoid(-lam)
+    s_uni = torch.linspace(s_lam[0].item(), s_lam[-1].item(), n + 1, dtype=torch.float64)
+    torch.testing.assert_close(s, 0.5 * (s_lam + s_uni), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["rf", "ve"])
-def test_blend_grid_on_rf_and_ve(name):
-    """On rf with T = 0.999 the blend is [0.999, 0.942, ..., 0.001, 0] (the 10-step grid measured on learned
-    image models); on VE, whose log-SNR is linear in t, it is the uniform grid."""
-    p = unstir.make_process(name)
+def test_blend_grid_on_rf():
+    """On rf (s = t) the blend is [0.999, 0.942, ..., 0.001, 0], the 10-step grid measured on learned image
+    models: the mean of the uniform and log_snr grids' times."""
+    p = unstir.make_process("rf")
     b = unstir.time_grid(p, 10, "blend")
-    if name == "rf":
-        expect = [0.999, 0.942, 0.878, 0.788, 0.619, 0.381, 0.212, 0.122, 0.058, 0.001, 0.0]
-        assert p.T == 0.999 and p.t_min == 0.001
-        torch.testing.assert_close(b, torch.tensor(expect, dtype=torch.float64), rtol=0, atol=5e-4)
-    else:
-        torch.testing.assert_close(b, unstir.time_grid(p, 10, "uniform"), rtol=0, atol=1e-12)
+    assert p.T == 0.999 and p.t_min == 0.001
+    torch.testing.assert_close(b, 0.5 * (unstir.time_grid(p, 10, "uniform") + unstir.time_grid(p, 10, "log_snr")),
+                               rtol=0, atol=1e-12)
+    expect = [0.999, 0.942, 0.878, 0.788, 0.619, 0.381, 0.212, 0.122, 0.058, 0.001, 0.0]
+    torch.testing.assert_close(b, torch.tensor(expect, dtype=torch.float64), rtol=0, atol=5e-4)
 
 
 def test_nfe_equals_steps_for_first_order_samplers():

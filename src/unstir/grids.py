@@ -21,14 +21,17 @@ The spacings (all between T and t_min):
 * ``log_snr``:   uniform in lambda = log(alpha / sigma) (DPM-Solver's choice).
 * ``edm``:       Karras et al. (2022), eq. 5, in the noise level sigma/alpha = exp(-lambda):
                  (s_max^(1/rho) + u (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7.
-* ``blend``:     the point-wise mean of the ``uniform`` and ``log_snr`` times. Uniform in t is coarse at low
-                 noise and log_snr is coarse at high noise (on rf with T = 0.999 it puts 3 of 10 points above
-                 t = 0.9); the mean is fine at neither end alone. Measured for the stochastic few-step samplers
-                 on learned image models in benchmarks/few_steps_images_results.md. On VE (log-SNR linear in
-                 t) it equals ``uniform``.
+* ``blend``:     the point-wise mean of two grids in s = sigma / (alpha + sigma), the noise level as a
+                 rectified-flow time (s = t on rf): the grid uniform in s and the log_snr grid. Uniform in s is
+                 coarse at low noise and log_snr is coarse at high noise (on rf with T = 0.999 it puts 3 of 10
+                 points above t = 0.9); the mean is fine at neither end alone. Defined by the noise levels only,
+                 so the same for every process; measured for the stochastic few-step samplers on learned image
+                 models in benchmarks/few_steps_images_results.md.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -65,13 +68,15 @@ def time_grid(process: Process, steps: int, kind: str = "log_snr", *, denoise: b
 def _spacing(process: Process, kind: str, u: Tensor, rho: float) -> Tensor:
     """The times of spacing ``kind`` at positions u in [0, 1] (1 at T, 0 at t_min)."""
     T, t_min = process.T, process.t_min
-    if kind == "blend":
-        return 0.5 * (_spacing(process, "uniform", u, rho) + _spacing(process, "log_snr", u, rho))
     if kind in _TIME_POWER:
         return t_min + (T - t_min) * u ** _TIME_POWER[kind]
     lam_T, lam_min = process.log_snr(T).item(), process.log_snr(t_min).item()
-    if kind == "log_snr":
+    if kind in ("log_snr", "blend"):
         lam = lam_min + (lam_T - lam_min) * u
+        if kind == "blend":  # mean in s = sigmoid(-lambda) of the log_snr grid and the grid uniform in s
+            s_T, s_min = 1 / (1 + math.exp(lam_T)), 1 / (1 + math.exp(lam_min))
+            s = 0.5 * (torch.sigmoid(-lam) + s_min + (s_T - s_min) * u)
+            lam = torch.log1p(-s) - torch.log(s)
     else:
         s_max, s_min = torch.exp(torch.tensor(-lam_T)), torch.exp(torch.tensor(-lam_min))
         lam = -rho * torch.log(s_min ** (1 / rho) + u * (s_max ** (1 / rho) - s_min ** (1 / rho)))
