@@ -110,8 +110,8 @@ def test_sde_solver_converges_pathwise_on_the_brownian_path(sampler):
     x = p.prior_sample((400, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def run(steps, noise):
-        return unstir.sample(model, p, x, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(9),
-                             noise=noise).x
+        return unstir.sample(model, p, x, sampler=sampler, steps=steps, grid="log_snr",
+                             generator=torch.Generator().manual_seed(9), noise=noise).x
 
     gap = {n: (run(n, "brownian") - run(4 * n, "brownian")).norm(dim=1).mean().item() for n in (20, 160)}
     fresh = (run(160, "fresh") - run(640, "fresh")).norm(dim=1).mean().item()
