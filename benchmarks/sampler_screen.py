@@ -1,7 +1,8 @@
 """Screen sampler settings on a cached teacher of benchmarks/few_steps_images.py, on the screening seeds (777..)
 by default, or on the evaluation seeds (2424..) with --evaluate once a setting has been chosen on the screening
 ones. Each spec is images.parse_spec's 'name:steps[:key=value...]', e.g. 'dpm++2m_sde:10:eta=0.5' or
-'ipndm:10:grid=edm'; one JSON line per spec (validity and FD with their 95 % intervals, class TV, precision, recall,
+'ipndm:10:grid=edm' ('afs=mean': AFS from the run's stored data mean, as `unstir sample --afs`; 'afs=true':
+centred AFS); one JSON line per spec (validity and FD with their 95 % intervals, class TV, precision, recall,
 NFE, seconds).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampler_screen.py --family shapes32 --steps 11000 \\
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import images  # noqa: E402  (benchmarks/images.py)
 
 from unstir.distributed import sample_sharded  # noqa: E402
-from unstir.runs import load_run  # noqa: E402
+from unstir.runs import load_moments, load_run  # noqa: E402
 
 
 def main():
@@ -37,6 +38,8 @@ def main():
     model = load_run(teacher)
     seed = images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
     for text, (name, steps, options) in zip(args.specs, specs):
+        if options.get("afs") == "mean":
+            options = {**options, "afs": load_moments(teacher)}
         tic = time.perf_counter()
         with torch.no_grad():
             x, nfe = sample_sharded(model, args.n, seed=seed, batch_size=250, device="cpu", sampler=name,
