@@ -183,7 +183,7 @@ def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine
                dtype=torch.float32, device: str | torch.device | None = None, teleport=None, polish: int = 0,
                **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
-    2024, Alg. 1), at a cost of at most ``fine`` + 15 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 25
+    2024, Alg. 1), at a cost of at most ``fine`` + 16 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 26
     ``nfe`` with ``teleport``; paths found twice are run once), plus at most ``polish`` * ``nfe`` (step 6).
 
     1. Teacher: ``n`` prior samples (``seed``) solved on the ``fine``-step edm grid (deis, order 3); its

@@ -134,14 +134,14 @@ def sample_cmd(args) -> int:
                              or args.sampler == "ddim" and options.get("eta", 0) != 0)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
                 and y is None and not args.no_ema and deterministic:
-            # The pilot costs at most 100 + 25 NFE evaluations of its batch and the polish --polish NFE more: no
+            # The pilot costs at most 100 + 26 NFE evaluations of its batch and the polish --polish NFE more: no
             # more samples than asked for, and a grid from fewer than PILOT_N is used once, not stored
             # (`tune-grid --method pilot` stores one).
             polish = POLISH if args.polish is None else args.polish
             speak and not args.quiet and print(
                 f"placing the grid for {args.sampler} at {nfe} NFE by a pilot run of {min(PILOT_N, args.n)} samples "
-                f"(at most {100 + 25 * nfe + polish * nfe} evaluations of them, once per run: --polish 0 for "
-                f"{100 + 25 * nfe} at most)", file=sys.stderr)
+                f"(at most {100 + 26 * nfe + polish * nfe} evaluations of them, once per run: --polish 0 for "
+                f"{100 + 26 * nfe} at most)", file=sys.stderr)
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=afs, device=args.device,
                                teleport=moments, polish=polish, **options)
             piloted = True
