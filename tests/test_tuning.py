@@ -122,7 +122,8 @@ def test_pilot_grid_beats_the_named_default_on_fresh_noise(afs):
     """A pilot run of 64 samples (seed 0) places ipndm's 5-evaluation grid; on 1000 fresh prior samples (seed
     99) of the same model its endpoint error is below half the named default's (benchmarks/few_steps.py,
     ring6: 0.53 -> 0.066 without AFS, 0.30 -> 0.050 with). Its cost is the 100-step teacher plus at most
-    len(GRIDS) + 10 5-evaluation candidates (the named grids and ten paths), and the grid has the points a 5-evaluation run needs (one more with AFS)."""
+    len(GRIDS) + 10 5-evaluation candidates (the named grids and ten paths), and the grid has the points a
+    5-evaluation run needs (one more with AFS)."""
     p = unstir.make_process("ddpm")
     model = oracle.ring(6, 1.5, 0.08).denoiser(p)
     pilot = pilot_grid(model, "ipndm", 5, n=64, afs=afs, seed=0, dtype=torch.float64)
