@@ -78,7 +78,7 @@ def _spacing(process: Process, kind: str, u: Tensor, rho: float) -> Tensor:
             s = 0.5 * (torch.sigmoid(-lam) + s_min + (s_T - s_min) * u)
             lam = torch.log1p(-s) - torch.log(s)
     else:
-        s_max, s_min = torch.exp(torch.tensor(-lam_T)), torch.exp(torch.tensor(-lam_min))
+        s_max, s_min = math.exp(-lam_T), math.exp(-lam_min)  # grids are CPU float64 by design
         lam = -rho * torch.log(s_min ** (1 / rho) + u * (s_max ** (1 / rho) - s_min ** (1 / rho)))
     return process.t_from_log_snr(lam.clamp(lam_T, lam_min))
 
