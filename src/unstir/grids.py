@@ -22,11 +22,11 @@ The spacings (all between T and t_min):
 * ``edm``:       Karras et al. (2022), eq. 5, in the noise level sigma/alpha = exp(-lambda):
                  (s_max^(1/rho) + u (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7.
 * ``blend``:     the point-wise mean of two grids in s = sigma / (alpha + sigma), the noise level as a
-                 rectified-flow time (s = t on rf): the grid uniform in s and the log_snr grid. Uniform in s is
-                 coarse at low noise and log_snr is coarse at high noise (on rf with T = 0.999 it puts 3 of 10
-                 points above t = 0.9); the mean is fine at neither end alone. Defined by the noise levels only,
-                 so the same for every process; measured for the stochastic few-step samplers on learned image
-                 models in benchmarks/few_steps_images_results.md.
+                 rectified-flow time (s = t on rf): the grid uniform in s and the log_snr grid. Uniform in s
+                 takes long steps in log-SNR near the data; log_snr crowds the ends (on rf with T = 0.999 it puts
+                 3 of 10 points above t = 0.9) and takes long steps between, where the images form. The mean
+                 lies between the two. Defined by the noise levels only, so the same for every process;
+                 measured in benchmarks/RESULTS.md (oracle) and few_steps_images_results.md (learned models).
 """
 
 from __future__ import annotations
