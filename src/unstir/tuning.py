@@ -178,13 +178,23 @@ def tune_grid(model, sampler: str = "dpm++2m", nfe: int = 8, *, n: int = 256, ma
                      time.perf_counter() - t0, n, seed, dict(options))
 
 
+GAMMAS = (1.0, 1.1, 1.2, 1.35, 1.5)  # pilot_grid's default GITS coefficients
+
+
+def pilot_evaluations(nfe: int, *, fine: int = 100, teleport: bool = False, polish: int = 0,
+                      gammas=GAMMAS) -> int:
+    """The most model evaluations (per pilot sample) that ``pilot_grid`` spends: the ``fine`` teacher, every named
+    grid and two paths per gamma (four with ``teleport``) at ``nfe`` each, and the polish's trial grids."""
+    return fine + (len(GRIDS) + 2 * len(gammas) * (2 if teleport else 1) + polish) * nfe
+
+
 def pilot_grid(model, sampler: str = "ipndm", nfe: int = 5, *, n: int = 64, fine: int = 100,
-               gammas=(1.0, 1.1, 1.2, 1.35, 1.5), afs=False, seed: int = 0, y=None,
+               gammas=GAMMAS, afs=False, seed: int = 0, y=None,
                dtype=torch.float32, device: str | torch.device | None = None, teleport=None, polish: int = 0,
                **options) -> TunedGrid:
     """A grid for ``sampler`` at ``nfe`` evaluations placed by a pilot run of the model (GITS, Chen et al.
-    2024, Alg. 1), at a cost of at most ``fine`` + 16 ``nfe`` evaluations of ``n`` pilot samples (``fine`` + 26
-    ``nfe`` with ``teleport``; paths found twice are run once), plus at most ``polish`` * ``nfe`` (step 6).
+    2024, Alg. 1), at a cost of at most ``pilot_evaluations`` evaluations of ``n`` pilot samples (paths found twice are
+    run once), the polish's ``polish`` * ``nfe`` (step 6) included.
 
     1. Teacher: ``n`` prior samples (``seed``) solved on the ``fine``-step edm grid (deis, order 3); its
        states xbar_i = x_i / alpha_i and eps_i at every point t_i (t_min included) are kept.

@@ -90,7 +90,7 @@ def sample_cmd(args) -> int:
     init(torch.device(args.device))
     speak = rank == 0  # under torchrun one process writes and reports
     from ..runs import RunLocked, load_moments
-    from ..tuning import load_tuned, nfe_for_steps, pilot_grid, save_tuned, steps_for_nfe, tunable
+    from ..tuning import load_tuned, nfe_for_steps, pilot_evaluations, pilot_grid, save_tuned, steps_for_nfe, tunable
 
     distilled = base.run_info["config"].get("distill")
     if distilled and asked_sampler is None and args.grid is None and (args.nfe is None or args.steps is None) \
@@ -134,14 +134,14 @@ def sample_cmd(args) -> int:
                              or args.sampler == "ddim" and options.get("eta", 0) != 0)
         if tuned is None and args.nfe is not None and args.nfe <= PILOT_MAX_NFE and args.guidance is None \
                 and y is None and not args.no_ema and deterministic:
-            # The pilot costs at most 100 + 26 NFE evaluations of its batch and the polish --polish NFE more: no
+            # The pilot costs at most pilot_evaluations of its batch (the polish's --polish x NFE included): no
             # more samples than asked for, and a grid from fewer than PILOT_N is used once, not stored
             # (`tune-grid --method pilot` stores one).
             polish = POLISH if args.polish is None else args.polish
             speak and not args.quiet and print(
                 f"placing the grid for {args.sampler} at {nfe} NFE by a pilot run of {min(PILOT_N, args.n)} samples "
-                f"(at most {100 + 26 * nfe + polish * nfe} evaluations of them, once per run: --polish 0 for "
-                f"{100 + 26 * nfe} at most)", file=sys.stderr)
+                f"(at most {pilot_evaluations(nfe, teleport=True, polish=polish)} evaluations of them, once per "
+                f"run: --polish 0 for {pilot_evaluations(nfe, teleport=True)} at most)", file=sys.stderr)
             tuned = pilot_grid(model, args.sampler, nfe, n=min(PILOT_N, args.n), afs=afs, device=args.device,
                                teleport=moments, polish=polish, **options)
             piloted = True
