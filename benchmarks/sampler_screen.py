@@ -7,6 +7,10 @@ NFE, seconds).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampler_screen.py --family shapes32 --steps 11000 \\
         --work /tmp/fsi dpm++2m_sde:10:eta=0.5 ipndm:10
+
+--run R screens another run of the family instead of the cached teacher, e.g. a student of `unstir distill`; on a
+distilled run a spec that names no grid samples on the student's own grid (as `unstir sample` does), so
+'ddim:4:eta=0.5' is its DDIM with noise.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import images  # noqa: E402  (benchmarks/images.py)
 
 from unstir.distributed import sample_sharded  # noqa: E402
+from unstir.distill import sample_grid  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
 
 
@@ -32,21 +37,25 @@ def main():
     images.add_cached_teacher_args(ap)
     ap.add_argument("--evaluate", action="store_true", help=f"the evaluation seeds {images.EVAL_SEED}.. instead "
                     f"of the screening seeds {images.SCREEN_SEED}..")
+    ap.add_argument("--run", type=Path, help="screen this run (e.g. a distilled student) instead of the teacher")
     args = ap.parse_args()
     specs = [images.parse_spec(s) for s in args.specs]  # a malformed spec fails here, before any work
     teacher, judge = images.cached_teacher(args)
-    model = load_run(teacher)
+    model = load_run(args.run or teacher)
+    distilled = model.run_info["config"].get("distill")
     seed = images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
     for text, (name, steps, options) in zip(args.specs, specs):
         if options.get("afs") == "mean":
-            options = {**options, "afs": load_moments(teacher)}
+            options = {**options, "afs": load_moments(args.run or teacher)}
+        if distilled and "grid" not in options:
+            options = {**options, "grid": sample_grid(model.process, distilled)}
         tic = time.perf_counter()
         with torch.no_grad():
             x, nfe = sample_sharded(model, args.n, seed=seed, batch_size=250, device="cpu", sampler=name,
                                     steps=steps, **options)
         s = judge(x)
         iv = s["intervals"]
-        print(json.dumps(dict(family=args.family, spec=text, nfe=nfe, seed=seed, n=args.n,
+        print(json.dumps(dict(family=args.family, run=str(args.run or teacher), spec=text, nfe=nfe, seed=seed, n=args.n,
                               validity=round(s["validity"], 3), validity_ci=[round(v, 3) for v in iv["validity"]],
                               fd=round(s["fd"], 1), fd_ci=[round(v, 1) for v in iv["fd"]],
                               class_tv=round(s["class_tv"], 3), precision=round(s["precision"], 3),
