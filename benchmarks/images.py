@@ -91,11 +91,13 @@ def teacher_dir(work: Path, family: str, steps: int) -> Path:
 
 
 def add_cached_teacher_args(ap: argparse.ArgumentParser, n: int = 300) -> None:
-    """--family, --steps, -n and --work of the scripts that screen on a cached teacher."""
+    """--family, --steps, -n, --work and --reference of the scripts that screen on a cached teacher."""
     ap.add_argument("--family", default="shapes32", choices=["shapes32", "gratings32"])
     ap.add_argument("--steps", type=int, required=True, help="the cached teacher's training steps")
     ap.add_argument("-n", type=int, default=n)
     ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--reference", type=int, default=500, help="real images the FD, KID and precision/recall "
+                    "compare against (default 500, the screens' until 2026-12-07)")
 
 
 def cached_teacher(args) -> tuple[Path, object]:
@@ -105,7 +107,7 @@ def cached_teacher(args) -> tuple[Path, object]:
     if not (teacher / "checkpoint.json").exists():
         raise SystemExit(f"no teacher in {teacher}: run benchmarks/few_steps_images.py --family {args.family} "
                          f"--steps {args.steps} --work {args.work} first")
-    reference = data.load(args.family, n=500, seed=0).x
+    reference = data.load(args.family, n=args.reference, seed=0).x
     return teacher, family_judge(args.family, args.work, torch.device("cpu"), reference)
 
 

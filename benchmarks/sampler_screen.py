@@ -37,13 +37,15 @@ def main():
     images.add_cached_teacher_args(ap)
     ap.add_argument("--evaluate", action="store_true", help=f"the evaluation seeds {images.EVAL_SEED}.. instead "
                     f"of the screening seeds {images.SCREEN_SEED}..")
+    ap.add_argument("--seed", type=int, help="another seed set (per-sample seeds seed * 2^20 + i), e.g. a fresh "
+                    "one for a setting already chosen and evaluated")
     ap.add_argument("--run", type=Path, help="screen this run (e.g. a distilled student) instead of the teacher")
     args = ap.parse_args()
     specs = [images.parse_spec(s) for s in args.specs]  # a malformed spec fails here, before any work
     teacher, judge = images.cached_teacher(args)
     model = load_run(args.run or teacher)
     distilled = model.run_info["config"].get("distill")
-    seed = images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
+    seed = args.seed if args.seed is not None else images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
     for text, (name, steps, options) in zip(args.specs, specs):
         if options.get("afs") == "mean":
             options = {**options, "afs": load_moments(args.run or teacher)}
@@ -55,7 +57,8 @@ def main():
                                     steps=steps, **options)
         s = judge(x)
         iv = s["intervals"]
-        print(json.dumps(dict(family=args.family, run=str(args.run or teacher), spec=text, nfe=nfe, seed=seed, n=args.n,
+        print(json.dumps(dict(family=args.family, run=str(args.run or teacher), spec=text, nfe=nfe, seed=seed,
+                              n=args.n, reference=args.reference,
                               validity=round(s["validity"], 3), validity_ci=[round(v, 3) for v in iv["validity"]],
                               fd=round(s["fd"], 1), fd_ci=[round(v, 1) for v in iv["fd"]],
                               class_tv=round(s["class_tv"], 3), precision=round(s["precision"], 3),

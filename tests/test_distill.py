@@ -4,6 +4,7 @@ against the exact probability-flow map, and the `distill` verb: a run like any o
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,13 @@ def test_distilled_run_samples_in_two_steps_like_its_teacher_in_sixteen(teacher,
     assert main(["sample", "--run", str(out), "-n", "64", "--out", str(tmp_path / "s.npy"), "--quiet"]) == 0
     said = capsys.readouterr()
     assert "distilled run: ddim" in said.err and "with ddim (2 model evaluations)" in said.out
+    # --eta (and --sampler ddim) keep the student's grid: its DDIM with fresh noise, the same two evaluations
+    assert main(["sample", "--run", str(out), "-n", "64", "--sampler", "ddim", "--eta", "1", "--out",
+                 str(tmp_path / "noisy.npy"), "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "distilled run: ddim" in said.err and "eta 1;" in said.err and "(2 model evaluations)" in said.out
+    plain, noisy = np.load(tmp_path / "s.npy"), np.load(tmp_path / "noisy.npy")
+    assert plain.shape == noisy.shape and np.abs(plain - noisy).mean() > 0.01  # the noise reached the samples
     assert main(["sample", "--run", str(out), "-n", "8", "--steps", "4", "--out", str(tmp_path / "s4.npy"),
                  "--quiet"]) == 0  # another step count: the named grid of the default sampler, no notice
     said = capsys.readouterr()

@@ -64,16 +64,20 @@ def guidance_model(model, args):
 def sample_cmd(args) -> int:
     """Sample from a trained run and write a PNG (grid of images or scatter plot) or a .npy array."""
     from ..data import from_unit_range
-    from ..runs import load_run
+    from ..runs import load_run, read_run_info
 
     from ..distributed import init, rank_world, sample_sharded, shard
 
     out = sample_output(args)
-    asked_sampler = args.sampler
-    args.sampler = args.sampler or default_sampler(args.nfe, args)
     positive(**{"-n": args.n, "--batch-size": args.batch_size})
     rank, world = rank_world()
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
+    # A distilled run samples with DDIM on the grid it was distilled for (unstir.distill), with --eta if given,
+    # unless --grid, --steps/--nfe (another count) or another --sampler choose otherwise.
+    distilled = read_run_info(args.run)["config"].get("distill") if (Path(args.run) / "run.json").exists() else None
+    own_grid = bool(distilled) and args.sampler in (None, "ddim") and args.grid is None \
+        and (args.nfe is None or args.steps is None) and {args.nfe, args.steps} <= {None, distilled["nfe"]}
+    args.sampler = "ddim" if own_grid else args.sampler or default_sampler(args.nfe, args)
     options = sampler_options(args)
     base = load_run(args.run, ema=not args.no_ema, device=args.device)
     for flag, lim in (("--xlim", args.xlim), ("--ylim", args.ylim)):
@@ -92,14 +96,13 @@ def sample_cmd(args) -> int:
     from ..runs import RunLocked, load_moments
     from ..tuning import load_tuned, nfe_for_steps, pilot_evaluations, pilot_grid, save_tuned, steps_for_nfe, tunable
 
-    distilled = base.run_info["config"].get("distill")
-    if distilled and asked_sampler is None and args.grid is None and (args.nfe is None or args.steps is None) \
-            and {args.nfe, args.steps} <= {None, distilled["nfe"]}:  # the sampler and grid it was distilled for
+    if own_grid:
         from ..distill import sample_grid
 
-        args.sampler, args.grid, args.steps, args.nfe = "ddim", sample_grid(base.process, distilled), distilled["nfe"], None
+        args.grid, args.steps, args.nfe = sample_grid(base.process, distilled), distilled["nfe"], None
         speak and print(f"distilled run: ddim on its {distilled['grid']} distillation grid, {distilled['nfe']} "
-                        f"step(s); --sampler, --steps or --grid choose otherwise", file=sys.stderr)
+                        f"step(s){', eta ' + format(options['eta'], 'g') if options.get('eta') else ''}; "
+                        f"--grid, --steps or another --sampler choose otherwise", file=sys.stderr)
     if args.nfe is not None:
         if args.steps is not None:
             raise ValueError("give --steps or --nfe, not both")
