@@ -9,8 +9,8 @@ NFE, seconds).
         --work /tmp/fsi dpm++2m_sde:10:eta=0.5 ipndm:10
 
 --run R screens another run of the family instead of the cached teacher, e.g. a student of `unstir distill`; on a
-distilled run a spec that names no grid samples on the student's own grid (as `unstir sample` does), so
-'ddim:4:eta=0.5' is its DDIM with noise.
+distilled run a spec that names no grid and the student's step count samples on the student's own grid (as
+`unstir sample` does), so 'ddim:4:eta=0.5' on a 4-step student is its DDIM with noise.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main():
     for text, (name, steps, options) in zip(args.specs, specs):
         if options.get("afs") == "mean":
             options = {**options, "afs": load_moments(args.run or teacher)}
-        if distilled and "grid" not in options:
+        if distilled and "grid" not in options and steps == distilled["nfe"]:
             options = {**options, "grid": sample_grid(model.process, distilled)}
         tic = time.perf_counter()
         with torch.no_grad():
