@@ -4,7 +4,7 @@ teacher of benchmarks/few_steps_images.py (screening seeds 777.., or the evaluat
 On learned rf image models log_snr keeps the class proportions (fine at high noise) and the uniform or quadratic
 grids keep the images valid (fine at low noise): benchmarks/few_steps_images_results.md. Each blend here is the
 point-wise mean of the two grids' times, "<grid>+log_snr". Other probes: log_snr restarted from t = 0.95 or 0.9
-below a first step from T. One JSON line per grid and eta. The uniform+log_snr probe became unstir's named grid
+below a first step from T; session 27's grids finer at high noise (`grids`). One JSON line per grid and eta. The uniform+log_snr probe became unstir's named grid
 "blend" (the same points on rf; defined by the noise levels for every process), which sampler_screen.py takes
 as grid=blend; this probe stays to reproduce the figures of session 24.
 
@@ -42,6 +42,18 @@ def grids(process) -> dict[str, list[float]]:
 
     out = {f"{k}+log_snr": [(u + v) / 2 for u, v in zip(named[k], named["log_snr"])] for k in ("uniform", "quadratic")}
     out.update({"log_snr from 0.95": log_snr_from(0.95), "log_snr from 0.9": log_snr_from(0.9)}, **named)
+    # Session 27's probes of the class proportions (set by the first, high-noise steps): the blend moved towards
+    # log_snr (the mean of blend and log_snr), and two hand-placed grids, one finer between t = 0.6 and 0.9,
+    # one finer above 0.7; each keeps blend's last two points (0.001, 0).
+    blend = out["uniform+log_snr"]
+    out["blend+log_snr"] = [(u + v) / 2 for u, v in zip(blend, named["log_snr"])]
+    out["fine 0.6-0.9"] = [named["log_snr"][0], 0.93, 0.86, 0.78, 0.69, 0.57, 0.40, 0.22, 0.08, process.t_min, 0.0]
+    out["fine above 0.7"] = [named["log_snr"][0], 0.97, 0.92, 0.84, 0.70, 0.50, 0.30, 0.15, 0.06, process.t_min, 0.0]
+    # the same with t_min's evaluation (where the model returns its input nearly unchanged) moved to t = 0.02; and
+    # a grid uniform in the angle u of t = (1 + cos(pi u)) / 2 between T and t_min (fine at both ends)
+    out["fine above 0.7, no t_min"] = out["fine above 0.7"][:-2] + [0.02, 0.0]
+    top, bottom = math.acos(2 * named["log_snr"][0] - 1), math.acos(2 * process.t_min - 1)
+    out["cosine"] = [(1 + math.cos(top + (bottom - top) * i / (STEPS - 1))) / 2 for i in range(STEPS)] + [0.0]
     return out
 
 

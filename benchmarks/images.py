@@ -149,12 +149,20 @@ def judge_check(clf, reference, real: torch.Tensor) -> list[str]:
 
 def parse_spec(spec: str) -> tuple[str, int, dict]:
     """'name:steps[:key=value...]', e.g. 'edm:50:churn=40' or 'ipndm:10:grid=edm', as (sampler, steps, options):
-    a value that reads as a number is one, true/false a bool (e.g. 'afs=true'), any other (a grid name) a string."""
+    a value that reads as a number is one, true/false a bool (e.g. 'afs=true'), comma-separated numbers an explicit
+    grid of times (e.g. 'grid=0.999,0.7,0.3,0', a descending tensor; steps must then be its number of intervals),
+    any other (a grid name) a string."""
     name, steps, *kv = spec.split(":")
 
     def value(v: str):
         if v.lower() in ("true", "false"):
             return v.lower() == "true"
+        if "," in v:
+            times = torch.tensor([float(u) for u in v.split(",")], dtype=torch.float64)
+            if len(times) != int(steps) + 1:
+                raise ValueError(f"{spec}: an explicit grid of {len(times)} times has {len(times) - 1} steps, "
+                                 f"not {steps}")
+            return times
         try:
             return float(v)
         except ValueError:

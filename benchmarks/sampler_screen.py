@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import images  # noqa: E402  (benchmarks/images.py)
 
+from unstir._random import sample_seeds  # noqa: E402
 from unstir.distributed import sample_sharded  # noqa: E402
 from unstir.distill import sample_grid  # noqa: E402
 from unstir.runs import load_moments, load_run  # noqa: E402
@@ -42,10 +43,11 @@ def main():
     ap.add_argument("--run", type=Path, help="screen this run (e.g. a distilled student) instead of the teacher")
     args = ap.parse_args()
     specs = [images.parse_spec(s) for s in args.specs]  # a malformed spec fails here, before any work
+    seed = args.seed if args.seed is not None else images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
+    sample_seeds(seed, args.n)  # and a seed outside the per-sample seeds' range
     teacher, judge = images.cached_teacher(args)
     model = load_run(args.run or teacher)
     distilled = model.run_info["config"].get("distill")
-    seed = args.seed if args.seed is not None else images.EVAL_SEED if args.evaluate else images.SCREEN_SEED
     for text, (name, steps, options) in zip(args.specs, specs):
         if options.get("afs") == "mean":
             options = {**options, "afs": load_moments(args.run or teacher)}

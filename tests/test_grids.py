@@ -73,3 +73,44 @@ def test_nfe_equals_steps_for_first_order_samplers():
         for sampler in ("ddim", "ddpm", "dpm++2m", "euler_maruyama"):
             r = unstir.sample(model, p, (4, 2), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
             assert r.nfe == steps, (sampler, steps, r.nfe)
+
+
+def test_explicit_grid_on_the_command_line(tmp_path, capsys):
+    """`sample --grid T,0.5,0.1,0` samples on exactly those times: the same samples as ``unstir.sample`` with that
+    tensor, 3 evaluations; a bad grid, a grid name that is not one, or a --steps/--nfe that disagrees with the
+    grid's intervals is one line, exit 2, nothing written."""
+    import numpy as np
+
+    from unstir.cli import main
+    from unstir.distributed import sample_sharded
+    from unstir.runs import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "10", "--out", str(run), "--quiet"]) == 0
+    model = load_run(run)
+    T = model.process.T
+    times = f"{T!r},0.5,0.1,0"
+    out = tmp_path / "s.npy"
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--grid", times, "-n", "32",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "(3 model evaluations" in capsys.readouterr().out
+    grid = torch.tensor([T, 0.5, 0.1, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        x, nfe = sample_sharded(model, 32, seed=0, sampler="dpm++2m", grid=grid)
+    assert nfe == 3
+    assert np.array_equal(np.load(out), x.numpy())
+    # the same grid by --nfe: dpm++2m takes one evaluation a step
+    assert main(["sample", "--run", str(run), "--sampler", "dpm++2m", "--grid", times, "--nfe", "3", "-n", "32",
+                 "--out", str(out), "--quiet", "--force"]) == 0
+    assert np.array_equal(np.load(out), x.numpy())
+    bad = tmp_path / "bad.npy"
+    for argv, text in [(["--grid", "0.5,0.9,0"], "strictly decreasing"),
+                       (["--grid", f"{2 * T},0.5,0"], "must lie in [t_min, T]"),
+                       (["--grid", "lin"], "neither a grid name"),
+                       (["--grid", times, "--steps", "5"], "--grid has 3 intervals and --steps says 5"),
+                       (["--grid", times, "--sampler", "ode_heun", "--nfe", "3"], "and --nfe says 3")]:
+        assert main(["sample", "--run", str(run), "-n", "8", "--out", str(bad)] + argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and text in err, (argv, err)
+    assert not bad.exists()

@@ -20,6 +20,42 @@ from .common import (add_class, add_count, add_device, add_guidance, add_nfe, ad
                      add_processes, add_quiet, add_run, add_seed, add_steps, check_strength, data_bound, npy,
                      output_path, positive, save, warn_out_of_range)
 
+def grid_arg(text: str | None):
+    """--grid: None, a grid name, or explicit descending times separated by commas (a tensor; checked against the
+    run's process by ``explicit_grid`` once it is loaded)."""
+    if text is None or text in GRIDS:
+        return text
+    try:
+        times = [float(v) for v in text.split(",")]
+    except ValueError:
+        times = []
+    if len(times) < 2:
+        raise ValueError(f"--grid {text!r} is neither a grid name ({', '.join(GRIDS)}) nor at least two times "
+                         f"separated by commas, e.g. 0.999,0.7,0.3,0")
+    return torch.tensor(times, dtype=torch.float64)
+
+
+def explicit_grid(process, args) -> None:
+    """An explicit --grid: checked against the run's process, and its intervals are the steps (--steps or --nfe,
+    if given, must agree), before any work."""
+    from ..grids import check_grid
+    from ..tuning import nfe_for_steps
+
+    try:
+        args.grid = check_grid(process, args.grid)
+    except ValueError as err:
+        raise ValueError(f"--grid: {err}") from None
+    steps = len(args.grid) - 1
+    if args.steps is not None and args.steps != steps:
+        raise ValueError(f"--grid has {steps} intervals and --steps says {args.steps}: drop --steps")
+    if args.nfe is not None:
+        nfe = nfe_for_steps(args.sampler, steps) - (1 if args.afs else 0)
+        if args.nfe != nfe:
+            raise ValueError(f"--grid has {steps} intervals, {nfe} evaluations with {args.sampler}"
+                             f"{' and --afs' if args.afs else ''}, and --nfe says {args.nfe}: drop --nfe")
+    args.steps, args.nfe = steps, None
+
+
 def guidance_model(model, args):
     """The model to sample: as is, classifier-free guided (--guidance without --classifier) or classifier
     guided (--classifier), for the labels of --class."""
@@ -74,12 +110,15 @@ def sample_cmd(args) -> int:
     shard(args.n, args.batch_size, rank, world)  # -n against the number of processes, before any work
     # A distilled run samples with DDIM on the grid it was distilled for (unstir.distill), with --eta if given,
     # unless --grid, --steps/--nfe (another count) or another --sampler choose otherwise.
+    args.grid = grid_arg(args.grid)
     distilled = read_run_info(args.run)["config"].get("distill") if (Path(args.run) / "run.json").exists() else None
     own_grid = bool(distilled) and args.sampler in (None, "ddim") and args.grid is None \
         and (args.nfe is None or args.steps is None) and {args.nfe, args.steps} <= {None, distilled["nfe"]}
     args.sampler = "ddim" if own_grid else args.sampler or default_sampler(args.nfe, args)
     options = sampler_options(args)
     base = load_run(args.run, ema=not args.no_ema, device=args.device)
+    if isinstance(args.grid, torch.Tensor):
+        explicit_grid(base.process, args)
     for flag, lim in (("--xlim", args.xlim), ("--ylim", args.ylim)):
         if lim is None:
             continue
@@ -426,7 +465,9 @@ def register(sub) -> None:
             "NFE (`unstir tune-grid`) is used, also with --no-ema; up to 10 NFE without one, the grid is placed by a "
             "pilot run of 128 samples (fewer if -n is smaller: then not stored), polished (--polish) and stored (no pilot with "
             "--guidance, --class or --no-ema: the named grid is used there)")
-    sa.add_argument("--grid", choices=list(GRIDS), help="time grid (default: the sampler's)")
+    sa.add_argument("--grid", metavar="GRID", help=f"time grid: a name ({', '.join(GRIDS)}; "
+                    "default: the sampler's) or the process's times, descending, separated by commas (e.g. "
+                    "0.999,0.97,0.84,0.5,0.15,0: its intervals are the steps; a final 0 denoises)")
     sa.add_argument("--afs", action="store_true", help="analytical first step (Zhou et al. 2024): the evaluation at T "
                     "replaced by (x_T - alpha_T m) / sigma_T, m the training data's stored mean (0 for a class or "
                     "guidance), one evaluation fewer (fixed-grid samplers)")
