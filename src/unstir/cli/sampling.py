@@ -35,9 +35,9 @@ def grid_arg(text: str | None):
     return torch.tensor(times, dtype=torch.float64)
 
 
-def explicit_grid(process, args) -> None:
+def explicit_grid(process, args, options: dict) -> None:
     """An explicit --grid: checked against the run's process, and its intervals are the steps (--steps or --nfe,
-    if given, must agree), before any work."""
+    if given, must agree; ``options`` are the sampler's, which may add evaluations), before any work."""
     from ..grids import check_grid
     from ..tuning import nfe_for_steps
 
@@ -48,12 +48,13 @@ def explicit_grid(process, args) -> None:
     steps = len(args.grid) - 1
     if args.steps is not None and args.steps != steps:
         raise ValueError(f"--grid has {steps} intervals and --steps says {args.steps}: drop --steps")
-    if args.nfe is not None:
-        nfe = nfe_for_steps(args.sampler, steps) - (1 if args.afs else 0)
+    if args.nfe is not None and args.sampler != "ode_rk45":  # ode_rk45 refuses --nfe below
+        nfe = nfe_for_steps(args.sampler, steps, **options) - (1 if args.afs else 0)
         if args.nfe != nfe:
             raise ValueError(f"--grid has {steps} intervals, {nfe} evaluations with {args.sampler}"
                              f"{' and --afs' if args.afs else ''}, and --nfe says {args.nfe}: drop --nfe")
-    args.steps, args.nfe = steps, None
+        args.nfe = None
+    args.steps = steps
 
 
 def guidance_model(model, args):
@@ -118,7 +119,7 @@ def sample_cmd(args) -> int:
     options = sampler_options(args)
     base = load_run(args.run, ema=not args.no_ema, device=args.device)
     if isinstance(args.grid, torch.Tensor):
-        explicit_grid(base.process, args)
+        explicit_grid(base.process, args, options)
     for flag, lim in (("--xlim", args.xlim), ("--ylim", args.ylim)):
         if lim is None:
             continue
