@@ -4,8 +4,8 @@ teacher of benchmarks/few_steps_images.py (screening seeds 777.., or the evaluat
 On learned rf image models log_snr keeps the class proportions (fine at high noise) and the uniform or quadratic
 grids keep the images valid (fine at low noise): benchmarks/few_steps_images_results.md. Each blend here is the
 point-wise mean of the two grids' times, "<grid>+log_snr". Other probes: log_snr restarted from t = 0.95 or 0.9
-below a first step from T; session 27's grids finer at high noise (`grids`). One JSON line per grid and eta. The uniform+log_snr probe became unstir's named grid
-"blend" (the same points on rf; defined by the noise levels for every process), which sampler_screen.py takes
+below a first step from T; session 27's grids finer at high noise (`grids`). One JSON line per grid and eta.
+The uniform+log_snr probe became unstir's named grid (the same points on rf; defined by the noise levels for every process), which sampler_screen.py takes
 as grid=blend; this probe stays to reproduce the figures of session 24.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/grid_blend_screen.py --family shapes32 --steps 11000 \\

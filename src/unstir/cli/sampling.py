@@ -20,6 +20,7 @@ from .common import (add_class, add_count, add_device, add_guidance, add_nfe, ad
                      add_processes, add_quiet, add_run, add_seed, add_steps, check_strength, data_bound, npy,
                      output_path, positive, save, warn_out_of_range)
 
+
 def grid_arg(text: str | None):
     """--grid: None, a grid name, or explicit descending times separated by commas (a tensor; checked against the
     run's process by ``explicit_grid`` once it is loaded)."""
