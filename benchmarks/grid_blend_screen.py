@@ -5,8 +5,9 @@ On learned rf image models log_snr keeps the class proportions (fine at high noi
 grids keep the images valid (fine at low noise): benchmarks/few_steps_images_results.md. Each blend here is the
 point-wise mean of the two grids' times, "<grid>+log_snr". Other probes: log_snr restarted from t = 0.95 or 0.9
 below a first step from T; session 27's grids finer at high noise (`grids`). One JSON line per grid and eta.
-The uniform+log_snr probe became unstir's named grid (the same points on rf; defined by the noise levels for every process), which sampler_screen.py takes
-as grid=blend; this probe stays to reproduce the figures of session 24.
+The uniform+log_snr probe became unstir's named grid "blend" (the same points on rf; defined by the noise levels
+for every process), which sampler_screen.py takes as grid=blend; this probe stays to reproduce the figures of
+sessions 24 and 27.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/grid_blend_screen.py --family shapes32 --steps 11000 \\
         --work /tmp/fsi -n 2000 --only uniform+log_snr --eta 0.25
