@@ -85,17 +85,19 @@ def test_exact_inversion_on_sharp_modes_and_its_warning():
 def test_identifiable_encoding_across_independently_trained_networks(tmp_path):
     """Two networks trained from different seeds on the same data encode the same points to nearby latents:
     the distance between the two encodings of a point is a small fraction of the distance between the
-    encodings of unrelated points (measured 0.06 at 1500 steps and 0.046 at 400; asserted below 0.25 at 400)."""
+    encodings of unrelated points (measured 0.06 at 1500 steps, 0.046 at 400 and 0.054 at 200 with the solver
+    at 1e-5; asserted below 0.25 at 200). The solver's tolerance is far below the distances compared, so 1e-5
+    serves, at a third of the default 1e-7's time."""
     from unstir.data import toy_2d
     from unstir.training import TrainConfig, train
 
     models = []
     for seed in (0, 1):
-        train(TrainConfig(data="moons", steps=400, seed=seed, n_data=5000), tmp_path / f"r{seed}", progress=False)
+        train(TrainConfig(data="moons", steps=200, seed=seed, n_data=5000), tmp_path / f"r{seed}", progress=False)
         models.append(unstir.load_run(tmp_path / f"r{seed}"))
     x = toy_2d("moons", 300, seed=7)
     with torch.no_grad():
-        z0, z1 = (encode(m, x).z for m in models)
+        z0, z1 = (encode(m, x, rtol=1e-5, atol=1e-5).z for m in models)
     same = (z0 - z1).norm(dim=1).mean().item()
     unrelated = (z0 - z1.roll(1, 0)).norm(dim=1).mean().item()
     assert same < 0.25 * unrelated, (same, unrelated)
