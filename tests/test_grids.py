@@ -114,3 +114,52 @@ def test_explicit_grid_on_the_command_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and text in err, (argv, err)
     assert not bad.exists()
+
+
+def test_encode_and_decode_take_a_grid_on_the_command_line(tmp_path, capsys):
+    """`encode --sampler ddim --grid T,0.8,...,t_min` gives ``unstir.encode``'s latents on that tensor (9 evaluations)
+    and `decode` on the same grid ``unstir.decode``'s data; a named --grid is the named spacing.
+    --grid with the adaptive ode_rk45, a grid ending at 0 (not invertible) or outside [t_min, T], and a --steps
+    that disagrees are one line, exit 2, nothing written."""
+    import numpy as np
+
+    from unstir.cli import main
+    from unstir.inversion import decode, encode
+    from unstir.runs import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "10", "--out", str(run), "--quiet"]) == 0
+    model = load_run(run)
+    T, t_min = model.process.T, model.process.t_min
+    inner = [0.8, 0.6, 0.45, 0.3, 0.2, 0.12, 0.06, 0.03]
+    times = ",".join(map(repr, [T, *inner, t_min]))
+    z, x = tmp_path / "z.npy", tmp_path / "x.npy"
+    assert main(["encode", "--run", str(run), "-n", "16", "--sampler", "ddim", "--grid", times,
+                 "--out", str(z), "--quiet"]) == 0
+    assert "(9 model evaluations)" in capsys.readouterr().out
+    held = torch.from_numpy(np.load(tmp_path / "z.input.npy"))
+    grid = torch.tensor([T, *inner, t_min], dtype=torch.float64)
+    with torch.no_grad():
+        want = encode(model, held, sampler="ddim", grid=grid)
+        back = decode(model, want.z, sampler="ddim", grid=grid)
+    assert np.array_equal(np.load(z), want.z.numpy())
+    assert main(["decode", "--run", str(run), "--latents", str(z), "--sampler", "ddim", "--grid", times,
+                 "--out", str(x), "--quiet"]) == 0
+    assert np.array_equal(np.load(x), back.x.numpy())
+    assert main(["encode", "--run", str(run), "-n", "16", "--sampler", "ddim", "--grid", "uniform", "--steps", "4",
+                 "--out", str(z), "--quiet", "--force"]) == 0
+    with torch.no_grad():
+        assert np.array_equal(np.load(z), encode(model, held, sampler="ddim", grid="uniform", steps=4).z.numpy())
+    capsys.readouterr()
+    bad = tmp_path / "bad.npy"
+    for verb, argv, text in [
+            ("encode", ["--grid", times], "--grid sets the grid of a fixed-step sampler; ode_rk45"),
+            ("encode", ["--sampler", "ddim", "--grid", f"{T!r},0.5,0"], "must end at t_min, not 0"),
+            ("decode", ["--sampler", "ddim", "--grid", f"{2 * T},0.5,{t_min!r}"], "must lie in [t_min, T]"),
+            ("decode", ["--sampler", "ddim", "--grid", times, "--steps", "5"], "--grid has 9 intervals and --steps says 5"),
+            ("encode", ["--sampler", "ddim", "--grid", "lin"], "neither a grid name")]:
+        extra = ["--latents", str(z)] if verb == "decode" else ["-n", "4"]
+        assert main([verb, "--run", str(run), "--out", str(bad)] + extra + argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and text in err, (argv, err)
+    assert not bad.exists()

@@ -57,7 +57,7 @@ def _deterministic(sampler: str) -> None:
                          f"one: {deterministic}")
 
 
-def _grid(model, sampler: str, steps: int, grid) -> Tensor:
+def ode_grid(model, sampler: str, steps: int, grid) -> Tensor:
     """The descending decoding grid T -> t_min (no final denoising step: it is not invertible)."""
     if grid is None or isinstance(grid, str):
         check_choice("grid", grid or SAMPLERS[sampler].grid, GRIDS)
@@ -96,7 +96,7 @@ def encode(model, x: Tensor, *, sampler: str = "ode_rk45", steps: int = 20, grid
         tol = max(1e-10, 50 * torch.finfo(x.dtype).eps)
     if not (tol > 0 and isinstance(max_iter, int) and max_iter >= 1):
         raise ValueError(f"need tol > 0 and an integer max_iter >= 1, got tol={tol!r}, max_iter={max_iter!r}")
-    up = _grid(model, sampler, steps, grid).flip(0)
+    up = ode_grid(model, sampler, steps, grid).flip(0)
     labels = check_labels(model, y, x.shape[0], x.device)
     if not exact:
         if sampler == "ode_rk45":
@@ -142,7 +142,7 @@ def decode(model, z: Tensor, *, sampler: str = "ode_rk45", steps: int = 20, grid
     _deterministic(sampler)
     if sampler == "ode_rk45":
         options = {"rtol": ADAPTIVE_TOL, "atol": ADAPTIVE_TOL, **options}
-    return sample(model, None, z, sampler=sampler, grid=_grid(model, sampler, steps, grid), y=y,
+    return sample(model, None, z, sampler=sampler, grid=ode_grid(model, sampler, steps, grid), y=y,
                   dtype=z.dtype, **options)
 
 

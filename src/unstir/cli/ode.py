@@ -7,23 +7,47 @@ import math
 import torch
 
 from .. import figures
+from ..grids import GRIDS
 from ..samplers import SAMPLERS
 from .common import (add_class, add_count, add_device, add_held_out, add_out, add_processes, add_quiet, add_run,
                      add_steps, held_out, note_distilled, npy, output_path, positive, save)
+from .sampling import grid_arg
 
 LATENT_BOUND = 100  # decode refuses latents beyond this many prior standard deviations
 
 
 def fixed_steps(args) -> int:
-    """--steps of encode and decode: the grid of a fixed-step sampler (default 20); refused with the adaptive
-    ode_rk45, which chooses its own steps."""
+    """--steps and --grid of encode and decode: the grid of a fixed-step sampler (default: 20 intervals of the
+    sampler's spacing; --grid names another spacing or gives the times, T ... t_min, whose intervals are the
+    steps), refused with the adaptive ode_rk45, which chooses its own steps. An explicit grid is checked against
+    the run's process by ``check_ode_grid`` once the run is loaded."""
+    args.grid = grid_arg(args.grid)
     if args.sampler == "ode_rk45":
-        if args.steps is not None:
-            raise ValueError(f"--steps {args.steps} sets the grid of a fixed-step sampler; ode_rk45 (the default) is "
-                             f"adaptive and chooses its own steps: drop --steps, or pass --sampler ddim (or another)")
+        for flag, given in (("--steps", args.steps), ("--grid", args.grid)):
+            if given is not None:
+                shown = f"{flag} {given}" if flag == "--steps" else flag
+                raise ValueError(f"{shown} sets the grid of a fixed-step sampler; ode_rk45 (the default) is adaptive "
+                                 f"and chooses its own steps: drop {flag}, or pass --sampler ddim (or another)")
         return 20  # unused by the adaptive solve
+    if isinstance(args.grid, torch.Tensor):
+        steps = len(args.grid) - 1
+        if args.steps is not None and args.steps != steps:
+            raise ValueError(f"--grid has {steps} intervals and --steps says {args.steps}: drop --steps")
+        return steps
     positive(**{"--steps": 20 if args.steps is None else args.steps})
     return 20 if args.steps is None else args.steps
+
+
+def check_ode_grid(model, args) -> None:
+    """An explicit --grid of encode or decode against the loaded run's process, before any work: descending
+    inside [t_min, T], and ending at t_min, not 0 (the final denoising step is not invertible)."""
+    from ..inversion import ode_grid
+
+    if isinstance(args.grid, torch.Tensor):
+        try:
+            args.grid = ode_grid(model, args.sampler, args.steps, args.grid)
+        except ValueError as err:
+            raise ValueError(f"--grid: {err}") from None
 
 
 def likelihood_cmd(args) -> int:
@@ -103,10 +127,11 @@ def encode_cmd(args) -> int:
     if out.suffix == ".npy" and companion.exists() and not args.force:
         raise ValueError(f"{str(companion)!r} exists; pass --force to replace it or choose another --out")
     model = load_run(args.run, device=args.device)
+    check_ode_grid(model, args)
     note_distilled(model)
     x, _ = held_out(model, args.data, args.n, args.seed, args.device)
     with torch.no_grad():
-        enc = encode(model, x, sampler=args.sampler, steps=args.steps, exact=args.exact, y=args.label,
+        enc = encode(model, x, sampler=args.sampler, steps=args.steps, grid=args.grid, exact=args.exact, y=args.label,
                      **({"progress": not args.quiet} if args.sampler == "ode_rk45" else {}))
     z = enc.z.cpu()
     if out.suffix == ".npy":
@@ -133,6 +158,7 @@ def decode_cmd(args) -> int:
     args.steps = fixed_steps(args)
     out = output_path(args)
     model = load_run(args.run, device=args.device)
+    check_ode_grid(model, args)
     note_distilled(model)
     z = torch.as_tensor(read_npy(args.latents))
     if z.ndim < 2 or z.shape[0] == 0:
@@ -148,7 +174,7 @@ def decode_cmd(args) -> int:
                          f"standard deviation (sigma_T = {sigma_T:.3g}); latents from `unstir encode` or the prior lie "
                          f"within a few sigma_T, and the ODE from far outside it does not reach the data")
     with torch.no_grad():
-        r = decode(model, z.float(), sampler=args.sampler, steps=args.steps, y=args.label,
+        r = decode(model, z.float(), sampler=args.sampler, steps=args.steps, grid=args.grid, y=args.label,
                    **({"progress": not args.quiet} if args.sampler == "ode_rk45" else {}))
     if out.suffix == ".npy":
         save(out, npy(r.x.cpu().numpy()))
@@ -189,6 +215,12 @@ def interpolate_cmd(args) -> int:
     return 0
 
 
+def add_ode_grid(p) -> None:
+    p.add_argument("--grid", metavar="GRID", help=f"time grid of a fixed-step sampler: a name ({', '.join(GRIDS)}; "
+                   "default: the sampler's) or the process's times, descending from T to t_min, separated by commas "
+                   "(its intervals are the steps); encode runs it upward. Use the same grid to decode")
+
+
 def register(sub) -> None:
     deterministic = sorted(k for k, v in SAMPLERS.items() if not v.stochastic)
     lk = sub.add_parser("likelihood", help="bits/dim of held-out data by the PF ODE", description=likelihood_cmd.__doc__)
@@ -215,6 +247,7 @@ def register(sub) -> None:
     en.add_argument("--sampler", default="ode_rk45", choices=deterministic,
                     help="ode_rk45 (adaptive, default) or a deterministic sampler run upward (ddim: DDIM inversion)")
     add_steps(en, None, "grid intervals for a fixed-step sampler (default: 20; ode_rk45 chooses its own)")
+    add_ode_grid(en)
     en.add_argument("--exact", action="store_true", help="exact DDIM inversion (with --sampler ddim)")
     add_quiet(en)
     en.set_defaults(func=encode_cmd)
@@ -225,6 +258,7 @@ def register(sub) -> None:
     add_out(de, "decoded.png (grid or scatter) or decoded.npy")
     de.add_argument("--sampler", default="ode_rk45", choices=deterministic, help="as for encode (default: ode_rk45)")
     add_steps(de, None, "grid intervals for a fixed-step sampler (default: 20; ode_rk45 chooses its own)")
+    add_ode_grid(de)
     add_class(de)
     add_device(de)
     add_quiet(de)
