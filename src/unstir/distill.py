@@ -35,6 +35,11 @@ Where unstir differs from the paper, on purpose:
   the paper's released configurations ("same as teacher but with 0 dropout"), at a quarter of the teacher's
   learning rate (their CIFAR-10: 2e-4 -> 5e-5). Measured on gratings32 (one round 8 -> 4 of 1000 steps, seeds
   777..): validity 0.43 with the teacher's dropout 0.1 at half its rate, 0.48 at a tenth, 0.59 without dropout.
+  A teacher trained at a high rate (gratings32's 2e-3) makes a quarter of it too high for a student that starts
+  as its teacher: at that peak the batch loss rose from 0.002 to 0.005-0.010 before the decay brought it back.
+  One round 8 -> 4 on the quadratic grid at 1e-4 gave validity 0.909 with ``eta=1`` on fresh seeds, against 0.87
+  (screening seeds) at the default 5e-4 (benchmarks/few_steps_images_results.md, session 28). The default stays
+  a quarter until a second family confirms it; pass ``lr`` (``--lr``).
 
 A distilled run samples with DDIM on the grid it was distilled for (``sample_grid``); ``unstir sample`` chooses
 it by default. Its state (``teacher.`` tensors beside the weights in each checkpoint) makes a killed
